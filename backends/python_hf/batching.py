@@ -1,0 +1,121 @@
+"""Collect -> pad -> forward -> split over one Triton batch, with no Triton import.
+
+Triton's dynamic batcher hands ``execute`` a list of requests; each carries a
+``prompt`` tensor of shape [rows, 1]. We run one forward pass (or one
+``generate``) over every valid row of every request, then give each request
+exactly its own rows back. A bad request becomes a :class:`Failure` at its own
+index; it never sinks the batch.
+
+This module and ``tasks.py`` are copied next to ``model.py`` into every
+generated model, so they import only numpy (and, in ``tasks.py``, torch and
+transformers), never the ``tritonhf`` package.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Outputs = dict[str, np.ndarray]
+BatchFn = Callable[[list[str]], Mapping[str, np.ndarray]]
+
+
+class RequestError(ValueError):
+    """What is wrong with one request; its client gets this message as INVALID_ARG."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The answer to a request that could not be served."""
+
+    message: str
+    internal: bool = False  # True: the server failed (INTERNAL); False: the request is bad (INVALID_ARG)
+
+
+Result = Outputs | Failure
+
+
+@dataclass(frozen=True)
+class Collected:
+    """All valid rows of a batch, flattened in request order, and where they came from."""
+
+    texts: list[str]
+    counts: list[int]  # rows per request; 0 for a rejected request
+    failures: dict[int, Failure] = field(default_factory=dict)
+
+
+def decode_rows(prompt: np.ndarray | None) -> list[str]:
+    """The rows of one request's ``prompt`` tensor (shape [rows, 1], BYTES) as text."""
+    if prompt is None:
+        raise RequestError("missing input 'prompt'")
+    if prompt.ndim != 2 or prompt.shape[1] != 1:
+        raise RequestError(f"input 'prompt' must have shape [rows, 1], got {list(prompt.shape)}")
+    if prompt.shape[0] == 0:
+        raise RequestError("input 'prompt' has no rows")
+    texts = []
+    for row, value in enumerate(prompt[:, 0]):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise RequestError(f"prompt row {row} is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        elif not isinstance(value, str):
+            raise RequestError(f"prompt row {row} is not a string ({type(value).__name__})")
+        if not value.strip():
+            raise RequestError(f"prompt row {row} is empty")
+        texts.append(value)
+    return texts
+
+
+def collect(prompts: Sequence[np.ndarray | None]) -> Collected:
+    """Decode and validate every request; a bad one becomes a Failure at its index."""
+    texts: list[str] = []
+    counts: list[int] = []
+    failures: dict[int, Failure] = {}
+    for index, prompt in enumerate(prompts):
+        try:
+            rows = decode_rows(prompt)
+        except RequestError as err:
+            failures[index] = Failure(str(err))
+            rows = []
+        texts.extend(rows)
+        counts.append(len(rows))
+    return Collected(texts, counts, failures)
+
+
+def split(outputs: Mapping[str, np.ndarray], counts: Sequence[int]) -> list[Outputs]:
+    """Slice batch outputs back into one dict per request, by the recorded row counts."""
+    total = sum(counts)
+    for name, array in outputs.items():
+        if len(array) != total:
+            raise RuntimeError(f"output {name!r} has {len(array)} rows for {total} input rows")
+    bounds = np.cumsum([0, *counts])
+    return [{name: array[start:stop] for name, array in outputs.items()} for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def run_batch(
+    forward: BatchFn,
+    prompts: Sequence[np.ndarray | None],
+    log_error: Callable[[str], None] = lambda message: None,
+) -> list[Result]:
+    """One result per request, in request order: outputs, or a Failure for that request alone.
+
+    ``forward`` maps a list of texts to arrays whose first axis is the text. It
+    is called once, over the valid rows of every request. If it raises, the
+    traceback goes to ``log_error`` and each request in the batch gets a short
+    INTERNAL failure; the next batch is served as usual.
+    """
+    batch = collect(prompts)
+    if batch.texts:
+        try:
+            per_request = split(forward(batch.texts), batch.counts)
+        except Exception as err:  # noqa: BLE001 - turned into per-request errors, traceback logged
+            log_error(traceback.format_exc())
+            failure = Failure(f"inference failed: {type(err).__name__}: {err}".splitlines()[0], internal=True)
+            per_request = [failure] * len(prompts)
+    else:
+        per_request = [{} for _ in prompts]
+    return [batch.failures.get(index, result) for index, result in enumerate(per_request)]

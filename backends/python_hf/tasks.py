@@ -1,0 +1,204 @@
+"""The three task heads served by the generic model, as data plus one forward each.
+
+A task turns a list of texts into output arrays whose first axis is the text:
+the *pad* and *forward* steps of collect -> pad -> forward -> split. Each task
+declares its Triton outputs once (:meth:`HFTask.outputs`); the repository
+builder writes config.pbtxt from the same declaration.
+
+Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
+- text-generation: greedy by default; the config parameter ``max_length`` is the
+  number of *new* tokens (the tutorial's ``max_length=15`` was silently
+  overridden by the pipeline's ``max_new_tokens=256``; counting the prompt
+  would also make a short prompt's answer depend on the longest prompt in its
+  batch). ``text`` is the prompt followed by the generated text, as the
+  tutorial's pipeline returned it. Prompts are left-padded with pad = eos, and
+  truncated from the left to leave room for the new tokens.
+- text-classification: ``label`` from the model's ``id2label``; ``score`` is the
+  probability of that label (softmax, or sigmoid for one-label and multi-label
+  models, as the transformers pipeline does).
+- feature-extraction: attention-masked mean pooling, L2-normalised (what
+  sentence-transformers' all-MiniLM-L6-v2 does).
+Inputs longer than the model's maximum are truncated to it, not rejected.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import transformers
+from transformers.utils import cached_file
+
+
+class ConfigError(ValueError):
+    """A model configuration that can't be served; raised at load time, never per request."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One Triton output: name, config data type, and dims without the batch axis."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNBOUNDED = 1_000_000  # tokenizers without a length limit report ~1e30
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is float16 on a GPU and float32 on the CPU (float16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class HFTask:
+    """A Hugging Face model and tokenizer that serve one task over padded batches."""
+
+    task: ClassVar[str]
+    auto_model: ClassVar[type]
+    padding_side: ClassVar[str] = "right"
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
+        self.tokenizer.padding_side = self.padding_side
+        self.tokenizer.truncation_side = self.padding_side
+        self.model = self.auto_model.from_pretrained(model_id, dtype=resolve_dtype(dtype, device))
+        self.model.to(self.device).eval()
+        self.max_tokens = self.max_positions()
+        # Pass the model only what its forward takes (GPT-2 would add token_type_ids to its embeddings).
+        self.tokenizer.model_input_names = [
+            name for name in self.tokenizer.model_input_names if name in ("input_ids", "attention_mask")
+        ]
+
+    def max_positions(self) -> int:
+        """The longest input the model takes, in tokens."""
+        config = self.model.config
+        limits = [self.tokenizer.model_max_length]
+        limits += [getattr(config, key) for key in ("max_position_embeddings", "n_positions") if hasattr(config, key)]
+        limits = [int(limit) for limit in limits if limit and limit < UNBOUNDED]
+        if not limits:
+            raise ConfigError(f"{self.model_id}: neither the tokenizer nor the config gives a maximum length")
+        return min(limits)
+
+    def pad(self, texts: list[str]) -> Mapping[str, torch.Tensor]:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        return {name: tensor.to(self.device) for name, tensor in encoded.items()}
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """One padded forward over all texts; arrays with one row per text."""
+        with torch.inference_mode():
+            return self.forward(texts, self.pad(texts))
+
+    def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def outputs(self) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def parameters(self) -> dict[str, str]:
+        """Task options worth recording in config.pbtxt ``parameters``."""
+        return {}
+
+
+def as_bytes(strings: list[str]) -> np.ndarray:
+    """A [rows, 1] BYTES array, the shape of the ``prompt`` input."""
+    return np.array([s.encode("utf-8") for s in strings], dtype=object).reshape(-1, 1)
+
+
+class TextGeneration(HFTask):
+    task = "text-generation"
+    auto_model = transformers.AutoModelForCausalLM
+    padding_side = "left"  # decoder-only: new tokens follow the last real prompt token
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", max_length: str | int = 16) -> None:
+        super().__init__(model_id, device, dtype)
+        self.max_new_tokens = int(max_length)
+        if not 0 < self.max_new_tokens < self.max_tokens:
+            raise ConfigError(f"max_length (new tokens) must be in 1..{self.max_tokens - 1}, got {max_length}")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_tokens -= self.max_new_tokens  # room for the new tokens
+
+    def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        generated = self.model.generate(
+            **batch,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
+        completions = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return {"text": as_bytes([prompt + completion for prompt, completion in zip(texts, completions)])}
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("text", "TYPE_STRING", (1,))]
+
+    def parameters(self) -> dict[str, str]:
+        return {"max_length": str(self.max_new_tokens)}
+
+
+class TextClassification(HFTask):
+    task = "text-classification"
+    auto_model = transformers.AutoModelForSequenceClassification
+
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
+        super().__init__(model_id, device, dtype)
+        config = self.model.config
+        self.labels = np.array([config.id2label[i].encode("utf-8") for i in range(config.num_labels)], dtype=object)
+        multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
+        self.probabilities = torch.sigmoid if multi_label else lambda logits: torch.softmax(logits, dim=-1)
+
+    def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        probabilities = self.probabilities(self.model(**batch).logits.float())
+        score, index = probabilities.max(dim=-1)
+        return {"label": self.labels[index.cpu().numpy()].reshape(-1, 1), "score": score.cpu().numpy().reshape(-1, 1)}
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("score", "TYPE_FP32", (1,))]
+
+
+class FeatureExtraction(HFTask):
+    task = "feature-extraction"
+    auto_model = transformers.AutoModel
+
+    def max_positions(self) -> int:
+        """sentence-transformers models cap their input below the architecture's limit (256 for MiniLM)."""
+        path = cached_file(self.model_id, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
+        limit = json.loads(Path(path).read_text()).get("max_seq_length") if path else None
+        return min(super().max_positions(), limit or UNBOUNDED)
+
+    def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return {"embedding": torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()}
+
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("embedding", "TYPE_FP32", (self.model.config.hidden_size,))]
+
+
+TASKS: dict[str, type[HFTask]] = {cls.task: cls for cls in (TextGeneration, TextClassification, FeatureExtraction)}
+
+
+def load_task(model_id: str, task: str, device: str = "cpu", dtype: str = "auto", **options: str) -> HFTask:
+    """Load a model for a task by name; options are the task's own (``max_length`` for generation)."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    accepted = set(inspect.signature(TASKS[task]).parameters) - {"model_id", "device", "dtype"}
+    if unknown := set(options) - accepted:
+        raise ConfigError(f"{task} takes no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'}")
+    return TASKS[task](model_id, device=device, dtype=dtype, **options)

@@ -1,0 +1,5 @@
+import sys
+
+from tritonhf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""Start the real ``tritonserver``: the one on PATH (NGC container), else the nvidia-pytriton wheel's.
+
+The wheel's server needs a prepared environment (see README, "Running without
+Docker"): a backend directory holding the Python backend and the stub built for
+this Python, the venv's ``bin`` first on PATH (the stub finds site-packages
+through the ``python3`` there), and the wheel's bundled libraries on
+LD_LIBRARY_PATH. Without them the server does not exit: it hangs in "loading",
+so every start here has a timeout and shows the server log when it fires.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from tritonhf import TritonHFError
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tritonhf"
+HARMLESS = ("unable to create stream", "Failed to initialize NVML", "DCGM", "CudaDriverHelper", "pinned memory")
+
+
+@dataclass(frozen=True)
+class Installation:
+    binary: Path
+    backend_dir: Path | None  # None: the server's own default (/opt/tritonserver/backends)
+    env: dict[str, str]
+
+
+def package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+
+def wheel_installation() -> Installation:
+    pytriton = package_dir("pytriton")
+    if pytriton is None:
+        raise TritonHFError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install 'tritonhf[server]')")
+    server = pytriton / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonHFError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
+    backend_dir = CACHE / f"backends-py{version}"
+    python_dir = backend_dir / "python"
+    if not (python_dir / "triton_python_backend_stub").exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=CACHE))  # built aside, renamed in: concurrent starts never see half a copy
+        shutil.copytree(server / "backends" / "python", staging / "python", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
+        try:
+            staging.rename(backend_dir)
+        except OSError:  # another start got there first
+            shutil.rmtree(staging)
+    libs = [pytriton.parent / "nvidia_pytriton.libs"]
+    if cuda_runtime := package_dir("nvidia"):
+        libs.append(cuda_runtime / "cuda_runtime" / "lib")  # perf_analyzer links libcudart
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*map(str, libs), env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    return Installation(server / "bin" / "tritonserver", backend_dir, env)
+
+
+def find_installation() -> Installation:
+    if on_path := shutil.which("tritonserver"):
+        return Installation(Path(on_path), None, dict(os.environ))
+    return wheel_installation()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def model_errors(log: str) -> list[str]:
+    """The server log's error lines, less the ones every CPU-only start prints."""
+    lines = [line for line in log.splitlines() if re.match(r"^E\d{4} ", line) or "TritonModelException" in line]
+    return [line for line in lines if not any(text in line for text in HARMLESS)]
+
+
+class TritonServer:
+    """A running tritonserver, as a context manager; ports are free ones unless given."""
+
+    def __init__(
+        self,
+        repository: Path,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 300.0) -> TritonServer:
+        install = find_installation()
+        argv = [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            *([f"--backend-directory={install.backend_dir}"] if install.backend_dir else []),
+            *self.extra_args,
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None:
+                errors = "\n".join(model_errors(self.log())) or self.log()[-4000:]
+                self.process = None
+                raise TritonHFError(f"tritonserver exited while loading (log: {self.log_path}):\n{errors}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TritonHFError(f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path}):\n{self.log()[-4000:]}")
+            time.sleep(0.25)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM lets the server unload its models; its stub processes go with it."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002) -> None:
+    """``tritonhf serve``: start, print the endpoints, and stop cleanly on Ctrl-C or SIGTERM."""
+    server = TritonServer(repository, http_port, grpc_port, metrics_port)
+    signal.signal(signal.SIGTERM, interrupt)
+    print(f"starting tritonserver on {server.repository} (log: {server.log_path})", flush=True)
+    with server:
+        print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)", flush=True)
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+            raise TritonHFError(f"tritonserver exited (log: {server.log_path}):\n{server.log()[-4000:]}")
+        except KeyboardInterrupt:
+            print("stopping tritonserver", flush=True)
