@@ -11,10 +11,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 setup: $(STAMP)
 
 # The venv is rebuilt only when the pins or the package metadata change.
-$(STAMP): requirements/cpu.txt pyproject.toml
+$(STAMP): requirements/*.txt pyproject.toml
 	@dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libb64-0d; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements/cpu.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt -c requirements/lock-cpu.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/pip check
 	@touch $@

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny stand-in models built once per session, and one real tritonserver."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tritonhf.repo_builder import BuildOptions, ModelEntry, build, plan
+from tritonhf.server import TritonServer
+from tritonhf.standins import write_standins
+
+GEN = ("gpt2", "facebook/opt-125m")
+CLASSIFIER = "distilbert-base-uncased-finetuned-sst-2-english"
+GEN_MAX_LEN = 8
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny stand-ins under their tutorial names, plus the real trained all-MiniLM-L6-v2."""
+    from tritonhf.demo import minilm
+
+    root = tmp_path_factory.mktemp("standins")
+    paths = write_standins(root, "tiny")
+    paths["all-MiniLM-L6-v2"] = minilm(root)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def entries(tiny: dict[str, Path]) -> list[ModelEntry]:
+    return plan(
+        gen=[str(tiny[name]) for name in GEN],
+        classify=[str(tiny[CLASSIFIER])],
+        embed=[str(tiny["all-MiniLM-L6-v2"])],
+        gen_max_len=GEN_MAX_LEN,
+    )
+
+
+@pytest.fixture(scope="session")
+def repository(entries: list[ModelEntry], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("repo") / "model_repository"))
+
+
+@pytest.fixture(scope="session")
+def server(repository: Path, request: pytest.FixtureRequest) -> Iterator[TritonServer]:
+    """One real tritonserver for the session; its log is printed if any test failed."""
+    with TritonServer(repository) as running:
+        failed_before = request.session.testsfailed
+        yield running
+        if request.session.testsfailed > failed_before:
+            print(f"\n--- tritonserver log ({running.log_path}), last 8000 characters ---\n{running.log()[-8000:]}")

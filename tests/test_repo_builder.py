@@ -1,0 +1,120 @@
+"""Repository builder and config.pbtxt generation, without a server."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from tritonhf import TritonHFError, model_config
+from tritonhf.repo_builder import MARKER, BuildOptions, ModelEntry, add_arguments, build, plan, read_manifest
+
+from .conftest import CLASSIFIER, GEN_MAX_LEN
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_config_round_trip() -> None:
+    config = {
+        "name": "m",
+        "backend": "python",
+        "max_batch_size": 8,
+        "input": [{"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": "embedding", "data_type": "TYPE_FP32", "dims": [384]}],
+        "dynamic_batching": {"max_queue_delay_microseconds": 100},
+        "parameters": {"task": {"string_value": "feature-extraction"}},
+    }
+    text = model_config.to_pbtxt(config)
+    parsed = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert parsed == json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    assert parsed.output[0].dims == [384]
+
+
+def test_max_batch_size_zero_is_written() -> None:
+    text = model_config.to_pbtxt({"name": "m", "backend": "python", "max_batch_size": 0})
+    assert "max_batch_size: 0" in text
+    assert text_format.Parse(text, model_config_pb2.ModelConfig()).max_batch_size == 0
+
+
+def test_misspelt_field_is_rejected() -> None:
+    with pytest.raises(json_format.ParseError, match="max_batchsize"):
+        model_config.to_pbtxt({"name": "m", "max_batchsize": 8})
+
+
+def test_defaults_build_the_three_tutorial_models() -> None:
+    args = parse()
+    entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len)
+    assert [(e.name, e.task) for e in entries] == [
+        ("opt-125m", "text-generation"),
+        ("gpt2", "text-generation"),
+        ("distilbert-base-uncased-finetuned-sst-2-english", "text-classification"),
+    ]
+
+
+def test_empty_value_builds_none_of_that_kind() -> None:
+    args = parse("--gen-models", "", "--class-models", "a/b, c", "--embed-models", "x/y z")
+    assert args.gen_models == []
+    entries = plan(args.gen_models, args.class_models, args.embed_models, 16)
+    assert [(e.name, e.task) for e in entries] == [("b", "text-classification"), ("c", "text-classification"), ("y", "feature-extraction"), ("z", "feature-extraction")]
+
+
+def test_name_clash_is_refused() -> None:
+    with pytest.raises(TritonHFError, match="share the name gpt2"):
+        plan(["gpt2", "someone/gpt2"], [], [], 16)
+
+
+def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
+    assert read_manifest(repository) == {e.name: {"source": e.source, "task": e.task} for e in entries}
+    configs = {e.name: model_config.read(repository / e.name / "config.pbtxt") for e in entries}
+    for entry in entries:
+        config = configs[entry.name]
+        assert config["name"] == entry.name and config["backend"] == "python"
+        assert config["max_batch_size"] == 32
+        assert config["input"] == [{"name": "prompt", "data_type": "TYPE_STRING", "dims": ["1"]}]
+        assert config["parameters"]["huggingface_model"] == {"string_value": "hf_model"}
+        assert config["parameters"]["task"] == {"string_value": entry.task}
+        assert "dynamic_batching" in config
+        assert (repository / entry.name / "1" / "hf_model" / "config.json").exists(), "self-contained: weights copied in"
+        assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == {"model.py", "batching.py", "tasks.py"}
+    outputs = {name: [(o["name"], o["data_type"], o["dims"]) for o in c["output"]] for name, c in configs.items()}
+    assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"])]
+    assert configs["gpt2"]["parameters"]["max_length"] == {"string_value": str(GEN_MAX_LEN)}
+    assert outputs[CLASSIFIER] == [("label", "TYPE_STRING", ["1"]), ("score", "TYPE_FP32", ["1"])]
+    assert outputs["all-MiniLM-L6-v2"] == [("embedding", "TYPE_FP32", ["384"])]
+
+
+def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:
+    options = BuildOptions(output=tmp_path / "repo", max_batch_size=64, max_queue_delay_us=500, instances=2, device="gpu", dtype="float16")
+    build(plan([], [str(tiny[CLASSIFIER])], [], 16), options)
+    config = model_config.read(tmp_path / "repo" / CLASSIFIER / "config.pbtxt")
+    assert config["max_batch_size"] == 64
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "500"}
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
+    assert config["parameters"]["dtype"] == {"string_value": "float16"}
+
+
+def test_unloadable_model_fails_before_anything_is_written(tiny: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "repo"
+    build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+    before = sorted(p.relative_to(target) for p in target.rglob("*"))
+    with pytest.raises(TritonHFError, match=r"cannot load '.*does-not-exist' for text-generation"):
+        build(plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"], "no staging directory left behind"
+
+
+def test_a_directory_tritonhf_did_not_build_is_not_replaced(tiny: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(TritonHFError, match="not built by tritonhf"):
+        build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert not (target / MARKER).exists()

@@ -1,0 +1,237 @@
+"""Integration tier: the real tritonserver, served results against in-process references."""
+
+from __future__ import annotations
+
+import queue
+import re
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tritonhf import TritonHFError, cli, model_config
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.server import TritonServer
+
+from .conftest import CLASSIFIER, GEN, GEN_MAX_LEN
+
+pytestmark = pytest.mark.server
+
+EMBEDDER = "all-MiniLM-L6-v2"
+NAMES = {"gpt2": "gpt2", "facebook/opt-125m": "opt-125m", CLASSIFIER: CLASSIFIER, EMBEDDER: EMBEDDER}
+# Sixteen prompts of different lengths, so that every burst pads.
+PROMPTS = [" ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 5))[: 8 + 13 * i] + f" #{i}" for i in range(16)]
+Outputs = dict[str, np.ndarray]
+
+
+def bytes_input(rows: Sequence[str | bytes], name: str = "prompt") -> grpcclient.InferInput:
+    data = np.array([r.encode() if isinstance(r, str) else r for r in rows], dtype=object).reshape(-1, 1)
+    tensor = grpcclient.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def burst(server: TritonServer, model: str, requests: Sequence[list[grpcclient.InferInput]]) -> list[Outputs | InferenceServerException]:
+    """Send every request at once (async gRPC) and wait for all answers, in request order."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    outputs = [o.name for o in client.get_model_config(model).config.output]
+    answers: queue.Queue = queue.Queue()
+    for index, inputs in enumerate(requests):
+        client.async_infer(model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)))
+    results: list = [None] * len(requests)
+    for _ in requests:
+        index, result, error = answers.get(timeout=120)
+        results[index] = error if error else {name: result.as_numpy(name) for name in outputs}
+    client.close()
+    return results
+
+
+def alone(server: TritonServer, model: str, rows: Sequence[str]) -> Outputs:
+    [result] = burst(server, model, [[bytes_input(rows)]])
+    assert not isinstance(result, Exception), result
+    return result
+
+
+def ok(results: Sequence[Outputs | Exception]) -> list[Outputs]:
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors
+    return list(results)
+
+
+def counters(server: TritonServer, model: str) -> tuple[float, float]:
+    """(inferences, executions) for a model, from the server's Prometheus metrics."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = [re.search(rf'^{metric}{{model="{model}",version="1"}} (\S+)$', text, re.M) for metric in ("nv_inference_count", "nv_inference_exec_count")]
+    assert all(values), f"no metrics for {model}"
+    return float(values[0][1]), float(values[1][1])
+
+
+def counters_after(server: TritonServer, model: str, before: tuple[float, float], requests: int) -> tuple[float, float]:
+    """(inferences, executions) since ``before``, once all ``requests`` are counted.
+
+    The backend reports statistics after it sends the responses, so the client can
+    see its answers a moment before the metrics do.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        now = counters(server, model)
+        if now[0] - before[0] >= requests or time.monotonic() > deadline:
+            return now[0] - before[0], now[1] - before[1]
+        time.sleep(0.05)
+
+
+def assert_same(model: str, got: Outputs, expected: Outputs) -> None:
+    """Equal text and labels; floats within what padding changes in float32."""
+    assert got.keys() == expected.keys()
+    for name in got:
+        if got[name].dtype == object:
+            assert got[name].tolist() == expected[name].tolist(), (model, name)
+        else:
+            np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=f"{model} {name}")
+
+
+# --- served == in-process Hugging Face -----------------------------------------------------
+
+
+@pytest.mark.parametrize("source", GEN)
+def test_generation_equals_the_pipeline(server: TritonServer, tiny: dict[str, Path], source: str) -> None:
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(tiny[source]), device="cpu")
+    for text in PROMPTS[:4]:
+        expected = generator(text, max_new_tokens=GEN_MAX_LEN, do_sample=False)[0]["generated_text"]
+        assert alone(server, NAMES[source], [text])["text"][0, 0].decode() == expected
+
+
+def test_classification_equals_the_pipeline(server: TritonServer, tiny: dict[str, Path]) -> None:
+    from transformers import pipeline
+
+    expected = pipeline("text-classification", model=str(tiny[CLASSIFIER]), device="cpu")(PROMPTS)
+    served = alone(server, CLASSIFIER, PROMPTS)
+    assert [label.decode() for label in served["label"][:, 0]] == [e["label"] for e in expected]
+    np.testing.assert_allclose(served["score"][:, 0], [e["score"] for e in expected], atol=1e-4)
+
+
+def test_embedding_equals_sentence_transformers(server: TritonServer, tiny: dict[str, Path]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    expected = SentenceTransformer(str(tiny[EMBEDDER]), device="cpu").encode(PROMPTS, normalize_embeddings=True)
+    served = alone(server, EMBEDDER, PROMPTS)["embedding"]
+    assert served.shape == (16, 384)
+    assert (served * expected).sum(axis=1).min() >= 0.9999
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", NAMES.values())
+def test_batch_invariance(server: TritonServer, model: str) -> None:
+    """16 concurrent requests of different lengths: each equals the same request sent alone."""
+    expected = [alone(server, model, [text]) for text in PROMPTS]
+    before = counters(server, model)
+    results = ok(burst(server, model, [[bytes_input([text])] for text in PROMPTS]))
+    inferences, executions = counters_after(server, model, before, 16)
+    assert inferences == 16
+    assert executions < 16, "the burst was batched"
+    for got, want in zip(results, expected):
+        assert_same(model, got, want)
+
+
+def test_dynamic_batching_really_batches(server: TritonServer) -> None:
+    before = counters(server, CLASSIFIER)
+    ok(burst(server, CLASSIFIER, [[bytes_input([PROMPTS[i % 16]])] for i in range(32)]))
+    inferences, executions = counters_after(server, CLASSIFIER, before, 32)
+    print(f"average executed batch size over a 32-request burst: {inferences / executions:.1f} ({inferences:.0f} / {executions:.0f})")
+    assert inferences == 32
+    assert inferences / executions >= 4
+
+
+@pytest.mark.parametrize("model", ["gpt2", CLASSIFIER, EMBEDDER])
+def test_a_request_with_three_rows_gets_three_results_in_order(server: TritonServer, model: str) -> None:
+    rows = [PROMPTS[5], PROMPTS[0], PROMPTS[11]]
+    together = alone(server, model, rows)
+    assert all(len(array) == 3 for array in together.values())
+    for i, text in enumerate(rows):
+        assert_same(model, {name: array[i : i + 1] for name, array in together.items()}, alone(server, model, [text]))
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def int32_prompt() -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput("prompt", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    return tensor
+
+
+BAD = {
+    "invalid UTF-8": ([bytes_input([b"caf\xc3("])], "not valid UTF-8"),
+    "empty string": ([bytes_input([""])], "prompt row 0 is empty"),
+    "wrong input name": ([bytes_input(["hello"], name="text_input")], "unexpected inference input 'text_input'"),
+    "wrong dtype": ([int32_prompt()], "data-type is 'INT32', but model"),
+    "missing prompt": ([], "expected 1 inputs but got 0"),
+}
+
+
+@pytest.mark.parametrize("model", ["gpt2", CLASSIFIER])
+def test_bad_requests_fail_alone(server: TritonServer, model: str) -> None:
+    good = [PROMPTS[3], PROMPTS[9]]
+    long_prompt = "very long prompt " * 6000  # 102,000 characters: truncated, documented, served
+    requests = [[bytes_input([good[0]])], *(inputs for inputs, _ in BAD.values()), [bytes_input([long_prompt])], [bytes_input([good[1]])]]
+    results = burst(server, model, requests)
+    for (what, (_, message)), result in zip(BAD.items(), results[1:-2]):
+        assert isinstance(result, InferenceServerException), what
+        assert message in result.message(), (what, result.message())
+        assert result.status() in ("StatusCode.INVALID_ARGUMENT", "400"), (what, result.status())
+    assert_same(model, results[0], alone(server, model, [good[0]]))
+    assert_same(model, results[-1], alone(server, model, [good[1]]))
+    truncated = results[-2]
+    assert not isinstance(truncated, Exception), truncated
+    if model == "gpt2":
+        assert truncated["text"][0, 0].decode().startswith(long_prompt)
+    else:
+        assert truncated["label"][0, 0] in (b"POSITIVE", b"NEGATIVE")
+    assert grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()
+
+
+# --- the commands around the server --------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_prints_the_tutorial_table(server: TritonServer, protocol: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    assert cli.main(["client", "-m", CLASSIFIER, "-i", protocol, "--url", url, "--prompt", "good", "--prompt", "bad"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.match(r"Name\s+\| Shape\s+\| Data", lines[0])
+    assert [line.split("|")[0].strip() for line in lines[2:]] == ["label", "label", "score", "score"]
+    assert all("[2, 1]" in line for line in lines[2:])
+
+
+def test_client_reports_server_errors(server: TritonServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["client", "-m", "no-such-model", "--url", server.http_url, "--prompt", "x"]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+
+
+def test_http_client_uses_the_batch_axis(server: TritonServer) -> None:
+    client = httpclient.InferenceServerClient(server.http_url)
+    metadata = client.get_model_metadata(CLASSIFIER)
+    assert metadata["inputs"][0]["shape"] == [-1, 1], "the shape the tutorial's client copied"
+    from tritonhf.client import infer
+
+    assert infer(CLASSIFIER, ["a", "b", "c"], server.http_url)["label"].shape == (3, 1)
+
+
+def test_a_model_that_fails_to_load_shows_its_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    repository = build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "repo"))
+    config_path = repository / CLASSIFIER / "config.pbtxt"
+    config = model_config.read(config_path)
+    config["parameters"]["task"] = {"string_value": "summarisation"}
+    config_path.write_text(model_config.to_pbtxt(config))
+    with pytest.raises(TritonHFError, match="exited while loading(.|\n)*unknown task 'summarisation'"):
+        TritonServer(repository).start(timeout=120)
