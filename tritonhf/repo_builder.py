@@ -26,7 +26,8 @@ from tritonhf import TritonHFError, model_config
 
 TUTORIAL_GEN_MODELS = ("facebook/opt-125m", "gpt2")
 TUTORIAL_CLASS_MODELS = ("distilbert-base-uncased-finetuned-sst-2-english",)
-BACKEND_FILES = ("model.py", "batching.py", "tasks.py")  # the generic model, copied into every version dir
+EXPORT_VARIANTS = ("onnx", "onnx-int8", "torchscript")  # classification and embedding models only
+VARIANTS = ("python", *EXPORT_VARIANTS)
 MARKER = ".tritonhf.json"  # marks a directory this builder owns (and may replace) and lists its models
 LOCAL_WEIGHTS = "hf_model"  # where a local model directory is copied, inside the version dir
 
@@ -40,6 +41,9 @@ class BuildOptions:
     device: str = "cpu"
     dtype: str = "auto"
     gen_max_len: int = 16
+    variants: tuple[str, ...] = VARIANTS
+    runtime: str = "auto"  # for the exported networks: native, python, or auto (native if the server has the backend)
+    onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
 
 
 @dataclass(frozen=True)
@@ -117,12 +121,17 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def copy_backend(version: Path) -> None:
+    """The generic model: every module of backends/python_hf, into a version directory."""
+    for source in resources.files("tritonhf.backends.python_hf").iterdir():
+        if source.name.endswith(".py") and source.name != "__init__.py":
+            (version / source.name).write_text(source.read_text())
+
+
 def write_model(root: Path, entry: ModelEntry, task: Any, options: BuildOptions) -> None:
     version = root / entry.name / "1"
     version.mkdir(parents=True)
-    backend = resources.files("tritonhf.backends.python_hf")
-    for name in BACKEND_FILES:
-        (version / name).write_text(backend.joinpath(name).read_text())
+    copy_backend(version)
     if entry.local:
         shutil.copytree(entry.source, version / LOCAL_WEIGHTS, copy_function=link_or_copy)
     model_config.write(triton_config(entry, task, options), root / entry.name)
@@ -140,25 +149,62 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def variants_for(entry: ModelEntry, variants: Sequence[str]) -> list[str]:
+    """The requested variants that apply to a model: exports exist for classification and embeddings."""
+    applicable = [v for v in variants if v == "python" or entry.task != "text-generation"]
+    if not applicable:
+        raise TritonHFError(f"{entry.name} ({entry.task}) has none of the variants {', '.join(variants)}: generation models are served as python only")
+    return applicable
+
+
+def choose_runtime(requested: str) -> str:
+    """native where the server has Triton's onnxruntime and pytorch backends, else the Python backend."""
+    if requested != "auto":
+        return requested
+    from tritonhf.server import available_backends
+
+    return "native" if {"onnxruntime", "pytorch"} <= available_backends() else "python"
+
+
 def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
-    """Load, then write the whole repository; returns its path."""
+    """Load and export everything, then write the whole repository; returns its path."""
+    from tritonhf.ensembles import export_model, parity_table, write_ensembles
+
+    unknown = set(options.variants) - set(VARIANTS)
+    if unknown:
+        raise TritonHFError(f"unknown variants {', '.join(sorted(unknown))}; known: {', '.join(VARIANTS)}")
+    plans = [(entry, variants_for(entry, options.variants)) for entry in entries]
     tasks = load(entries, options.dtype)
+    exported = [
+        export_model(entry.name, entry.source, task, [v for v in variants if v != "python"])
+        for (entry, variants), task in zip(plans, tasks)
+        if set(variants) - {"python"}
+    ]
+    runtime = choose_runtime(options.runtime) if exported else options.runtime
+    manifest: dict[str, dict[str, str]] = {}
     target = options.output.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        for entry, task in zip(tqdm(entries, desc="writing models", unit="model"), tasks):
-            write_model(staging, entry, task, options)
-        manifest = {entry.name: {"source": entry.source, "task": entry.task} for entry in entries}
+        for (entry, variants), task in zip(tqdm(plans, desc="writing models", unit="model"), tasks):
+            if "python" in variants:
+                write_model(staging, entry, task, options)
+                manifest[entry.name] = {"source": entry.source, "task": entry.task, "variant": "python"}
+        for model in exported:
+            for made, name in zip(model.exports, write_ensembles(staging, model, runtime, options)):
+                manifest[name] = {"source": model.source, "task": model.task.task, "variant": made.variant.name, "runtime": runtime}
         (staging / MARKER).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if exported:
+        print(f"exported networks run on the {runtime} runtime" + (" (auto: this server has no onnxruntime/pytorch backend)" if options.runtime == "auto" and runtime == "python" else ""))
+        print(parity_table(exported))
     return target
 
 
 def read_manifest(repository: Path) -> dict[str, dict[str, str]]:
-    """The models a tritonhf-built repository holds: name -> {source, task}."""
+    """The models a tritonhf-built repository serves: name -> {source, task, variant[, runtime]}."""
     return json.loads((repository / MARKER).read_text())
 
 
@@ -182,15 +228,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=defaults.instances, help="model instances (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default=defaults.device, help="instance_group kind (default: %(default)s)")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: %(default)s)")
+    parser.add_argument("--variants", type=lambda v: tuple(model_list(v)), default=defaults.variants, help=f"of {', '.join(VARIANTS)}; exports apply to classification and embedding models, which are then also served as ensembles <name>_<variant> (default: all)")
+    parser.add_argument("--runtime", choices=("auto", "native", "python"), default=defaults.runtime, help="for exported networks: native onnxruntime/libtorch backends (NGC containers), the python backend, or auto (default: %(default)s)")
+    parser.add_argument("--onnx-accelerator", choices=("none", "tensorrt"), default=defaults.onnx_accelerator, help="ONNX Runtime accelerator for native GPU instances (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> Path:
     if args.max_batch_size < 1 or args.instances < 1 or args.max_queue_delay_us < 0:
         raise TritonHFError("--max-batch-size and --instances must be >= 1, --max-queue-delay-us >= 0")
     entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len)
-    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.gen_max_len)
+    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.gen_max_len, args.variants, args.runtime, args.onnx_accelerator)
     path = build(entries, options)
-    for entry in entries:
-        print(f"  {entry.name:<50} {entry.task:<20} {entry.source}")
-    print(f"wrote {len(entries)} models to {path}")
+    manifest = read_manifest(path)
+    for name, served in manifest.items():
+        print(f"  {name:<50} {served['task']:<20} {served['variant']:<12} {served['source']}")
+    print(f"wrote {len(manifest)} served models to {path}")
     return path

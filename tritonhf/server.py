@@ -79,6 +79,13 @@ def find_installation() -> Installation:
     return wheel_installation()
 
 
+def available_backends(install: Installation | None = None) -> set[str]:
+    """The backends the server would find: its backend directory's subdirectories."""
+    install = install or find_installation()
+    directory = install.backend_dir or Path("/opt/tritonserver/backends")
+    return {path.name for path in directory.iterdir() if path.is_dir()} if directory.is_dir() else set()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

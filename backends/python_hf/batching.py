@@ -6,21 +6,25 @@ Triton's dynamic batcher hands ``execute`` a list of requests; each carries a
 exactly its own rows back. A bad request becomes a :class:`Failure` at its own
 index; it never sinks the batch.
 
-This module and ``tasks.py`` are copied next to ``model.py`` into every
-generated model, so they import only numpy (and, in ``tasks.py``, torch and
-transformers), never the ``tritonhf`` package.
+The modules of this directory are copied next to ``model.py`` into every
+generated model, so they import each other relatively and never the
+``tritonhf`` package; this one needs numpy only.
 """
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 Outputs = dict[str, np.ndarray]
-BatchFn = Callable[[list[str]], Mapping[str, np.ndarray]]
+BatchFn = Callable[[list[str]], Mapping[str, np.ndarray]]  # texts -> arrays, one row per text
+TensorFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]  # arrays -> arrays, row for row
 
 
 class RequestError(ValueError):
@@ -96,26 +100,56 @@ def split(outputs: Mapping[str, np.ndarray], counts: Sequence[int]) -> list[Outp
     return [{name: array[start:stop] for name, array in outputs.items()} for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
-def run_batch(
-    forward: BatchFn,
-    prompts: Sequence[np.ndarray | None],
-    log_error: Callable[[str], None] = lambda message: None,
-) -> list[Result]:
+@dataclass(frozen=True)
+class StepContext:
+    """What a step is built from: its config's parameters and tensor names, where it lives, its device."""
+
+    parameters: dict[str, str]
+    model_dir: Path  # the version directory
+    device: str = "cpu"
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def source(self, key: str = "huggingface_model") -> str:
+        """A hub id, or a directory relative to the version directory (the builder copies local models there)."""
+        value = self.parameters[key]
+        return str(self.model_dir / value) if (self.model_dir / value).is_dir() else value
+
+
+def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Callable[[str], None]) -> list[Result]:
+    """Run the batch; if it raises, log the traceback and fail each of its requests, briefly."""
+    try:
+        return list(compute())
+    except Exception as err:  # noqa: BLE001 - turned into per-request errors, traceback logged
+        log_error(traceback.format_exc())
+        return [Failure(f"inference failed: {type(err).__name__}: {err}".splitlines()[0], internal=True)] * requests
+
+
+def run_batch(forward: BatchFn, prompts: Sequence[np.ndarray | None], log_error: Callable[[str], None] = logger.error) -> list[Result]:
     """One result per request, in request order: outputs, or a Failure for that request alone.
 
     ``forward`` maps a list of texts to arrays whose first axis is the text. It
-    is called once, over the valid rows of every request. If it raises, the
-    traceback goes to ``log_error`` and each request in the batch gets a short
-    INTERNAL failure; the next batch is served as usual.
+    is called once, over the valid rows of every request. If it raises, each
+    request in the batch gets a short INTERNAL failure; the next batch is served
+    as usual.
     """
     batch = collect(prompts)
-    if batch.texts:
-        try:
-            per_request = split(forward(batch.texts), batch.counts)
-        except Exception as err:  # noqa: BLE001 - turned into per-request errors, traceback logged
-            log_error(traceback.format_exc())
-            failure = Failure(f"inference failed: {type(err).__name__}: {err}".splitlines()[0], internal=True)
-            per_request = [failure] * len(prompts)
-    else:
-        per_request = [{} for _ in prompts]
+    if not batch.texts:
+        return [batch.failures[index] for index in range(len(prompts))]
+    per_request = guarded(lambda: split(forward(batch.texts), batch.counts), len(prompts), log_error)
     return [batch.failures.get(index, result) for index, result in enumerate(per_request)]
+
+
+def run_tensor_batch(forward: TensorFn, requests: Sequence[Mapping[str, np.ndarray]], log_error: Callable[[str], None] = logger.error) -> list[Result]:
+    """The same for tensor inputs (the ensembles' inner steps): concatenate rows, one forward, split.
+
+    Triton's dynamic batcher only batches requests whose shapes match past the
+    batch axis, so the rows concatenate; if they did not, the batch fails as a whole.
+    """
+    counts = [len(next(iter(request.values()))) for request in requests]
+    names = list(requests[0])
+
+    def compute() -> list[Outputs]:
+        return split(forward({name: np.concatenate([request[name] for request in requests]) for name in names}), counts)
+
+    return guarded(compute, len(requests), log_error)

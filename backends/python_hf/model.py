@@ -1,30 +1,36 @@
-"""tritonhf's one generic Python-backend model: Triton glue around batching.py and tasks.py.
+"""tritonhf's one generic Python-backend model: Triton glue around the Triton-free steps.
 
-Every model the repository builder writes gets a copy of this file; what
-differs between models is data in its config.pbtxt ``parameters``:
-``huggingface_model`` (a hub id, or a directory relative to this version
-directory), ``task``, ``dtype`` and the task's own options (``max_length``).
+Every model the repository builder writes gets a copy of this directory; what
+differs between models is data in its config.pbtxt ``parameters``. ``step``
+picks what the model does (default ``hf``: a whole Hugging Face model for its
+``task``); the ensembles' steps tokenize, run an exported network, or
+postprocess. A step whose input is ``prompt`` (TYPE_STRING) takes texts; the
+others take the tensors their config names.
 """
 
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .batching import Failure, Result, run_batch
-from .tasks import ConfigError, load_task
+from .batching import Failure, Result, StepContext, run_batch, run_tensor_batch
+
+STEPS = {  # step -> (module of this directory, factory taking a StepContext)
+    "hf": ("tasks", "from_context"),
+    "tokenize": ("text", "tokenize"),
+    "onnxruntime": ("runtimes", "onnxruntime_step"),
+    "torchscript": ("runtimes", "torchscript_step"),
+    "classify": ("heads", "classify"),
+    "pool": ("heads", "pool"),
+}
 
 
-def task_parameters(model_config: dict) -> dict[str, str]:
+def step_parameters(model_config: dict) -> dict[str, str]:
     """config.pbtxt parameters, less Triton's own (upper-case, such as EXECUTION_ENV_PATH)."""
     parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
     return {key: value for key, value in parameters.items() if not key.isupper()}
-
-
-def read_prompt(request: "pb_utils.InferenceRequest") -> np.ndarray | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, "prompt")
-    return None if tensor is None else tensor.as_numpy()
 
 
 def to_response(result: Result) -> "pb_utils.InferenceResponse":
@@ -37,22 +43,29 @@ def to_response(result: Result) -> "pb_utils.InferenceResponse":
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        options = task_parameters(config)
-        missing = [key for key in ("huggingface_model", "task") if key not in options]
-        if missing:
-            raise pb_utils.TritonModelException(f"config.pbtxt parameters lack {', '.join(missing)}")
-        source = options.pop("huggingface_model")
-        local = Path(args["model_repository"]) / args["model_version"] / source
-        model_id = str(local) if local.is_dir() else source
-        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-        try:
-            self.task = load_task(model_id, options.pop("task"), device=device, dtype=options.pop("dtype", "auto"), **options)
-        except ConfigError as err:
-            raise pb_utils.TritonModelException(f"{args['model_name']}: {err}") from None
-        pb_utils.Logger.log_info(
-            f"{args['model_name']}: {self.task.task} with {source} on {device}, up to {self.task.max_tokens} input tokens"
+        self.context = StepContext(
+            parameters=step_parameters(config),
+            model_dir=Path(args["model_repository"]) / args["model_version"],
+            device=f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu",
+            input_names=tuple(tensor["name"] for tensor in config["input"]),
+            output_names=tuple(tensor["name"] for tensor in config["output"]),
         )
+        self.text_input = [tensor["data_type"] for tensor in config["input"]] == ["TYPE_STRING"]
+        step = self.context.parameters.get("step", "hf")
+        if step not in STEPS:
+            raise pb_utils.TritonModelException(f"{args['model_name']}: unknown step {step!r}; known: {', '.join(STEPS)}")
+        module, factory = STEPS[step]
+        try:
+            self.forward = getattr(importlib.import_module(f".{module}", __package__), factory)(self.context)
+        except Exception as err:  # noqa: BLE001 - any load failure fails the model with its reason
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from None
+        pb_utils.Logger.log_info(f"{args['model_name']}: step {step} on {self.context.device}")
 
     def execute(self, requests: list) -> list:
-        results = run_batch(self.task, [read_prompt(request) for request in requests], pb_utils.Logger.log_error)
+        if self.text_input:
+            prompts = [pb_utils.get_input_tensor_by_name(request, "prompt") for request in requests]
+            results = run_batch(self.forward, [None if p is None else p.as_numpy() for p in prompts], pb_utils.Logger.log_error)
+        else:
+            tensors = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.context.input_names} for request in requests]
+            results = run_tensor_batch(self.forward, tensors, pb_utils.Logger.log_error)
         return [to_response(result) for result in results]

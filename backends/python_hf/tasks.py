@@ -35,6 +35,10 @@ import torch
 import transformers
 from transformers.utils import cached_file
 
+from .batching import BatchFn, StepContext
+from .heads import ClassificationHead, as_bytes, mean_pool
+from .text import load_tokenizer
+
 
 class ConfigError(ValueError):
     """A model configuration that can't be served; raised at load time, never per request."""
@@ -72,16 +76,10 @@ class HFTask:
     def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
         self.model_id = model_id
         self.device = torch.device(device)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(model_id)
-        self.tokenizer.padding_side = self.padding_side
-        self.tokenizer.truncation_side = self.padding_side
+        self.tokenizer = load_tokenizer(model_id, self.padding_side)
         self.model = self.auto_model.from_pretrained(model_id, dtype=resolve_dtype(dtype, device))
         self.model.to(self.device).eval()
         self.max_tokens = self.max_positions()
-        # Pass the model only what its forward takes (GPT-2 would add token_type_ids to its embeddings).
-        self.tokenizer.model_input_names = [
-            name for name in self.tokenizer.model_input_names if name in ("input_ids", "attention_mask")
-        ]
 
     def max_positions(self) -> int:
         """The longest input the model takes, in tokens."""
@@ -111,11 +109,6 @@ class HFTask:
     def parameters(self) -> dict[str, str]:
         """Task options worth recording in config.pbtxt ``parameters``."""
         return {}
-
-
-def as_bytes(strings: list[str]) -> np.ndarray:
-    """A [rows, 1] BYTES array, the shape of the ``prompt`` input."""
-    return np.array([s.encode("utf-8") for s in strings], dtype=object).reshape(-1, 1)
 
 
 class TextGeneration(HFTask):
@@ -157,15 +150,10 @@ class TextClassification(HFTask):
 
     def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
         super().__init__(model_id, device, dtype)
-        config = self.model.config
-        self.labels = np.array([config.id2label[i].encode("utf-8") for i in range(config.num_labels)], dtype=object)
-        multi_label = config.problem_type == "multi_label_classification" or config.num_labels == 1
-        self.probabilities = torch.sigmoid if multi_label else lambda logits: torch.softmax(logits, dim=-1)
+        self.head = ClassificationHead.from_config(self.model.config)
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        probabilities = self.probabilities(self.model(**batch).logits.float())
-        score, index = probabilities.max(dim=-1)
-        return {"label": self.labels[index.cpu().numpy()].reshape(-1, 1), "score": score.cpu().numpy().reshape(-1, 1)}
+        return self.head(self.model(**batch).logits.float().cpu().numpy())
 
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("score", "TYPE_FP32", (1,))]
@@ -182,10 +170,8 @@ class FeatureExtraction(HFTask):
         return min(super().max_positions(), limit or UNBOUNDED)
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        hidden = self.model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return {"embedding": torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()}
+        hidden = self.model(**batch).last_hidden_state.float().cpu().numpy()
+        return mean_pool(hidden, batch["attention_mask"].cpu().numpy())
 
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec("embedding", "TYPE_FP32", (self.model.config.hidden_size,))]
@@ -202,3 +188,9 @@ def load_task(model_id: str, task: str, device: str = "cpu", dtype: str = "auto"
     if unknown := set(options) - accepted:
         raise ConfigError(f"{task} takes no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'}")
     return TASKS[task](model_id, device=device, dtype=dtype, **options)
+
+
+def from_context(context: StepContext) -> BatchFn:
+    """The generic model's default step: a whole Hugging Face model for its task, in PyTorch."""
+    options = {key: value for key, value in context.parameters.items() if key not in ("huggingface_model", "step")}
+    return load_task(context.source(), options.pop("task"), device=context.device, **options)

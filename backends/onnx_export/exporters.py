@@ -1,0 +1,175 @@
+"""ONNX (fp32, graph-optimised), ONNX int8 and TorchScript exports, cached and parity-checked.
+
+- ``onnx``: optimum's exporter (torch's legacy ONNX exporter underneath), opset
+  18 (optimum's recommended minimum for BERT-family models; ONNX Runtime >= 1.14
+  runs it), dynamic batch and sequence axes, then ONNX Runtime's graph optimiser
+  at optimum's O2 level (fused attention, GELU and layer norm; exact fp32).
+- ``onnx-int8``: the un-optimised export, dynamically quantised by ONNX
+  Runtime's quantizer (int8 weights, activations quantised at run time; CPU).
+- ``torchscript``: ``torch.jit.trace`` of the model loaded with
+  ``torchscript=True``, on dummy inputs from the same declaration.
+
+An export is cached under ``~/.cache/tritonhf/exports`` by a key over the
+model's files, the variant, the declaration and the library versions: a
+second build with the same model and options reuses the file and its parity report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .spec import ExportError, ExportSpec, TensorDecl
+
+OPSET = 18
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tritonhf" / "exports"
+AUTO_MODELS = {"text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}
+
+
+def load_reference(source: str, task: str, torchscript: bool = False):  # noqa: ANN201 - a transformers model
+    import transformers
+
+    return getattr(transformers, AUTO_MODELS[task]).from_pretrained(source, torchscript=torchscript).eval()
+
+
+def onnx_plain(source: str, spec: ExportSpec, workdir: Path) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    main_export(source, workdir, task=spec.task, opset=OPSET, library_name="transformers", do_validation=False, device="cpu")
+    exported = workdir / "model.onnx"
+    names = [t.name for t in spec.inputs]
+    import onnx
+
+    graph = onnx.load(str(exported), load_external_data=False).graph
+    if [i.name for i in graph.input] != names:
+        raise ExportError(f"optimum exported inputs {[i.name for i in graph.input]}, declared {names}")
+    return exported
+
+
+def export_onnx(source: str, spec: ExportSpec, workdir: Path) -> Path:
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import AutoOptimizationConfig
+
+    plain = onnx_plain(source, spec, workdir / "plain")
+    optimizer = ORTOptimizer.from_pretrained(plain.parent, file_names=[plain.name])
+    optimizer.optimize(AutoOptimizationConfig.O2(), save_dir=workdir / "optimized")
+    return workdir / "optimized" / "model_optimized.onnx"
+
+
+def export_onnx_int8(source: str, spec: ExportSpec, workdir: Path) -> Path:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    plain = onnx_plain(source, spec, workdir / "plain")
+    quantizer = ORTQuantizer.from_pretrained(plain.parent, file_name=plain.name)
+    quantizer.quantize(AutoQuantizationConfig.avx2(is_static=False, per_channel=True), save_dir=workdir / "int8")
+    return workdir / "int8" / "model_quantized.onnx"
+
+
+def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
+    import torch
+
+    model = load_reference(source, spec.task, torchscript=True)
+    dummy = spec.dummy_inputs(2, 16, model.config.vocab_size)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, tuple(torch.from_numpy(dummy[t.name]) for t in spec.inputs))
+    path = workdir / "model.pt"
+    traced.save(str(path))
+    return path
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One export, and how Triton runs it natively and inside the Python backend."""
+
+    name: str
+    file: str  # the file name in the model's version directory (the native backends' default)
+    platform: str  # native Triton platform
+    backend: str  # the native backend's directory name under /opt/tritonserver/backends
+    step: str  # the generic Python model's step that runs the same file
+    exact: bool  # fp32: within 1e-4 of PyTorch; else judged by agreement
+    export: Callable[[str, ExportSpec, Path], Path]
+
+    def output_name(self, tensor: TensorDecl, index: int) -> str:
+        """libtorch names outputs by position (``logits__0``); ONNX by graph name."""
+        return f"{tensor.name}__{index}" if self.platform == "pytorch_libtorch" else tensor.name
+
+    def runner(self, path: Path, spec: ExportSpec) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """The file run in-process exactly as the Python-runtime step runs it."""
+        from tritonhf.backends.python_hf import runtimes
+        from tritonhf.backends.python_hf.batching import StepContext
+
+        context = StepContext(
+            parameters={"model_file": path.name},
+            model_dir=path.parent,
+            input_names=tuple(t.name for t in spec.inputs),
+            output_names=tuple(self.output_name(t, i) for i, t in enumerate(spec.outputs)),
+        )
+        run = getattr(runtimes, f"{self.step}_step")(context)
+        return lambda batch: {t.name: out for t, out in zip(spec.outputs, run(batch).values())}
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in (
+        Variant("onnx", "model.onnx", "onnxruntime_onnx", "onnxruntime", "onnxruntime", True, export_onnx),
+        Variant("onnx-int8", "model.onnx", "onnxruntime_onnx", "onnxruntime", "onnxruntime", False, export_onnx_int8),
+        Variant("torchscript", "model.pt", "pytorch_libtorch", "pytorch", "torchscript", True, export_torchscript),
+    )
+}
+
+
+def files_digest(source: str) -> str:
+    """The model's identity: its files (name, size, mtime) for a directory, else the hub id."""
+    root = Path(source)
+    if not root.is_dir():
+        return source
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    return json.dumps(entries)
+
+
+def cache_key(source: str, variant: Variant, spec: ExportSpec) -> str:
+    versions = {name: metadata.version(name) for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")}
+    material = json.dumps([files_digest(source), variant.name, OPSET, asdict(spec), versions, Path(__file__).read_text()])
+    return hashlib.sha256(material.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Export:
+    variant: Variant
+    path: Path  # the exported file, named variant.file
+    parity: list[dict]  # one row per checked shape or probe set
+    cached: bool
+
+
+def export(source: str, spec: ExportSpec, variant: Variant, check: Callable[[Path], list[dict]]) -> Export:
+    """Export (or reuse) one variant; ``check`` gates it before it enters the cache."""
+    entry = CACHE / f"{Path(source.rstrip('/')).name}-{variant.name}-{cache_key(source, variant, spec)}"
+    if (entry / "parity.json").exists():
+        return Export(variant, entry / variant.file, json.loads((entry / "parity.json").read_text()), cached=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        (Path(work) / "export").mkdir()
+        try:
+            produced = variant.export(source, spec, Path(work) / "export")
+        except ExportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - an exporter's failure, named
+            raise ExportError(f"{variant.name} export of {source} failed: {type(err).__name__}: {err}") from err
+        staged = Path(work) / "entry"
+        staged.mkdir()
+        shutil.move(str(produced), staged / variant.file)
+        parity = check(staged / variant.file)
+        (staged / "parity.json").write_text(json.dumps(parity, indent=1))
+        shutil.rmtree(entry, ignore_errors=True)
+        staged.rename(entry)
+    return Export(variant, entry / variant.file, parity, cached=False)

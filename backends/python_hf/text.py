@@ -1,0 +1,48 @@
+"""Tokenizers: loading, and the ensembles' tokenize step (transformers' tokenizers only, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import transformers
+
+from .batching import BatchFn, StepContext
+
+MODEL_INPUTS = ("input_ids", "attention_mask")  # what every served network takes; GPT-2 would add token_type_ids to its embeddings
+PAD_MULTIPLE = 16
+
+
+def load_tokenizer(source: str, side: str = "right") -> transformers.PreTrainedTokenizerBase:
+    """A tokenizer that pads and truncates on ``side`` and returns only MODEL_INPUTS."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = tokenizer.truncation_side = side
+    tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name in MODEL_INPUTS]
+    return tokenizer
+
+
+def bucket(longest: int, limit: int) -> int:
+    """The padded length: the longest row, rounded up to a multiple of PAD_MULTIPLE, within the limit."""
+    return min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, limit)
+
+
+def tokenize(context: StepContext) -> BatchFn:
+    """The ensembles' first step: prompts -> INT64 input_ids / attention_mask, padded per batch.
+
+    Triton batches two requests only when their shapes match past the batch axis.
+    Padding to the longest row of the tokenizer's batch gives every request of
+    that batch the same shape, so they batch together again in the network step
+    right after; rounding the length up to a multiple of 16 lets requests from
+    neighbouring tokenizer batches match too, for at most 15 padding tokens a
+    row. Padding every request to the model's maximum (the usual recipe) would
+    always batch, but costs up to 512 tokens of compute for a 10-token prompt.
+    """
+    tokenizer = load_tokenizer(context.source())
+    limit = int(context.parameters["max_tokens"])
+    names = context.output_names or MODEL_INPUTS
+
+    def forward(texts: list[str]) -> dict[str, np.ndarray]:
+        encoded = tokenizer(texts, truncation=True, max_length=limit, return_token_type_ids="token_type_ids" in names)
+        length = bucket(max(len(ids) for ids in encoded["input_ids"]), limit)
+        padded = tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="np")
+        return {name: padded[name].astype(np.int64) for name in names}
+
+    return forward
