@@ -13,7 +13,17 @@ from tritonhf.standins import write_standins
 
 GEN = ("gpt2", "facebook/opt-125m")
 CLASSIFIER = "distilbert-base-uncased-finetuned-sst-2-english"
+EMBEDDER = "all-MiniLM-L6-v2"
 GEN_MAX_LEN = 8
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Exports and parity checks run afresh in every session, never from the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("cache")
+        patch.setenv("TRITONHF_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +33,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("standins")
     paths = write_standins(root, "tiny")
-    paths["all-MiniLM-L6-v2"] = minilm(root)
+    paths[EMBEDDER] = minilm(root)
     return paths
 
 
@@ -32,7 +42,7 @@ def entries(tiny: dict[str, Path]) -> list[ModelEntry]:
     return plan(
         gen=[str(tiny[name]) for name in GEN],
         classify=[str(tiny[CLASSIFIER])],
-        embed=[str(tiny["all-MiniLM-L6-v2"])],
+        embed=[str(tiny[EMBEDDER])],
         gen_max_len=GEN_MAX_LEN,
     )
 

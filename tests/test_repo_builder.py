@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ from tritonclient.grpc import model_config_pb2
 from tritonhf import TritonHFError, model_config
 from tritonhf.repo_builder import MARKER, BuildOptions, ModelEntry, add_arguments, build, plan, read_manifest
 
-from .conftest import CLASSIFIER, GEN_MAX_LEN
+from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -71,7 +74,12 @@ def test_name_clash_is_refused() -> None:
 
 
 def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
-    assert read_manifest(repository) == {e.name: {"source": e.source, "task": e.task} for e in entries}
+    manifest = read_manifest(repository)
+    for entry in entries:
+        assert manifest[entry.name] == {"source": entry.source, "task": entry.task, "variant": "python"}
+    exported = {name: served["variant"] for name, served in manifest.items() if served["variant"] != "python"}
+    assert exported == {f"{m}_{v}": v for m in (CLASSIFIER, EMBEDDER) for v in ("onnx", "onnx-int8", "torchscript")}
+    modules = {p.name for p in (ROOT / "backends" / "python_hf").glob("*.py")} - {"__init__.py"}
     configs = {e.name: model_config.read(repository / e.name / "config.pbtxt") for e in entries}
     for entry in entries:
         config = configs[entry.name]
@@ -82,17 +90,17 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
         assert config["parameters"]["task"] == {"string_value": entry.task}
         assert "dynamic_batching" in config
         assert (repository / entry.name / "1" / "hf_model" / "config.json").exists(), "self-contained: weights copied in"
-        assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == {"model.py", "batching.py", "tasks.py"}
+        assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == modules, "the whole generic model"
     outputs = {name: [(o["name"], o["data_type"], o["dims"]) for o in c["output"]] for name, c in configs.items()}
     assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"])]
     assert configs["gpt2"]["parameters"]["max_length"] == {"string_value": str(GEN_MAX_LEN)}
     assert outputs[CLASSIFIER] == [("label", "TYPE_STRING", ["1"]), ("score", "TYPE_FP32", ["1"])]
-    assert outputs["all-MiniLM-L6-v2"] == [("embedding", "TYPE_FP32", ["384"])]
+    assert outputs[EMBEDDER] == [("embedding", "TYPE_FP32", ["384"])]
 
 
 def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:
     options = BuildOptions(output=tmp_path / "repo", max_batch_size=64, max_queue_delay_us=500, instances=2, device="gpu", dtype="float16")
-    build(plan([], [str(tiny[CLASSIFIER])], [], 16), options)
+    build(plan([], [str(tiny[CLASSIFIER])], [], 16), dataclasses.replace(options, variants=("python",)))
     config = model_config.read(tmp_path / "repo" / CLASSIFIER / "config.pbtxt")
     assert config["max_batch_size"] == 64
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "500"}
@@ -102,10 +110,10 @@ def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Pat
 
 def test_unloadable_model_fails_before_anything_is_written(tiny: dict[str, Path], tmp_path: Path) -> None:
     target = tmp_path / "repo"
-    build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+    build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
     with pytest.raises(TritonHFError, match=r"cannot load '.*does-not-exist' for text-generation"):
-        build(plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+        build(plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["repo"], "no staging directory left behind"
 
@@ -115,6 +123,6 @@ def test_a_directory_tritonhf_did_not_build_is_not_replaced(tiny: dict[str, Path
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(TritonHFError, match="not built by tritonhf"):
-        build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target))
+        build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     assert (target / "notes.txt").read_text() == "keep me"
     assert not (target / MARKER).exists()

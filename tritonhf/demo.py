@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tritonhf import client
-from tritonhf.repo_builder import BuildOptions, build, link_or_copy, plan
+from tritonhf.repo_builder import BuildOptions, build, link_or_copy, plan, read_manifest
 from tritonhf.server import TritonServer
 from tritonhf.standins import write_standins
 
@@ -42,10 +42,11 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
     build(entries, BuildOptions(output=repository))
     with TritonServer(repository) as server:
         print(f"\ntritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}\n")
-        for entry in entries:
-            protocol = "grpc" if entry.task == "text-classification" else "http"
-            print(f"$ tritonhf client -m {entry.name} -i {protocol} " + " ".join(f'--prompt "{p}"' for p in PROMPTS[entry.task]))
-            outputs = client.infer(entry.name, PROMPTS[entry.task], server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+        for name, served in read_manifest(repository).items():
+            task = served["task"]
+            protocol = "grpc" if task == "text-classification" else "http"
+            print(f"$ tritonhf client -m {name} -i {protocol} " + " ".join(f'--prompt "{p}"' for p in PROMPTS[task]) + f"    # {served['variant']}")
+            outputs = client.infer(name, PROMPTS[task], server.grpc_url if protocol == "grpc" else server.http_url, protocol)
             print(client.table(outputs) + "\n")
             if "embedding" in outputs:
                 similarity = outputs["embedding"] @ outputs["embedding"].T

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from tritonhf import TritonHFError
+from tritonhf import TritonHFError, cache_dir
 
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tritonhf"
 HARMLESS = ("unable to create stream", "Failed to initialize NVML", "DCGM", "CudaDriverHelper", "pinned memory")
 
 
@@ -53,11 +52,11 @@ def wheel_installation() -> Installation:
     stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
         raise TritonHFError(f"the nvidia-pytriton wheel has no Python backend stub for Python {version}")
-    backend_dir = CACHE / f"backends-py{version}"
+    backend_dir = cache_dir() / f"backends-py{version}"
     python_dir = backend_dir / "python"
     if not (python_dir / "triton_python_backend_stub").exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=CACHE))  # built aside, renamed in: concurrent starts never see half a copy
+        backend_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=backend_dir.parent))  # built aside, renamed in: concurrent starts never see half a copy
         shutil.copytree(server / "backends" / "python", staging / "python", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
         try:

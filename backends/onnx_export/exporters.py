@@ -9,7 +9,7 @@
 - ``torchscript``: ``torch.jit.trace`` of the model loaded with
   ``torchscript=True``, on dummy inputs from the same declaration.
 
-An export is cached under ``~/.cache/tritonhf/exports`` by a key over the
+An export is cached under ``~/.cache/tritonhf/exports`` (or ``$TRITONHF_CACHE/exports``) by a key over the
 model's files, the variant, the declaration and the library versions: a
 second build with the same model and options reuses the file and its parity report.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tritonhf import cache_dir
+
 from .spec import ExportError, ExportSpec, TensorDecl
 
 OPSET = 18
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tritonhf" / "exports"
 AUTO_MODELS = {"text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}
 
 
@@ -75,13 +75,30 @@ def export_onnx_int8(source: str, spec: ExportSpec, workdir: Path) -> Path:
     return workdir / "int8" / "model_quantized.onnx"
 
 
+TRACEABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # optimum's order for the encoders
+
+
 def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
+    """Trace a wrapper that takes the declared inputs by name and returns only the declared outputs."""
     import torch
+
+    names = [t.name for t in spec.inputs]
+    if names != list(TRACEABLE_INPUTS[: len(names)]):
+        raise ExportError(f"torchscript: can't trace inputs {names}; traceable: a prefix of {TRACEABLE_INPUTS}")
+
+    class Declared(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> tuple:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return tuple(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[: len(spec.outputs)])
 
     model = load_reference(source, spec.task, torchscript=True)
     dummy = spec.dummy_inputs(2, 16, model.config.vocab_size)
     with torch.no_grad():
-        traced = torch.jit.trace(model, tuple(torch.from_numpy(dummy[t.name]) for t in spec.inputs))
+        traced = torch.jit.trace(Declared(model).eval(), tuple(torch.from_numpy(dummy[name]) for name in names))
     path = workdir / "model.pt"
     traced.save(str(path))
     return path
@@ -153,11 +170,12 @@ class Export:
 
 def export(source: str, spec: ExportSpec, variant: Variant, check: Callable[[Path], list[dict]]) -> Export:
     """Export (or reuse) one variant; ``check`` gates it before it enters the cache."""
-    entry = CACHE / f"{Path(source.rstrip('/')).name}-{variant.name}-{cache_key(source, variant, spec)}"
+    cache = cache_dir() / "exports"
+    entry = cache / f"{Path(source.rstrip('/')).name}-{variant.name}-{cache_key(source, variant, spec)}"
     if (entry / "parity.json").exists():
         return Export(variant, entry / variant.file, json.loads((entry / "parity.json").read_text()), cached=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
         (Path(work) / "export").mkdir()
         try:
             produced = variant.export(source, spec, Path(work) / "export")
