@@ -43,6 +43,8 @@ def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: 
         return {output["name"]: result.as_numpy(output["name"]) for output in config["output"]}
     except module.InferenceServerException as err:
         raise TritonHFError(f"{model}: {err.message()}") from None
+    except OSError as err:  # the HTTP client's connection errors
+        raise TritonHFError(f"cannot reach the server at {url or DEFAULT_URLS[protocol]}: {err}") from None
     finally:
         client.close()
 

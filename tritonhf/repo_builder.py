@@ -10,6 +10,7 @@ repository is written beside the old one and swapped in whole.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,9 @@ from tritonhf import TritonHFError, model_config
 TUTORIAL_GEN_MODELS = ("facebook/opt-125m", "gpt2")
 TUTORIAL_CLASS_MODELS = ("distilbert-base-uncased-finetuned-sst-2-english",)
 EXPORT_VARIANTS = ("onnx", "onnx-int8", "torchscript")  # classification and embedding models only
-VARIANTS = ("python", *EXPORT_VARIANTS)
+DEFAULT_VARIANTS = ("python", *EXPORT_VARIANTS)
+VARIANTS = (*DEFAULT_VARIANTS, "baseline")  # baseline: the tutorial's one-request-at-a-time model, for the perf suite
+BASELINE_TASKS = ("text-generation", "text-classification")
 MARKER = ".tritonhf.json"  # marks a directory this builder owns (and may replace) and lists its models
 LOCAL_WEIGHTS = "hf_model"  # where a local model directory is copied, inside the version dir
 
@@ -40,8 +43,7 @@ class BuildOptions:
     instances: int = 1
     device: str = "cpu"
     dtype: str = "auto"
-    gen_max_len: int = 16
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
     runtime: str = "auto"  # for the exported networks: native, python, or auto (native if the server has the backend)
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
 
@@ -53,19 +55,24 @@ class ModelEntry:
     source: str
     task: str
     options: dict[str, str] = field(default_factory=dict)
+    name_suffix: str = ""  # "_baseline": the tutorial's unbatched model, beside ours
 
     @property
     def name(self) -> str:
         """The tutorial's rule: the last component of the hub id or path."""
-        return Path(self.source.rstrip("/")).name
+        return Path(self.source.rstrip("/")).name + self.name_suffix
+
+    @property
+    def baseline(self) -> bool:
+        return self.name_suffix == "_baseline"
 
     @property
     def local(self) -> bool:
         return Path(self.source).is_dir()
 
 
-def plan(gen: Sequence[str], classify: Sequence[str], embed: Sequence[str], gen_max_len: int) -> list[ModelEntry]:
-    entries = [ModelEntry(s, "text-generation", {"max_length": str(gen_max_len)}) for s in gen]
+def plan(gen: Sequence[str], classify: Sequence[str], embed: Sequence[str], gen_max_len: int, gen_min_len: int = 0) -> list[ModelEntry]:
+    entries = [ModelEntry(s, "text-generation", {"max_length": str(gen_max_len), "min_length": str(gen_min_len)}) for s in gen]
     entries += [ModelEntry(s, "text-classification") for s in classify]
     entries += [ModelEntry(s, "feature-extraction") for s in embed]
     names = [entry.name for entry in entries]
@@ -83,17 +90,20 @@ def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> dict[s
         "task": entry.task,
         "dtype": options.dtype,
         **task.parameters(),
+        **({"step": "baseline"} if entry.baseline else {}),
     }
-    return {
+    config = {
         "name": entry.name,
         "backend": "python",
-        "max_batch_size": options.max_batch_size,
+        "max_batch_size": 0 if entry.baseline else options.max_batch_size,  # the tutorial's: no batching at all
         "input": [{"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]}],
         "output": [{"name": s.name, "data_type": s.data_type, "dims": list(s.dims)} for s in task.outputs()],
-        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
         "instance_group": [{"count": options.instances, "kind": "KIND_GPU" if options.device == "gpu" else "KIND_CPU"}],
         "parameters": {key: {"string_value": value} for key, value in parameters.items()},
     }
+    if not entry.baseline:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
+    return config
 
 
 def load(entries: Sequence[ModelEntry], dtype: str) -> list[Any]:
@@ -151,7 +161,7 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def variants_for(entry: ModelEntry, variants: Sequence[str]) -> list[str]:
     """The requested variants that apply to a model: exports exist for classification and embeddings."""
-    applicable = [v for v in variants if v == "python" or entry.task != "text-generation"]
+    applicable = [v for v in variants if v == "python" or (v == "baseline" and entry.task in BASELINE_TASKS) or (v in EXPORT_VARIANTS and entry.task != "text-generation")]
     if not applicable:
         raise TritonHFError(f"{entry.name} ({entry.task}) has none of the variants {', '.join(variants)}: generation models are served as python only")
     return applicable
@@ -176,9 +186,9 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     plans = [(entry, variants_for(entry, options.variants)) for entry in entries]
     tasks = load(entries, options.dtype)
     exported = [
-        export_model(entry.name, entry.source, task, [v for v in variants if v != "python"])
+        export_model(entry.name, entry.source, task, [v for v in variants if v in EXPORT_VARIANTS])
         for (entry, variants), task in zip(plans, tasks)
-        if set(variants) - {"python"}
+        if set(variants) & set(EXPORT_VARIANTS)
     ]
     runtime = choose_runtime(options.runtime) if exported else options.runtime
     manifest: dict[str, dict[str, str]] = {}
@@ -190,6 +200,10 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
             if "python" in variants:
                 write_model(staging, entry, task, options)
                 manifest[entry.name] = {"source": entry.source, "task": entry.task, "variant": "python"}
+            if "baseline" in variants:
+                baseline = dataclasses.replace(entry, name_suffix="_baseline")
+                write_model(staging, baseline, task, options)
+                manifest[baseline.name] = {"source": entry.source, "task": entry.task, "variant": "baseline"}
         for model in exported:
             for made, name in zip(model.exports, write_ensembles(staging, model, runtime, options)):
                 manifest[name] = {"source": model.source, "task": model.task.task, "variant": made.variant.name, "runtime": runtime}
@@ -221,14 +235,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models("--class-models", TUTORIAL_CLASS_MODELS, "text-classification models")
     models("--embed-models", (), "feature-extraction models (mean-pooled, L2-normalised sentence embeddings)")
     defaults = BuildOptions()
-    parser.add_argument("--gen-max-len", type=int, default=defaults.gen_max_len, help="new tokens per generated answer, prompt not counted (default: %(default)s)")
+    parser.add_argument("--gen-max-len", type=int, default=16, help="new tokens per generated answer, prompt not counted (default: %(default)s)")
+    parser.add_argument("--gen-min-len", type=int, default=0, help="new tokens before EOS may end an answer; = --gen-max-len for speed tests with random weights (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=defaults.output, help="repository directory (default: %(default)s)")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="default: %(default)s")
     parser.add_argument("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="how long the dynamic batcher may wait to fill a batch (default: %(default)s)")
     parser.add_argument("--instances", type=int, default=defaults.instances, help="model instances (default: %(default)s)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default=defaults.device, help="instance_group kind (default: %(default)s)")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: %(default)s)")
-    parser.add_argument("--variants", type=lambda v: tuple(model_list(v)), default=defaults.variants, help=f"of {', '.join(VARIANTS)}; exports apply to classification and embedding models, which are then also served as ensembles <name>_<variant> (default: all)")
+    parser.add_argument("--variants", type=lambda v: tuple(model_list(v)), default=defaults.variants, help=f"of {', '.join(VARIANTS)}; exports apply to classification and embedding models (ensembles <name>_<variant>), baseline to generation and classification (<name>_baseline) (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--runtime", choices=("auto", "native", "python"), default=defaults.runtime, help="for exported networks: native onnxruntime/libtorch backends (NGC containers), the python backend, or auto (default: %(default)s)")
     parser.add_argument("--onnx-accelerator", choices=("none", "tensorrt"), default=defaults.onnx_accelerator, help="ONNX Runtime accelerator for native GPU instances (default: %(default)s)")
 
@@ -236,8 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Path:
     if args.max_batch_size < 1 or args.instances < 1 or args.max_queue_delay_us < 0:
         raise TritonHFError("--max-batch-size and --instances must be >= 1, --max-queue-delay-us >= 0")
-    entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len)
-    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.gen_max_len, args.variants, args.runtime, args.onnx_accelerator)
+    entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len, args.gen_min_len)
+    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.variants, args.runtime, args.onnx_accelerator)
     path = build(entries, options)
     manifest = read_manifest(path)
     for name, served in manifest.items():

@@ -24,6 +24,7 @@ STEPS = {  # step -> (module of this directory, factory taking a StepContext)
     "torchscript": ("runtimes", "torchscript_step"),
     "classify": ("heads", "classify"),
     "pool": ("heads", "pool"),
+    "baseline": ("baseline", "baseline"),
 }
 
 
@@ -51,6 +52,7 @@ class TritonPythonModel:
             output_names=tuple(tensor["name"] for tensor in config["output"]),
         )
         self.text_input = [tensor["data_type"] for tensor in config["input"]] == ["TYPE_STRING"]
+        self.batched = config.get("max_batch_size", 0) > 0  # unbatched (the baseline): tensors lack the batch axis
         step = self.context.parameters.get("step", "hf")
         if step not in STEPS:
             raise pb_utils.TritonModelException(f"{args['model_name']}: unknown step {step!r}; known: {', '.join(STEPS)}")
@@ -64,8 +66,11 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         if self.text_input:
             prompts = [pb_utils.get_input_tensor_by_name(request, "prompt") for request in requests]
-            results = run_batch(self.forward, [None if p is None else p.as_numpy() for p in prompts], pb_utils.Logger.log_error)
+            prompts = [None if p is None else p.as_numpy() if self.batched else p.as_numpy().reshape(-1, 1) for p in prompts]
+            results = run_batch(self.forward, prompts, pb_utils.Logger.log_error)
         else:
             tensors = [{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.context.input_names} for request in requests]
             results = run_tensor_batch(self.forward, tensors, pb_utils.Logger.log_error)
+        if not self.batched:
+            results = [r if isinstance(r, Failure) else {name: array[0] for name, array in r.items()} for r in results]
         return [to_response(result) for result in results]

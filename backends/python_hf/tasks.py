@@ -116,11 +116,13 @@ class TextGeneration(HFTask):
     auto_model = transformers.AutoModelForCausalLM
     padding_side = "left"  # decoder-only: new tokens follow the last real prompt token
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", max_length: str | int = 16) -> None:
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", max_length: str | int = 16, min_length: str | int = 0) -> None:
         super().__init__(model_id, device, dtype)
-        self.max_new_tokens = int(max_length)
+        self.max_new_tokens, self.min_new_tokens = int(max_length), int(min_length)
         if not 0 < self.max_new_tokens < self.max_tokens:
             raise ConfigError(f"max_length (new tokens) must be in 1..{self.max_tokens - 1}, got {max_length}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"min_length (new tokens before EOS may end a row) must be in 0..{self.max_new_tokens}, got {min_length}")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_tokens -= self.max_new_tokens  # room for the new tokens
@@ -129,6 +131,7 @@ class TextGeneration(HFTask):
         generated = self.model.generate(
             **batch,
             max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
             do_sample=False,
             num_beams=1,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -141,7 +144,7 @@ class TextGeneration(HFTask):
         return [TensorSpec("text", "TYPE_STRING", (1,))]
 
     def parameters(self) -> dict[str, str]:
-        return {"max_length": str(self.max_new_tokens)}
+        return {"max_length": str(self.max_new_tokens), "min_length": str(self.min_new_tokens)}
 
 
 class TextClassification(HFTask):
