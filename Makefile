@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tritonhf-setup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test perf bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,16 @@ $(STAMP): requirements/*.txt pyproject.toml
 demo: setup
 	$(BIN)/tritonhf demo
 
+# Benchmarks run once, unmeasured, so that they can't rot; `make bench` measures them.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --benchmark-disable $(PYTEST_ARGS)
+
+perf: setup
+	$(BIN)/tritonhf perf $(PERF_ARGS)
+
+bench: setup
+	$(BIN)/python -m pytest tests/benchmarks --benchmark-enable --benchmark-only --bench-size full \
+		--benchmark-autosave --benchmark-storage=file://perf/benchmarks --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) model_repository .cache

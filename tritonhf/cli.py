@@ -1,4 +1,4 @@
-"""The ``tritonhf`` command: build, serve, client, standins, demo."""
+"""The ``tritonhf`` command: build, serve, client, standins, perf, demo."""
 
 from __future__ import annotations
 
@@ -33,10 +33,32 @@ def parser() -> argparse.ArgumentParser:
     standins.add_argument("--size", choices=("full", "tiny"), default="full")
     standins.set_defaults(run=run_standins)
 
+    perf = commands.add_parser("perf", help="perf_analyzer sweeps over every variant against the tutorial's baseline; report and plot")
+    perf.add_argument("--output", type=Path, default=Path("perf/results"))
+    perf.add_argument("--workdir", type=Path, default=Path(".cache"))
+    perf.add_argument("--class-concurrency", type=int_list, default=(1, 4, 16, 32, 64), help="for the classifier (default: 1,4,16,32,64)")
+    perf.add_argument("--gen-concurrency", type=int_list, default=(1, 8, 32), help="for generation (default: 1,8,32)")
+    perf.add_argument("--gen-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2", "facebook/opt-125m"), help="stand-ins to sweep, '' for none (default: gpt2,facebook/opt-125m)")
+    perf.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind; fp16 where the variant supports it on gpu")
+    perf.add_argument("--window-ms", type=int, default=5000, help="perf_analyzer measurement window (default: %(default)s)")
+    perf.add_argument("--soak", type=float, nargs="?", const=600.0, default=None, metavar="SECONDS", help="instead: a soak at concurrency 64 that checks every answer (default 600 s)")
+    perf.set_defaults(run=run_perf)
+
     demo = commands.add_parser("demo", help="stand-ins + all-MiniLM-L6-v2 -> repository -> server -> client, end to end")
     demo.add_argument("--workdir", type=Path, default=Path(".cache"))
     demo.set_defaults(run=run_demo)
     return root
+
+
+def int_list(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in repo_builder.model_list(value))
+
+
+def run_perf(args: argparse.Namespace) -> None:
+    from tritonhf.perf import suite
+
+    options = suite.SuiteOptions(args.output, args.workdir, args.class_concurrency, args.gen_concurrency, args.gen_models, args.device, args.window_ms)
+    suite.run_soak(options, args.soak) if args.soak else suite.run(options)
 
 
 def run_serve(args: argparse.Namespace) -> None:

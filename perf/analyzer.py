@@ -1,0 +1,81 @@
+"""perf_analyzer: argv from typed options, its CSV read through one column table.
+
+Measurement settings (README, "Perf"): gRPC, synchronous clients at a fixed
+concurrency, time windows of ``window_ms`` each; a measurement is stable when
+throughput and latency of three windows in a row are within
+``stability_percent`` of their mean, tried at most ``max_trials`` windows.
+Inputs come from a JSON data file of prompts of varied length, cycled.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# perf_analyzer CSV column -> (our metric name, factor to our unit). Latencies arrive in us.
+COLUMNS = {
+    "Concurrency": ("concurrency", 1.0),
+    "Inferences/Second": ("throughput_rps", 1.0),
+    "Client Send": ("client_send_ms", 1e-3),
+    "Server Queue": ("server_queue_ms", 1e-3),
+    "Server Compute Input": ("server_compute_input_ms", 1e-3),
+    "Server Compute Infer": ("server_compute_infer_ms", 1e-3),
+    "Server Compute Output": ("server_compute_output_ms", 1e-3),
+    "Client Recv": ("client_recv_ms", 1e-3),
+    "p50 latency": ("p50_ms", 1e-3),
+    "p90 latency": ("p90_ms", 1e-3),
+    "p95 latency": ("p95_ms", 1e-3),
+    "p99 latency": ("p99_ms", 1e-3),
+    "Avg latency": ("avg_ms", 1e-3),
+}
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    model: str
+    url: str  # gRPC host:port
+    input_data: Path
+    concurrency: int
+    csv_path: Path
+    window_ms: int = 5000
+    stability_percent: int = 20
+    max_trials: int = 6
+
+    def argv(self) -> list[str]:
+        return [
+            "perf_analyzer",
+            "-m", self.model,
+            "-u", self.url,
+            "-i", "grpc",
+            "--input-data", str(self.input_data),
+            "--concurrency-range", f"{self.concurrency}:{self.concurrency}",
+            "--measurement-mode", "time_windows",
+            "--measurement-interval", str(self.window_ms),
+            "--stability-percentage", str(self.stability_percent),
+            "--max-trials", str(self.max_trials),
+            "-f", str(self.csv_path),
+        ]  # fmt: skip
+
+
+class PerfAnalyzerError(RuntimeError):
+    pass
+
+
+def parse(csv_path: Path) -> dict[str, float]:
+    """The measurement's one row, as our metric names and units."""
+    with csv_path.open() as handle:
+        row = next(csv.DictReader(handle))
+    return {name: float(row[column]) * factor for column, (name, factor) in COLUMNS.items() if row.get(column) not in (None, "")}
+
+
+def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50) -> dict[str, float]:
+    """One measurement; if it won't stabilise (a shared, noisy machine), one retry with a wider band, flagged."""
+    for attempt in (options, dataclasses.replace(options, stability_percent=relaxed_percent)):
+        result = subprocess.run(attempt.argv(), env=env, capture_output=True, text=True, timeout=900)
+        attempt.csv_path.with_suffix(".log").write_text(result.stdout + result.stderr)
+        if result.returncode == 0 and attempt.csv_path.exists():
+            return {**parse(attempt.csv_path), "stability_percent": attempt.stability_percent}
+    raise PerfAnalyzerError(f"perf_analyzer failed for {options.model} at concurrency {options.concurrency}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")

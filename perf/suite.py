@@ -1,0 +1,193 @@
+"""``tritonhf perf`` / ``make perf``: every variant side by side against the tutorial's baseline, in one run.
+
+Builds one repository from the full-size stand-ins (generation makes exactly
+``GEN_TOKENS`` new tokens: random weights would otherwise stop at random EOS
+tokens and change the work), starts the server once, and sweeps each served
+model through perf_analyzer at fixed concurrencies, reading the server's
+metrics around every step. Writes ``perf/results/<timestamp>/``: raw CSVs,
+``summary.csv``, ``summary.md`` (printed at the end) and ``throughput_latency.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tritonhf.perf.analyzer import PerfOptions, measure
+from tritonhf.perf.metrics import server_side, snapshot
+from tritonhf.perf.report import plot, summary_markdown
+from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan, read_manifest
+from tritonhf.server import TritonServer, find_installation
+from tritonhf.standins import write_standins
+
+PROMPTS = Path(__file__).with_name("prompts.json")
+GEN_TOKENS = 32
+CLASSIFIER = "distilbert-base-uncased-finetuned-sst-2-english"
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    output: Path = Path("perf/results")
+    workdir: Path = Path(".cache")
+    class_concurrency: tuple[int, ...] = (1, 4, 16, 32, 64)
+    gen_concurrency: tuple[int, ...] = (1, 8, 32)  # slow baselines: 32 in flight is already ~30 s of queue each
+    gen_models: tuple[str, ...] = ("gpt2", "facebook/opt-125m")
+    device: str = "cpu"
+    window_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class Served:
+    """One served model and the Triton models that make it up."""
+
+    name: str
+    base: str  # the model's own name: the python variant's
+    task: str
+    variant: str
+
+    @property
+    def network(self) -> str:
+        """The step that runs the network: its executed batch size is the one that matters."""
+        return f"{self.base}_{self.variant}_model" if "onnx" in self.variant or self.variant == "torchscript" else self.name
+
+    @property
+    def pipeline(self) -> list[str]:
+        return [f"{self.base}_tokenize", self.network, f"{self.base}_postprocess"] if self.network != self.name else [self.name]
+
+
+def served_models(repository: Path) -> list[Served]:
+    manifest = read_manifest(repository)
+    served = [Served(name, Path(info["source"]).name, info["task"], info["variant"]) for name, info in manifest.items()]
+    return sorted(served, key=lambda s: (s.base, VARIANTS.index(s.variant) if s.variant != "baseline" else -1))
+
+
+def machine_facts(server_url: str) -> dict[str, str]:
+    import urllib.request
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    server = json.loads(urllib.request.urlopen(f"http://{server_url}/v2", timeout=5).read())
+    facts = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(), "tritonserver": server["version"]}
+    facts.update({name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")})
+    try:
+        import torch
+
+        facts["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except Exception:  # noqa: BLE001 - a fact, not a requirement
+        facts["gpu"] = "unknown"
+    return facts
+
+
+def data_file(path: Path) -> Path:
+    """perf_analyzer's input format: one entry per prompt, cycled."""
+    prompts = json.loads(PROMPTS.read_text())["prompts"]
+    path.write_text(json.dumps({"data": [{"prompt": [p]} for p in prompts]}))
+    return path
+
+
+def in_process_throughput(source: str, batch: int, seconds: float = 10.0) -> float:
+    """req/s of the python variant's own batched step, no server: the ceiling Triton's overhead is measured against."""
+    from tritonhf.backends.python_hf.tasks import load_task
+
+    task = load_task(source, "text-classification")
+    prompts = json.loads(PROMPTS.read_text())["prompts"]
+    batches = [[prompts[(i * batch + j) % len(prompts)] for j in range(batch)] for i in range(len(prompts))]
+    task(batches[0])  # warm-up
+    done, start, i = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        task(batches[i % len(batches)])
+        done, i = done + batch, i + 1
+    return done / (time.perf_counter() - start)
+
+
+def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], dict[str, str], Path]:
+    standins = write_standins(options.workdir / "standins", "full")
+    entries = plan([str(standins[m]) for m in options.gen_models], [str(standins[CLASSIFIER])], [], GEN_TOKENS, GEN_TOKENS)
+    repository = build(entries, BuildOptions(output=options.workdir / "perf_repository", variants=VARIANTS, device=options.device))
+    data = data_file(results / "prompts.data.json")
+    rows = []
+    plan_steps = [(s, c) for s in served_models(repository) for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)]
+    with TritonServer(repository, log_path=results / "tritonserver.log") as server:
+        facts = machine_facts(server.http_url)
+        env = find_installation().env
+        for served, concurrency in tqdm(plan_steps, desc="perf sweep", unit="step"):
+            before = snapshot(server.metrics_url)
+            measured = measure(PerfOptions(served.name, server.grpc_url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", options.window_ms), env)
+            rows.append({"model": served.base, "task": served.task, "variant": served.variant, **measured, **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)})
+    return rows, facts, standins[CLASSIFIER]
+
+
+def ratio(rows: list[dict], model: str, variant: str, versus: str, concurrency: int) -> float | None:
+    pick = lambda v: next((r["throughput_rps"] for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
+    a, b = pick(variant), pick(versus)
+    return a / b if a and b else None
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str
+    goal: float
+    measure: Callable[[list[dict], dict[str, float]], float | None]
+
+
+TARGETS = (
+    Target("distilbert, concurrency 16: python / baseline", 2.2, lambda rows, extra: ratio(rows, CLASSIFIER, "python", "baseline", 16)),
+    Target("distilbert, concurrency 16: onnx (best fp32 ONNX) / python", 1.3, lambda rows, extra: ratio(rows, CLASSIFIER, "onnx", "python", 16)),
+    Target("distilbert, concurrency 16: onnx-int8 / python", 2.0, lambda rows, extra: ratio(rows, CLASSIFIER, "onnx-int8", "python", 16)),
+    Target("gpt2, 32 new tokens, concurrency 32: python / baseline", 5.0, lambda rows, extra: ratio(rows, "gpt2", "python", "baseline", 32)),
+    Target("Triton overhead: python at concurrency 32 / in-process step at the batch formed", 0.8, lambda rows, extra: extra.get("overhead_ratio")),
+)
+
+
+def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64) -> Path:
+    """Soak the python variant of the DistilBERT stand-in; results/<timestamp>/soak.json."""
+    from tritonhf.perf.soak import soak, write
+
+    results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-soak")
+    results.mkdir(parents=True)
+    standins = write_standins(options.workdir / "standins", "full")
+    repository = build(plan([], [str(standins[CLASSIFIER])], [], GEN_TOKENS), BuildOptions(output=options.workdir / "soak_repository", variants=("python",), device=options.device))
+    with TritonServer(repository, log_path=results / "tritonserver.log") as server:
+        report = soak(server, CLASSIFIER, json.loads(PROMPTS.read_text())["prompts"], concurrency, seconds)
+    write(report, results / "soak.json")
+    print(report.summary())
+    if not report.passed:
+        from tritonhf import TritonHFError
+
+        raise TritonHFError(f"soak failed; see {results / 'soak.json'}")
+    return results
+
+
+def run(options: SuiteOptions) -> Path:
+    results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results.mkdir(parents=True)
+    rows, facts, classifier = sweep(options, results)
+    extra: dict[str, float] = {}
+    served32 = next((r for r in rows if r["model"] == CLASSIFIER and r["variant"] == "python" and r["concurrency"] == 32), None)
+    if served32:
+        batch = max(1, round(served32["avg_batch"]))
+        extra["in_process_rps"] = in_process_throughput(str(classifier), batch)
+        extra["in_process_batch"] = batch
+        extra["overhead_ratio"] = served32["throughput_rps"] / extra["in_process_rps"]
+    for row in rows:
+        row["vs_baseline"] = ratio(rows, row["model"], row["variant"], "baseline", int(row["concurrency"]))
+    with (results / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    targets = [(t.what, t.goal, t.measure(rows, extra)) for t in TARGETS]
+    report = summary_markdown(rows, facts, targets, extra)
+    (results / "summary.md").write_text(report)
+    plot(rows, results / "throughput_latency.png")
+    print(report)
+    print(f"results: {results}")
+    return results
