@@ -13,7 +13,7 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[tuple[str, float, float | None]], extra: dict[str, float]) -> str:
     lines = ["# tritonhf perf report", "", " | ".join(f"**{k}** {v}" for k, v in facts.items()), ""]
-    lines += ["Measured in one run on this machine: perf_analyzer over gRPC, fixed concurrency, 5 s windows; "
+    lines += ["Measured in one run on this machine: perf_analyzer over gRPC, fixed concurrency, time windows as above; "
               "ratios are against the tutorial's one-request-at-a-time baseline at the same concurrency. "
               "avg batch = requests / executions of the network step (server metrics); queue and compute are per request, summed over the steps.", ""]  # fmt: skip
     for model, group in groupby(rows, key=lambda r: r["model"]):

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     perf.add_argument("--output", type=Path, default=Path("perf/results"))
     perf.add_argument("--workdir", type=Path, default=Path(".cache"))
     perf.add_argument("--class-concurrency", type=int_list, default=(1, 4, 16, 32, 64), help="for the classifier (default: 1,4,16,32,64)")
-    perf.add_argument("--gen-concurrency", type=int_list, default=(1, 8, 32), help="for generation (default: 1,8,32)")
+    perf.add_argument("--gen-concurrency", type=int_list, default=(1, 32), help="for generation (default: 1,32)")
     perf.add_argument("--gen-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2", "facebook/opt-125m"), help="stand-ins to sweep, '' for none (default: gpt2,facebook/opt-125m)")
     perf.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind; fp16 where the variant supports it on gpu")
     perf.add_argument("--window-ms", type=int, default=5000, help="perf_analyzer measurement window (default: %(default)s)")
