@@ -17,6 +17,10 @@ EMBEDDER = "all-MiniLM-L6-v2"
 GEN_MAX_LEN = 8
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--bench-size", choices=("tiny", "full"), default="tiny", help="stand-ins the benchmarks use (make bench: full)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Exports and parity checks run afresh in every session, never from the user's cache."""

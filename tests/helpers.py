@@ -6,7 +6,8 @@ import queue
 import re
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -64,18 +65,26 @@ def counters(server: TritonServer, model: str) -> tuple[float, float]:
     return float(values[0][1]), float(values[1][1])
 
 
-def counters_after(server: TritonServer, model: str, before: tuple[float, float], requests: int) -> tuple[float, float]:
-    """(inferences, executions) since ``before``, once all ``requests`` are counted.
-
-    The backend reports statistics after it sends the responses, so the client can
-    see its answers a moment before the metrics do.
-    """
-    deadline = time.monotonic() + 10
-    while True:
+def settled_counters(server: TritonServer, model: str) -> tuple[float, float]:
+    """Counters once they stop moving: the backend reports statistics just after it
+    sends the responses, so a client can see its answers a moment before the metrics do."""
+    last, deadline = counters(server, model), time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
         now = counters(server, model)
-        if now[0] - before[0] >= requests or time.monotonic() > deadline:
-            return now[0] - before[0], now[1] - before[1]
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def counters_after(server: TritonServer, model: str, before: tuple[float, float], requests: int) -> tuple[float, float]:
+    """(inferences, executions) since ``before``, once all ``requests`` are counted and the counters settled."""
+    deadline = time.monotonic() + 10
+    while counters(server, model)[0] - before[0] < requests and time.monotonic() < deadline:
         time.sleep(0.05)
+    now = settled_counters(server, model)
+    return now[0] - before[0], now[1] - before[1]
 
 
 def assert_same(model: str, got: Outputs, expected: Outputs) -> None:
@@ -88,3 +97,28 @@ def assert_same(model: str, got: Outputs, expected: Outputs) -> None:
             np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=f"{model} {name}")
 
 
+
+
+def in_process(repository: Path, name: str) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """A served model run in this process from its config.pbtxt, as the server would run it.
+
+    A Python model is its one step; an ensemble is its steps in order, tensors passed
+    through the ensemble's input and output maps. No server, no Triton.
+    """
+    from tritonhf import model_config
+    from tritonhf.backends.python_hf.batching import load_step
+
+    config = model_config.read(repository / name / "config.pbtxt")
+    if config.get("platform") != "ensemble":
+        return load_step(config, repository / name / "1")[0]
+    steps = [(step, load_step(model_config.read(repository / step["model_name"] / "config.pbtxt"), repository / step["model_name"] / "1")[0]) for step in config["ensemble_scheduling"]["step"]]
+
+    def run(texts: list[str]) -> dict[str, np.ndarray]:
+        tensors: dict = {"prompt": texts}
+        for step, forward in steps:
+            inputs = {inner: tensors[outer] for inner, outer in step["input_map"].items()}
+            outputs = forward(inputs["prompt"] if list(inputs) == ["prompt"] else inputs)
+            tensors.update({step["output_map"][inner]: array for inner, array in outputs.items() if inner in step["output_map"]})
+        return {t["name"]: tensors[t["name"]] for t in config["output"]}
+
+    return run

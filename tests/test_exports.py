@@ -22,7 +22,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
 
 from .conftest import CLASSIFIER, EMBEDDER
-from .helpers import PROMPTS, alone, burst, bytes_input, ok
+from .helpers import PROMPTS, alone, burst, bytes_input, in_process, ok
 
 EXPORTED = ("onnx", "onnx-int8", "torchscript")
 ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
@@ -63,6 +63,13 @@ def test_errors_pass_through_the_ensemble(server: TritonServer) -> None:
     assert_agree(CLASSIFIER, "onnx", results[0], alone(server, CLASSIFIER, [PROMPTS[2]]))
     assert_agree(CLASSIFIER, "onnx", results[3], alone(server, CLASSIFIER, [PROMPTS[7]]))
     assert_agree(CLASSIFIER, "onnx", alone(server, ensemble, [PROMPTS[4]]), alone(server, CLASSIFIER, [PROMPTS[4]]))
+
+
+def test_ensembles_in_process_equal_the_python_model(repository: Path) -> None:
+    """The ensembles' steps run in this process from their configs: same answers as the Python model, no server."""
+    want = in_process(repository, CLASSIFIER)(PROMPTS)
+    for variant in EXPORTED:
+        assert_agree(CLASSIFIER, variant, in_process(repository, f"{CLASSIFIER}_{variant}")(PROMPTS), want)
 
 
 # --- native configs against the exported files --------------------------------------------

@@ -16,7 +16,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN, GEN_MAX_LEN
-from .helpers import NAMES, PROMPTS, alone, assert_same, burst, bytes_input, counters, counters_after, ok
+from .helpers import NAMES, PROMPTS, alone, assert_same, burst, bytes_input, counters_after, ok, settled_counters
 
 pytestmark = pytest.mark.server
 
@@ -58,7 +58,7 @@ def test_embedding_equals_sentence_transformers(server: TritonServer, tiny: dict
 def test_batch_invariance(server: TritonServer, model: str) -> None:
     """16 concurrent requests of different lengths: each equals the same request sent alone."""
     expected = [alone(server, model, [text]) for text in PROMPTS]
-    before = counters(server, model)
+    before = settled_counters(server, model)
     results = ok(burst(server, model, [[bytes_input([text])] for text in PROMPTS]))
     inferences, executions = counters_after(server, model, before, 16)
     assert inferences == 16
@@ -68,7 +68,7 @@ def test_batch_invariance(server: TritonServer, model: str) -> None:
 
 
 def test_dynamic_batching_really_batches(server: TritonServer) -> None:
-    before = counters(server, CLASSIFIER)
+    before = settled_counters(server, CLASSIFIER)
     ok(burst(server, CLASSIFIER, [[bytes_input([PROMPTS[i % 16]])] for i in range(32)]))
     inferences, executions = counters_after(server, CLASSIFIER, before, 32)
     print(f"average executed batch size over a 32-request burst: {inferences / executions:.1f} ({inferences:.0f} / {executions:.0f})")

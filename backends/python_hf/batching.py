@@ -13,6 +13,7 @@ generated model, so they import each other relatively and never the
 
 from __future__ import annotations
 
+import importlib
 import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -114,6 +115,38 @@ class StepContext:
         """A hub id, or a directory relative to the version directory (the builder copies local models there)."""
         value = self.parameters[key]
         return str(self.model_dir / value) if (self.model_dir / value).is_dir() else value
+
+
+STEPS = {  # config parameter ``step`` -> (module of this directory, factory taking a StepContext)
+    "hf": ("tasks", "from_context"),
+    "tokenize": ("text", "tokenize"),
+    "onnxruntime": ("runtimes", "onnxruntime_step"),
+    "torchscript": ("runtimes", "torchscript_step"),
+    "classify": ("heads", "classify"),
+    "pool": ("heads", "pool"),
+    "baseline": ("baseline", "baseline"),
+}
+
+
+def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tuple[BatchFn | TensorFn, StepContext]:
+    """Build what a model's config says it does; the glue's ``initialize`` without Triton.
+
+    Parameters in upper case are Triton's own (EXECUTION_ENV_PATH) and are left out.
+    Modules are imported by step, so a tokenize step never imports torch.
+    """
+    parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items() if not key.isupper()}
+    context = StepContext(
+        parameters=parameters,
+        model_dir=model_dir,
+        device=device,
+        input_names=tuple(tensor["name"] for tensor in model_config["input"]),
+        output_names=tuple(tensor["name"] for tensor in model_config["output"]),
+    )
+    step = parameters.get("step", "hf")
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; known: {', '.join(STEPS)}")
+    module, factory = STEPS[step]
+    return getattr(importlib.import_module(f".{module}", __package__), factory)(context), context
 
 
 def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Callable[[str], None]) -> list[Result]:

@@ -8,30 +8,12 @@ postprocess. A step whose input is ``prompt`` (TYPE_STRING) takes texts; the
 others take the tensors their config names.
 """
 
-import importlib
 import json
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .batching import Failure, Result, StepContext, run_batch, run_tensor_batch
-
-STEPS = {  # step -> (module of this directory, factory taking a StepContext)
-    "hf": ("tasks", "from_context"),
-    "tokenize": ("text", "tokenize"),
-    "onnxruntime": ("runtimes", "onnxruntime_step"),
-    "torchscript": ("runtimes", "torchscript_step"),
-    "classify": ("heads", "classify"),
-    "pool": ("heads", "pool"),
-    "baseline": ("baseline", "baseline"),
-}
-
-
-def step_parameters(model_config: dict) -> dict[str, str]:
-    """config.pbtxt parameters, less Triton's own (upper-case, such as EXECUTION_ENV_PATH)."""
-    parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items()}
-    return {key: value for key, value in parameters.items() if not key.isupper()}
+from .batching import Failure, Result, load_step, run_batch, run_tensor_batch
 
 
 def to_response(result: Result) -> "pb_utils.InferenceResponse":
@@ -44,24 +26,14 @@ def to_response(result: Result) -> "pb_utils.InferenceResponse":
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
-        self.context = StepContext(
-            parameters=step_parameters(config),
-            model_dir=Path(args["model_repository"]) / args["model_version"],
-            device=f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu",
-            input_names=tuple(tensor["name"] for tensor in config["input"]),
-            output_names=tuple(tensor["name"] for tensor in config["output"]),
-        )
-        self.text_input = [tensor["data_type"] for tensor in config["input"]] == ["TYPE_STRING"]
-        self.batched = config.get("max_batch_size", 0) > 0  # unbatched (the baseline): tensors lack the batch axis
-        step = self.context.parameters.get("step", "hf")
-        if step not in STEPS:
-            raise pb_utils.TritonModelException(f"{args['model_name']}: unknown step {step!r}; known: {', '.join(STEPS)}")
-        module, factory = STEPS[step]
+        device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         try:
-            self.forward = getattr(importlib.import_module(f".{module}", __package__), factory)(self.context)
+            self.forward, self.context = load_step(config, Path(args["model_repository"]) / args["model_version"], device)
         except Exception as err:  # noqa: BLE001 - any load failure fails the model with its reason
             raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from None
-        pb_utils.Logger.log_info(f"{args['model_name']}: step {step} on {self.context.device}")
+        self.text_input = [tensor["data_type"] for tensor in config["input"]] == ["TYPE_STRING"]
+        self.batched = config.get("max_batch_size", 0) > 0  # unbatched (the baseline): tensors lack the batch axis
+        pb_utils.Logger.log_info(f"{args['model_name']}: step {self.context.parameters.get('step', 'hf')} on {device}")
 
     def execute(self, requests: list) -> list:
         if self.text_input:
