@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tritonhf.backends.python_hf.batching import Failure, RequestError, collect, decode_rows, run_batch, split
+from tritonhf.backends.python_hf.batching import Failure, RequestError, collect, decode_rows, length_buckets, merge, run_batch, split
 from tritonhf.backends.python_hf.tasks import ConfigError, load_task
 
 from .conftest import CLASSIFIER
@@ -92,6 +92,29 @@ def test_run_batch_with_only_bad_requests_runs_no_forward() -> None:
         raise AssertionError("forward called")
 
     assert run_batch(never, [prompt("")]) == [Failure("prompt row 0 is empty")]
+
+
+def test_length_buckets_group_rows_of_similar_length() -> None:
+    lengths = [40, 5, 41, 6, 5, 39, 7, 42]
+    assert length_buckets(lengths, overhead_tokens=1e9) == [[1, 4, 3, 6, 5, 0, 2, 7]], "huge overhead: one forward"
+    assert length_buckets(lengths, overhead_tokens=35) == [[1, 4, 3, 6], [5, 0, 2, 7]]
+    assert length_buckets([9, 9, 9], overhead_tokens=0) == [[0, 1, 2]]
+    assert length_buckets([], overhead_tokens=35) == []
+    groups = length_buckets(lengths, overhead_tokens=0)
+    assert sorted(i for g in groups for i in g) == list(range(8)), "every row exactly once"
+
+
+def test_merge_puts_rows_back_in_order() -> None:
+    parts = [([1, 3], {"n": np.array([[10], [30]])}), ([2, 0], {"n": np.array([[20], [0]])})]
+    assert merge(parts, 4)["n"][:, 0].tolist() == [0, 10, 20, 30]
+
+
+def test_bucketed_forward_equals_one_forward(tiny: dict[str, Path]) -> None:
+    bucketed = load_task(str(tiny[CLASSIFIER]), "text-classification")
+    single = load_task(str(tiny[CLASSIFIER]), "text-classification", forward_overhead_tokens="1e9")
+    texts = [*PROMPTS, "word " * 300]
+    np.testing.assert_allclose(bucketed(texts)["score"], single(texts)["score"], atol=1e-5)
+    assert bucketed(texts)["label"].tolist() == single(texts)["label"].tolist()
 
 
 # --- the task heads, in-process, on tiny models -------------------------------------------

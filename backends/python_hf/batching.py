@@ -91,6 +91,43 @@ def collect(prompts: Sequence[np.ndarray | None]) -> Collected:
     return Collected(texts, counts, failures)
 
 
+def length_buckets(lengths: Sequence[int], overhead_tokens: float) -> list[list[int]]:
+    """Rows grouped for padded forwards: the cheapest split of the length-sorted rows.
+
+    A forward costs about ``overhead_tokens + rows x longest row`` token-times
+    (measured on a 2-core CPU for DistilBERT-base: 16 ms + 0.46 ms a token, so
+    ~35). One padded forward over prompts of 5 to 46 tokens spends most of its
+    time on padding; this dynamic programme over the sorted lengths picks the
+    contiguous groups that minimise the total. With a large overhead (a GPU,
+    where a small forward costs about as much as a big one) it returns one group:
+    one padded forward for the whole batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for stop in range(1, len(order) + 1):
+        longest = lengths[order[stop - 1]]
+        for start in range(stop):
+            cost = best[start] + overhead_tokens + (stop - start) * longest
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    groups, stop = [], len(order)
+    while stop:
+        groups.append(order[cut[stop] : stop])
+        stop = cut[stop]
+    return groups[::-1]
+
+
+def merge(parts: Sequence[tuple[Sequence[int], Mapping[str, np.ndarray]]], rows: int) -> Outputs:
+    """Outputs of row groups back into one batch, every row at its original index."""
+    merged: Outputs = {}
+    for indices, outputs in parts:
+        for name, array in outputs.items():
+            if name not in merged:
+                merged[name] = np.empty((rows, *array.shape[1:]), dtype=array.dtype)
+            merged[name][list(indices)] = array
+    return merged
+
+
 def split(outputs: Mapping[str, np.ndarray], counts: Sequence[int]) -> list[Outputs]:
     """Slice batch outputs back into one dict per request, by the recorded row counts."""
     total = sum(counts)

@@ -35,7 +35,7 @@ import torch
 import transformers
 from transformers.utils import cached_file
 
-from .batching import BatchFn, StepContext
+from .batching import BatchFn, StepContext, length_buckets, merge
 from .heads import ClassificationHead, as_bytes, mean_pool
 from .text import load_tokenizer
 
@@ -66,16 +66,26 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+FORWARD_OVERHEAD_TOKENS = {"cpu": 35, "cuda": 4096}  # see batching.length_buckets; on a GPU: one forward
+
+
 class HFTask:
-    """A Hugging Face model and tokenizer that serve one task over padded batches."""
+    """A Hugging Face model and tokenizer that serve one task over padded batches.
+
+    Encoder tasks pad rows of similar length together (``length_buckets``): on a
+    CPU that is a few padded forwards per batch instead of one, ~1.4x the
+    throughput on prompts of mixed length; on a GPU it is one forward.
+    ``forward_overhead_tokens`` overrides the device's default; 1e9 forces one forward.
+    """
 
     task: ClassVar[str]
     auto_model: ClassVar[type]
     padding_side: ClassVar[str] = "right"
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", forward_overhead_tokens: str | float | None = None) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
+        self.overhead_tokens = float(forward_overhead_tokens or FORWARD_OVERHEAD_TOKENS[self.device.type])
         self.tokenizer = load_tokenizer(model_id, self.padding_side)
         self.model = self.auto_model.from_pretrained(model_id, dtype=resolve_dtype(dtype, device))
         self.model.to(self.device).eval()
@@ -96,9 +106,14 @@ class HFTask:
         return {name: tensor.to(self.device) for name, tensor in encoded.items()}
 
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """One padded forward over all texts; arrays with one row per text."""
+        """Padded forwards over rows of similar length; arrays with one row per text, in order."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
+        parts = []
         with torch.inference_mode():
-            return self.forward(texts, self.pad(texts))
+            for rows in length_buckets([len(ids) for ids in encoded["input_ids"]], self.overhead_tokens):
+                padded = self.tokenizer.pad({name: [encoded[name][i] for i in rows] for name in encoded}, return_tensors="pt")
+                parts.append((rows, self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()})))
+        return merge(parts, len(texts))
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -127,6 +142,11 @@ class TextGeneration(HFTask):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_tokens -= self.max_new_tokens  # room for the new tokens
 
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """One generate over all texts: every decoding step is one forward for the whole batch."""
+        with torch.inference_mode():
+            return self.forward(texts, self.pad(texts))
+
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         generated = self.model.generate(
             **batch,
@@ -151,8 +171,8 @@ class TextClassification(HFTask):
     task = "text-classification"
     auto_model = transformers.AutoModelForSequenceClassification
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto") -> None:
-        super().__init__(model_id, device, dtype)
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", forward_overhead_tokens: str | float | None = None) -> None:
+        super().__init__(model_id, device, dtype, forward_overhead_tokens)
         self.head = ClassificationHead.from_config(self.model.config)
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
