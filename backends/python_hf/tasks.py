@@ -19,6 +19,8 @@ Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
 - feature-extraction: attention-masked mean pooling, L2-normalised (what
   sentence-transformers' all-MiniLM-L6-v2 does).
 Inputs longer than the model's maximum are truncated to it, not rejected.
+Encoders pad rows of similar length together (batching.length_buckets);
+generation is one ``generate`` for the whole batch.
 """
 
 from __future__ import annotations
