@@ -1,7 +1,9 @@
 """perf_analyzer: argv from typed options, its CSV read through one column table.
 
 Measurement settings (README, "Perf"): gRPC, synchronous clients at a fixed
-concurrency, time windows of ``window_ms`` each; a measurement is stable when
+concurrency, time windows of ``window_ms`` each, or windows of ``request_count``
+answers where answers come in bursts (a batch of 32 generations finishes at
+once: time windows would see 0 or 32 of them); a measurement is stable when
 throughput and latency of three windows in a row are within
 ``stability_percent`` of their mean, tried at most ``max_trials`` windows.
 Inputs come from a JSON data file of prompts of varied length, cycled.
@@ -40,11 +42,17 @@ class PerfOptions:
     input_data: Path
     concurrency: int
     csv_path: Path
-    window_ms: int = 5000
+    window_ms: int = 4000
+    request_count: int = 0  # > 0: windows of this many answers instead of window_ms (for answers that come in bursts)
     stability_percent: int = 20
     max_trials: int = 6
 
     def argv(self) -> list[str]:
+        windows = (
+            ["--measurement-mode", "count_windows", "--measurement-request-count", str(self.request_count)]
+            if self.request_count
+            else ["--measurement-mode", "time_windows", "--measurement-interval", str(self.window_ms)]
+        )
         return [
             "perf_analyzer",
             "-m", self.model,
@@ -52,8 +60,7 @@ class PerfOptions:
             "-i", "grpc",
             "--input-data", str(self.input_data),
             "--concurrency-range", f"{self.concurrency}:{self.concurrency}",
-            "--measurement-mode", "time_windows",
-            "--measurement-interval", str(self.window_ms),
+            *windows,
             "--stability-percentage", str(self.stability_percent),
             "--max-trials", str(self.max_trials),
             "-f", str(self.csv_path),

@@ -19,6 +19,9 @@ def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[
     for model, group in groupby(rows, key=lambda r: r["model"]):
         lines += [f"## {model}", "", "| variant | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | avg batch | queue (ms) | compute (ms) | vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(group, key=lambda r: (r["concurrency"], r["variant"] != "baseline", r["variant"])):
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['concurrency']:.0f} | not measured: {r['error']} | | | | | | |")
+                continue
             flag = "" if r.get("stability_percent", 20) <= 20 else f" (±{r['stability_percent']:.0f}%)"
             lines.append(
                 f"| {r['variant']} | {r['concurrency']:.0f} | {r['throughput_rps']:.1f}{flag} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
@@ -45,7 +48,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):
         for variant in dict.fromkeys(r["variant"] for r in rows if r["model"] == model):
-            points = sorted((r for r in rows if r["model"] == model and r["variant"] == variant), key=lambda r: r["concurrency"])
+            points = sorted((r for r in rows if r["model"] == model and r["variant"] == variant and "error" not in r), key=lambda r: r["concurrency"])
             axis.plot([p["p95_ms"] for p in points], [p["throughput_rps"] for p in points], marker="o", label=variant)
             for p in points:
                 axis.annotate(f"{p['concurrency']:.0f}", (p["p95_ms"], p["throughput_rps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -11,6 +11,7 @@ metrics around every step. Writes ``perf/results/<timestamp>/``: raw CSVs,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tritonhf.perf.analyzer import PerfOptions, measure
+from tritonhf.perf.analyzer import PerfAnalyzerError, PerfOptions, measure
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, summary_markdown
 from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan, read_manifest
@@ -44,7 +45,7 @@ class SuiteOptions:
     gen_models: tuple[str, ...] = ("gpt2", "facebook/opt-125m")
     device: str = "cpu"
     window_ms: int = 4000
-    gen_window_ms: int = 15000  # with many in flight: longer than one batch of 32 generations (~7 s here), or windows see 0 or 32 answers
+    gen_window_ms: int = 15000  # the generation baseline's windows: ~10 answers each
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,33 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], dict[str, s
     rows = []
     plan_steps = [(s, c) for s in served_models(repository) for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)]
     with TritonServer(repository, log_path=results / "tritonserver.log") as server:
-        facts = {**machine_facts(server.http_url), "windows": f"{options.window_ms / 1000:.0f} s (generation above concurrency 1: {options.gen_window_ms / 1000:.0f} s)"}
+        facts = {**machine_facts(server.http_url), "windows": f"{options.window_ms / 1000:.0f} s; generation: 2 x concurrency answers (baseline above concurrency 1: {options.gen_window_ms / 1000:.0f} s)"}
         env = find_installation().env
         for served, concurrency in tqdm(plan_steps, desc="perf sweep", unit="step"):
+            row = {"model": served.base, "task": served.task, "variant": served.variant, "concurrency": concurrency}
             before = snapshot(server.metrics_url)
-            window = options.gen_window_ms if served.task == "text-generation" and concurrency > 1 else options.window_ms
-            measured = measure(PerfOptions(served.name, server.grpc_url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", window), env)
-            rows.append({"model": served.base, "task": served.task, "variant": served.variant, **measured, **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)})
+            try:
+                measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
+            except PerfAnalyzerError as err:  # a noisy step is reported as such; the sweep goes on
+                rows.append({**row, "error": str(err).splitlines()[-1]})
+                continue
+            rows.append({**row, **measured, **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)})
     return rows, facts, standins[CLASSIFIER]
 
 
+def step_options(options: SuiteOptions, served: Served, concurrency: int, url: str, data: Path, results: Path) -> PerfOptions:
+    """Generation answers arrive a batch at a time: windows of 2 x concurrency answers (8 at least).
+    The baseline answers one request a second, smoothly: time windows, or a window would take minutes."""
+    base = PerfOptions(served.name, url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", options.window_ms)
+    if served.task != "text-generation":
+        return base
+    if served.variant == "baseline" and concurrency > 1:
+        return dataclasses.replace(base, window_ms=options.gen_window_ms)
+    return dataclasses.replace(base, request_count=max(8, 2 * concurrency))
+
+
 def ratio(rows: list[dict], model: str, variant: str, versus: str, concurrency: int) -> float | None:
-    pick = lambda v: next((r["throughput_rps"] for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
+    pick = lambda v: next((r.get("throughput_rps") for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
     a, b = pick(variant), pick(versus)
     return a / b if a and b else None
 
@@ -174,7 +190,7 @@ def run(options: SuiteOptions) -> Path:
     results.mkdir(parents=True)
     rows, facts, classifier = sweep(options, results)
     extra: dict[str, float] = {}
-    served32 = next((r for r in rows if r["model"] == CLASSIFIER and r["variant"] == "python" and r["concurrency"] == 32), None)
+    served32 = next((r for r in rows if r["model"] == CLASSIFIER and r["variant"] == "python" and r["concurrency"] == 32 and "error" not in r), None)
     if served32:
         batch = max(1, round(served32["avg_batch"]))
         extra["in_process_rps"] = in_process_throughput(str(classifier), batch)

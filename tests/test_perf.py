@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,11 +18,16 @@ from .conftest import CLASSIFIER
 
 
 def test_argv_is_built_from_the_options(tmp_path: Path) -> None:
-    argv = PerfOptions("m", "localhost:1", tmp_path / "d.json", 16, tmp_path / "r.csv", window_ms=3000).argv()
+    options = PerfOptions("m", "localhost:1", tmp_path / "d.json", 16, tmp_path / "r.csv", window_ms=3000)
+    argv = options.argv()
     assert argv[:3] == ["perf_analyzer", "-m", "m"]
     assert argv[argv.index("--concurrency-range") + 1] == "16:16"
+    assert argv[argv.index("--measurement-mode") + 1] == "time_windows"
     assert argv[argv.index("--measurement-interval") + 1] == "3000"
     assert argv[argv.index("-f") + 1] == str(tmp_path / "r.csv")
+    counted = dataclasses.replace(options, request_count=64).argv()
+    assert counted[counted.index("--measurement-mode") + 1] == "count_windows"
+    assert counted[counted.index("--measurement-request-count") + 1] == "64" and "--measurement-interval" not in counted
 
 
 def test_prompts_are_varied() -> None:
@@ -57,11 +63,13 @@ def test_report_and_plot(tmp_path: Path) -> None:
         {"model": "m", "task": "t", "variant": v, "concurrency": c, "throughput_rps": rps, "p50_ms": 10.0, "p95_ms": 20.0 * c, "avg_batch": 1.0, "queue_ms": 1.0, "compute_ms": 5.0}
         for v, c, rps in [("baseline", 1, 10.0), ("python", 1, 12.0), ("baseline", 16, 10.0), ("python", 16, 30.0)]
     ]
+    rows.append({"model": "m", "task": "t", "variant": "onnx", "concurrency": 16, "error": "Failed to obtain stable measurement."})
     for row in rows:
         row["vs_baseline"] = ratio(rows, row["model"], row["variant"], "baseline", row["concurrency"])
-    assert rows[-1]["vs_baseline"] == 3.0
+    assert rows[3]["vs_baseline"] == 3.0 and rows[4]["vs_baseline"] is None
     text = summary_markdown(rows, {"cpu": "x"}, [("python / baseline", 2.2, 3.0), ("int8 / python", 2.0, 1.5), ("gone", 1.0, None)], {})
     assert "| python | 16 | 30.0 |" in text and "3.00x" in text
+    assert "| onnx | 16 | not measured: Failed to obtain stable measurement. |" in text
     assert "| python / baseline | >= 2.20 | 3.00 | met |" in text
     assert "| int8 / python | >= 2.00 | 1.50 | MISSED by 25% |" in text
     plot(rows, tmp_path / "plot.png")
