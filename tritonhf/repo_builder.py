@@ -167,13 +167,14 @@ def variants_for(entry: ModelEntry, variants: Sequence[str]) -> list[str]:
     return applicable
 
 
-def choose_runtime(requested: str) -> str:
-    """native where the server has Triton's onnxruntime and pytorch backends, else the Python backend."""
+def choose_runtime(requested: str, variants: Sequence[str]) -> str:
+    """native where the server has the native backend of every exported variant, else the Python backend."""
     if requested != "auto":
         return requested
+    from tritonhf.backends.onnx_export.exporters import VARIANTS as EXPORTS
     from tritonhf.server import available_backends
 
-    return "native" if {"onnxruntime", "pytorch"} <= available_backends() else "python"
+    return "native" if {EXPORTS[v].backend for v in variants if v in EXPORTS} <= available_backends() else "python"
 
 
 def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
@@ -190,7 +191,7 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         for (entry, variants), task in zip(plans, tasks)
         if set(variants) & set(EXPORT_VARIANTS)
     ]
-    runtime = choose_runtime(options.runtime) if exported else options.runtime
+    runtime = choose_runtime(options.runtime, options.variants) if exported else options.runtime
     manifest: dict[str, dict[str, str]] = {}
     target = options.output.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if exported:
-        print(f"exported networks run on the {runtime} runtime" + (" (auto: this server has no onnxruntime/pytorch backend)" if options.runtime == "auto" and runtime == "python" else ""))
+        print(f"exported networks run on the {runtime} runtime" + (" (auto: this server lacks their native backends)" if options.runtime == "auto" and runtime == "python" else ""))
         print(parity_table(exported))
     return target
 

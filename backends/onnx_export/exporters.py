@@ -122,8 +122,7 @@ class Variant:
 
     def runner(self, path: Path, spec: ExportSpec) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """The file run in-process exactly as the Python-runtime step runs it."""
-        from tritonhf.backends.python_hf import runtimes
-        from tritonhf.backends.python_hf.batching import StepContext
+        from tritonhf.backends.python_hf.batching import StepContext, step_factory
 
         context = StepContext(
             parameters={"model_file": path.name},
@@ -131,7 +130,7 @@ class Variant:
             input_names=tuple(t.name for t in spec.inputs),
             output_names=tuple(self.output_name(t, i) for i, t in enumerate(spec.outputs)),
         )
-        run = getattr(runtimes, f"{self.step}_step")(context)
+        run = step_factory(self.step)(context)
         return lambda batch: {t.name: out for t, out in zip(spec.outputs, run(batch).values())}
 
 

@@ -179,11 +179,15 @@ def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tu
         input_names=tuple(tensor["name"] for tensor in model_config["input"]),
         output_names=tuple(tensor["name"] for tensor in model_config["output"]),
     )
-    step = parameters.get("step", "hf")
+    return step_factory(parameters.get("step", "hf"))(context), context
+
+
+def step_factory(step: str) -> Callable[[StepContext], BatchFn | TensorFn]:
+    """The factory a step name stands for, its module imported only now."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; known: {', '.join(STEPS)}")
     module, factory = STEPS[step]
-    return getattr(importlib.import_module(f".{module}", __package__), factory)(context), context
+    return getattr(importlib.import_module(f".{module}", __package__), factory)
 
 
 def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Callable[[str], None]) -> list[Result]:
