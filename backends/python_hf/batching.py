@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +51,7 @@ class Collected:
     texts: list[str]
     counts: list[int]  # rows per request; 0 for a rejected request
     failures: dict[int, Failure] = field(default_factory=dict)
+    options: list[Any] = field(default_factory=list)  # per row, parsed by the step (generation parameters)
 
 
 def decode_rows(prompt: np.ndarray | None) -> list[str]:
@@ -75,20 +77,23 @@ def decode_rows(prompt: np.ndarray | None) -> list[str]:
     return texts
 
 
-def collect(prompts: Sequence[np.ndarray | None]) -> Collected:
-    """Decode and validate every request; a bad one becomes a Failure at its index."""
+def collect(prompts: Sequence[np.ndarray | None], options: Sequence[Any] | None = None, parse: Callable[[Any], Any] | None = None) -> Collected:
+    """Decode and validate every request, and its options if the step takes any; a bad one becomes a Failure at its index."""
     texts: list[str] = []
     counts: list[int] = []
     failures: dict[int, Failure] = {}
+    parsed: list[Any] = []
     for index, prompt in enumerate(prompts):
         try:
             rows = decode_rows(prompt)
+            if parse:
+                parsed.extend([parse(options[index] if options else {})] * len(rows))
         except RequestError as err:
             failures[index] = Failure(str(err))
             rows = []
         texts.extend(rows)
         counts.append(len(rows))
-    return Collected(texts, counts, failures)
+    return Collected(texts, counts, failures, parsed)
 
 
 def length_buckets(lengths: Sequence[int], overhead_tokens: float) -> list[list[int]]:
@@ -199,18 +204,21 @@ def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Call
         return [Failure(f"inference failed: {type(err).__name__}: {err}".splitlines()[0], internal=True)] * requests
 
 
-def run_batch(forward: BatchFn, prompts: Sequence[np.ndarray | None], log_error: Callable[[str], None] = logger.error) -> list[Result]:
+def run_batch(forward: BatchFn, prompts: Sequence[np.ndarray | None], log_error: Callable[[str], None] = logger.error, options: Sequence[Any] | None = None) -> list[Result]:
     """One result per request, in request order: outputs, or a Failure for that request alone.
 
     ``forward`` maps a list of texts to arrays whose first axis is the text. It
-    is called once, over the valid rows of every request. If it raises, each
-    request in the batch gets a short INTERNAL failure; the next batch is served
-    as usual.
+    is called once, over the valid rows of every request. A step with a
+    ``parse_options`` method (generation) also gets each row's parsed
+    ``options`` (that request's parameters and optional tensors); the other
+    steps take none. If ``forward`` raises, each request in the batch gets a
+    short INTERNAL failure; the next batch is served as usual.
     """
-    batch = collect(prompts)
+    parse = getattr(forward, "parse_options", None)
+    batch = collect(prompts, options, parse)
     if not batch.texts:
         return [batch.failures[index] for index in range(len(prompts))]
-    per_request = guarded(lambda: split(forward(batch.texts), batch.counts), len(prompts), log_error)
+    per_request = guarded(lambda: split(forward(batch.texts, batch.options) if parse else forward(batch.texts), batch.counts), len(prompts), log_error)
     return [batch.failures.get(index, result) for index, result in enumerate(per_request)]
 
 

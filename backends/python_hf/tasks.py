@@ -7,12 +7,14 @@ builder writes config.pbtxt from the same declaration.
 
 Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
 - text-generation: greedy by default; the config parameter ``max_length`` is the
-  number of *new* tokens (the tutorial's ``max_length=15`` was silently
+  default number of *new* tokens (the tutorial's ``max_length=15`` was silently
   overridden by the pipeline's ``max_new_tokens=256``; counting the prompt
   would also make a short prompt's answer depend on the longest prompt in its
-  batch). ``text`` is the prompt followed by the generated text, as the
-  tutorial's pipeline returned it. Prompts are left-padded with pad = eos, and
-  truncated from the left to leave room for the new tokens.
+  batch). Each request may set its own ``max_new_tokens``, sampling, seed and
+  stop strings (decoding.GenerationParams). ``text`` is the prompt followed by
+  the generated text, as the tutorial's pipeline returned it; ``new_tokens``
+  counts the generated tokens. Prompts are truncated from the left to leave
+  room for the new tokens.
 - text-classification: ``label`` from the model's ``id2label``; ``score`` is the
   probability of that label (softmax, or sigmoid for one-label and multi-label
   models, as the transformers pipeline does).
@@ -20,24 +22,26 @@ Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
   sentence-transformers' all-MiniLM-L6-v2 does).
 Inputs longer than the model's maximum are truncated to it, not rejected.
 Encoders pad rows of similar length together (batching.length_buckets);
-generation is one ``generate`` for the whole batch.
+generation is one forward per decoding step for the whole batch (decoding.py).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import transformers
+from transformers import DynamicCache
 from transformers.utils import cached_file
 
-from .batching import BatchFn, StepContext, length_buckets, merge
+from .batching import BatchFn, RequestError, StepContext, length_buckets, merge
+from .decoding import PARAMETERS, GenerationParams, Observer, Scheduler, Sequence, Stream, combine, generate_all
 from .heads import ClassificationHead, as_bytes, mean_pool
 from .text import load_tokenizer
 
@@ -103,10 +107,6 @@ class HFTask:
             raise ConfigError(f"{self.model_id}: neither the tokenizer nor the config gives a maximum length")
         return min(limits)
 
-    def pad(self, texts: list[str]) -> Mapping[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-        return {name: tensor.to(self.device) for name, tensor in encoded.items()}
-
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Padded forwards over rows of similar length; arrays with one row per text, in order."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
@@ -129,44 +129,98 @@ class HFTask:
 
 
 class TextGeneration(HFTask):
+    """Causal LM generation with per-request parameters (decoding.py); config parameters give the defaults.
+
+    ``max_length`` / ``min_length`` keep the tutorial's names for the default
+    ``max_new_tokens`` / ``min_new_tokens``. ``max_running_sequences`` and
+    ``max_running_tokens`` bound the streaming model's running batch.
+    """
+
     task = "text-generation"
     auto_model = transformers.AutoModelForCausalLM
     padding_side = "left"  # decoder-only: new tokens follow the last real prompt token
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", max_length: str | int = 16, min_length: str | int = 0) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        max_length: str | int = 16,
+        min_length: str | int = 0,
+        do_sample: str | bool = False,
+        temperature: str | float = 1.0,
+        top_p: str | float = 1.0,
+        top_k: str | int = 50,
+        return_full_text: str | bool = True,
+        max_running_sequences: str | int = 32,
+        max_running_tokens: str | int = 16384,
+    ) -> None:
         super().__init__(model_id, device, dtype)
-        self.max_new_tokens, self.min_new_tokens = int(max_length), int(min_length)
-        if not 0 < self.max_new_tokens < self.max_tokens:
-            raise ConfigError(f"max_length (new tokens) must be in 1..{self.max_tokens - 1}, got {max_length}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ConfigError(f"min_length (new tokens before EOS may end a row) must be in 0..{self.max_new_tokens}, got {min_length}")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.max_tokens -= self.max_new_tokens  # room for the new tokens
+        raw = {"max_new_tokens": max_length, "min_new_tokens": min_length, "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "return_full_text": return_full_text}
+        try:
+            self.defaults = GenerationParams().updated({key: str(value) if isinstance(value, bool) else value for key, value in raw.items()}, self.max_tokens - 1)
+        except RequestError as err:
+            raise ConfigError(f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}") from None
+        self.max_sequences, self.max_running_tokens = int(max_running_sequences), int(max_running_tokens)
+        if self.max_sequences < 1 or self.max_running_tokens < self.max_tokens:
+            raise ConfigError(f"max_running_sequences must be >= 1 and max_running_tokens >= the model's length ({self.max_tokens}), got {max_running_sequences} and {max_running_tokens}")
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos = frozenset([eos] if isinstance(eos, int) else eos or [])
+        accepted = inspect.signature(self.model.forward).parameters
+        self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
-        """One generate over all texts: every decoding step is one forward for the whole batch."""
-        with torch.inference_mode():
-            return self.forward(texts, self.pad(texts))
+    # --- what decoding.RunningBatch needs (decoding.LanguageModel) ---
 
-    def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        generated = self.model.generate(
-            **batch,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        completions = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return {"text": as_bytes([prompt + completion for prompt, completion in zip(texts, completions)])}
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward over a left-padded batch; positions count real tokens only, as ``generate`` does."""
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "past_key_values": cache, "use_cache": True}
+        if self.takes_positions:
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -ids.shape[1] :]
+        if self.keeps_logits:
+            inputs["logits_to_keep"] = 1
+        output = self.model(**inputs)
+        return output.logits[:, -1].float(), output.past_key_values
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+    # --- requests ---
+
+    def parse_options(self, raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]) -> GenerationParams:
+        """A request's generation parameters over the defaults: (request parameters, optional input tensors)."""
+        return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
+
+    def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence:
+        """A prompt, tokenised and truncated from the left to leave room for its new tokens."""
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return Sequence(prompt, ids[-(self.max_tokens - params.max_new_tokens) :], params, stream)
+
+    def __call__(self, texts: list[str], options: list[GenerationParams] | None = None) -> dict[str, np.ndarray]:
+        """Static batching: every row of the batch decodes in one forward per step (decoding.generate_all)."""
+        rows = [self.sequence(text, params) for text, params in zip(texts, options or [self.defaults] * len(texts))]
+        generate_all(self, rows)
+        return {"text": as_bytes([row.answer() for row in rows]), "new_tokens": np.array([[len(row.tokens)] for row in rows], dtype=np.int32)}
+
+    def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] = print) -> Scheduler:
+        """Continuous batching over this model, for the streaming variant."""
+        return Scheduler(self, self.max_sequences, self.max_running_tokens, observer, log_error)
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("text", "TYPE_STRING", (1,))]
+        return [TensorSpec("text", "TYPE_STRING", (1,)), TensorSpec("new_tokens", "TYPE_INT32", (1,))]
+
+    def optional_inputs(self) -> list[TensorSpec]:
+        """Generation parameters for clients that send tensors rather than request parameters."""
+        return [TensorSpec(name, parameter.data_type, parameter.dims) for name, parameter in PARAMETERS.items()]
 
     def parameters(self) -> dict[str, str]:
-        return {"max_length": str(self.max_new_tokens), "min_length": str(self.min_new_tokens)}
+        d = self.defaults
+        values = {"max_length": d.max_new_tokens, "min_length": d.min_new_tokens, "do_sample": d.do_sample, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "return_full_text": d.return_full_text}
+        values |= {"max_running_sequences": self.max_sequences, "max_running_tokens": self.max_running_tokens}
+        return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
 
 
 class TextClassification(HFTask):

@@ -1,0 +1,543 @@
+"""Token-level generation: per-request parameters, one forward per step, continuous batching.
+
+No Triton import. The static ``<name>`` model runs :func:`generate_all` over
+its dynamically batched requests; the streaming ``<name>_stream`` model feeds a
+:class:`Scheduler`, which keeps one running batch and admits new requests at
+every step boundary (the in-flight batching of vLLM, TGI and TensorRT-LLM).
+
+Why not transformers' own continuous batching (``generate_batch`` /
+``ContinuousBatchingManager`` in the pinned 4.57.6)? It does not start on a
+CPU (its paged cache sizes itself from CUDA memory statistics:
+``TypeError`` in ``PagedAttentionCache.get_available_memory``), and it runs one
+logits processor for every request, so per-request temperature, top-p, top-k
+and seeds are impossible. What we keep from transformers is its
+``DynamicCache`` and the models' own forward; the batch is a *padded* running
+batch:
+
+- every row is left-padded to the batch's width; the attention mask hides the
+  padding and the position ids count real tokens only (exactly what
+  ``generate`` does with a left-padded batch), so a row's tokens do not depend
+  on its neighbours;
+- admitting requests = one padded prefill forward for the newcomers, then
+  their KV cache is concatenated to the running one (the narrower side
+  left-padded);
+- retiring = dropping finished rows from the cache at once, then the columns
+  no remaining row uses.
+The width of the cache never exceeds the longest ``prompt + max_new_tokens``
+of the rows in it, so ``rows x that`` bounds its memory: the scheduler admits
+a request only while that stays within ``max_running_tokens`` and the rows
+within ``max_running_sequences``; the rest wait in arrival order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .batching import RequestError, decode_rows
+
+# --- per-request parameters ----------------------------------------------------------------
+
+
+def scalar(name: str, value: Any) -> Any:
+    """A request parameter's value, or a one-element input tensor's."""
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise RequestError(f"input {name!r} must hold one value, got shape {list(value.shape)}")
+        value = value.reshape(-1)[0]
+        value = value.item() if isinstance(value, np.generic) else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def as_int(name: str, value: Any) -> int:
+    value = scalar(name, value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def as_float(name: str, value: Any) -> float:
+    value = scalar(name, value)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def as_bool(name: str, value: Any) -> bool:
+    value = scalar(name, value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RequestError(f"{name} must be true or false, got {value!r}")
+
+
+def as_strings(name: str, value: Any) -> tuple[str, ...]:
+    """One string (a request parameter) or a tensor of them."""
+    values = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else [value]
+    strings = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
+    if not all(isinstance(s, str) and s for s in strings):
+        raise RequestError(f"{name} must be non-empty strings, got {values!r}")
+    return strings
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One generation parameter: its Triton input type (for clients that send tensors) and its parser."""
+
+    data_type: str
+    parse: Callable[[str, Any], Any]
+    dims: tuple[int, ...] = (1,)
+
+
+PARAMETERS = {
+    "max_new_tokens": Parameter("TYPE_INT32", as_int),
+    "min_new_tokens": Parameter("TYPE_INT32", as_int),
+    "do_sample": Parameter("TYPE_BOOL", as_bool),
+    "temperature": Parameter("TYPE_FP32", as_float),
+    "top_p": Parameter("TYPE_FP32", as_float),
+    "top_k": Parameter("TYPE_INT32", as_int),
+    "seed": Parameter("TYPE_INT64", as_int),
+    "stop": Parameter("TYPE_STRING", as_strings, dims=(-1,)),
+    "return_full_text": Parameter("TYPE_BOOL", as_bool),
+}
+MAX_STOP_STRINGS = 8
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks for; the model's config parameters give the defaults.
+
+    ``max_new_tokens`` counts new tokens only. ``top_k`` = 0 and ``top_p`` = 1
+    switch those filters off; the defaults are transformers' (greedy, and
+    top_k 50 once sampling). ``stop`` strings end the answer and are not part of
+    it. ``return_full_text`` puts the prompt in front, as the tutorial's
+    pipeline did (on a stream: in front of the first piece).
+    """
+
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    return_full_text: bool = True
+
+    def updated(self, raw: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
+        """These defaults overridden by a request's values, checked; RequestError names what is wrong."""
+        if unknown := sorted(set(raw) - set(PARAMETERS)):
+            raise RequestError(f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
+        values = {name: PARAMETERS[name].parse(name, value) for name, value in raw.items()}
+        if "min_new_tokens" not in values:  # a default minimum never exceeds a requested maximum
+            values["min_new_tokens"] = min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens))
+        params = dataclasses.replace(self, **values)
+        params.check(max_new_limit)
+        return params
+
+    def check(self, max_new_limit: int) -> None:
+        problems = [
+            (not 1 <= self.max_new_tokens <= max_new_limit, f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}"),
+            (not 0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"),
+            (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.do_sample and self.temperature == 0, "temperature must be > 0 when do_sample is true (do_sample=false decodes greedily)"),
+            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k < 0, f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}"),
+            (self.seed is not None and not 0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),
+            (len(self.stop) > MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
+        ]
+        if messages := [message for failed, message in problems if failed]:
+            raise RequestError("; ".join(messages))
+
+
+def combine(parameters: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A request's options from its parameters and its optional input tensors; one name, one place."""
+    if both := sorted(set(parameters) & set(tensors)):
+        raise RequestError(f"{', '.join(both)} given both as a request parameter and as an input tensor")
+    return {**parameters, **tensors}
+
+
+# --- one sequence --------------------------------------------------------------------------
+
+
+class Stream(Protocol):
+    """Where a streaming request's pieces go (the Triton glue: its response sender)."""
+
+    def send(self, text: str, new_tokens: int, final: bool) -> None: ...
+
+    def fail(self, message: str, kind: str) -> None:
+        """kind: invalid (a bad request), cancelled, or internal."""
+        ...
+
+    def cancelled(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One prompt being answered: its tokens so far, the text they make, what was sent."""
+
+    prompt: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    stream: Stream | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the completion, cut before a stop string
+    finish: str | None = None  # length | eos | stop | cancelled | error
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    responses: int = 0
+    arrived: float = field(default_factory=time.monotonic)
+    last_sent: float = 0.0
+    generator: torch.Generator | None = None
+
+    @property
+    def reserved(self) -> int:
+        """The cache columns this row may need."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    def add(self, token: int, text: str, eos: frozenset[int]) -> None:
+        """Record a new token and the decoded completion it makes; finish on EOS, a stop string, or length."""
+        self.tokens.append(token)
+        self.text = text
+        if self.params.stop and (hits := [i for i in (text.find(s) for s in self.params.stop) if i >= 0]):
+            self.text, self.finish = text[: min(hits)], "stop"
+        elif token in eos:
+            self.finish = "eos"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            self.finish = "length"
+
+    def settled(self) -> int:
+        """How much of the text can't change any more: not an unfinished UTF-8 character, not a stop string's start."""
+        if self.finish:
+            return len(self.text)
+        end = len(self.text.rstrip("\ufffd"))
+        for stop in self.params.stop:
+            for size in range(min(len(stop) - 1, end), 0, -1):
+                if self.text[:end].endswith(stop[:size]):
+                    end -= size
+                    break
+        return max(end, self.sent_chars)
+
+    def take(self) -> tuple[str, int] | None:
+        """The next piece to stream and its new-token count, or None if there is nothing to send yet."""
+        end = self.settled()
+        if end == self.sent_chars and not self.finish:
+            return None
+        piece = self.text[self.sent_chars : end]
+        if self.responses == 0 and self.params.return_full_text:
+            piece = self.prompt + piece
+        new_tokens = len(self.tokens) - self.sent_tokens
+        self.sent_chars, self.sent_tokens, self.responses = end, len(self.tokens), self.responses + 1
+        return piece, new_tokens
+
+    def answer(self) -> str:
+        return self.prompt + self.text if self.params.return_full_text else self.text
+
+
+# --- the model side ------------------------------------------------------------------------
+
+
+class LanguageModel(Protocol):
+    """What decoding needs from a causal LM (tasks.TextGeneration)."""
+
+    device: torch.device
+    eos: frozenset[int]
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """Last-position logits [rows, vocab] (float32) and the grown cache."""
+        ...
+
+    def new_cache(self) -> Any: ...
+
+    def decode(self, tokens: list[list[int]]) -> list[str]: ...
+
+    def parse_options(self, raw: Any) -> GenerationParams: ...
+
+    def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence: ...
+
+
+def pad_left(tensor: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+    """One token from one row of logits: temperature, then top-k, then top-p (transformers' order)."""
+    scores = logits / params.temperature
+    if 0 < params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1:
+        ordered, order = torch.sort(scores, descending=True)
+        probabilities = ordered.softmax(-1)
+        outside = probabilities.cumsum(-1) - probabilities > params.top_p  # keeps at least the first
+        scores = scores.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
+    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+
+
+def choose(logits: torch.Tensor, rows: list[Sequence], eos: frozenset[int]) -> list[int]:
+    """The next token of every row: greedy or sampled, by the row's own parameters."""
+    early = [i for i, row in enumerate(rows) if len(row.tokens) < row.params.min_new_tokens]
+    if early and eos:
+        logits[torch.tensor(early)[:, None], torch.tensor(sorted(eos))[None, :]] = -math.inf
+    tokens = logits.argmax(-1).tolist()
+    for i, row in enumerate(rows):
+        if row.params.do_sample:
+            if row.generator is None:
+                row.generator = torch.Generator(logits.device)
+                row.generator.manual_seed(row.params.seed) if row.params.seed is not None else row.generator.seed()
+            tokens[i] = sample(logits[i], row.params, row.generator)
+    return tokens
+
+
+class RunningBatch:
+    """The rows decoding together: one left-padded KV cache, one forward per step."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows: list[Sequence] = []
+        self.cache: Any = None
+        self.mask = self.last = torch.empty(0)
+
+    @property
+    def footprint(self) -> int:
+        """Cache columns x rows this batch may grow to."""
+        return len(self.rows) * max((row.reserved for row in self.rows), default=0)
+
+    def admit(self, new: list[Sequence]) -> None:
+        """Prefill the newcomers in one padded forward, choose their first tokens, join them to the batch."""
+        width = max(len(row.prompt_ids) for row in new)
+        ids = torch.tensor([[0] * (width - len(row.prompt_ids)) + row.prompt_ids for row in new], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(row.prompt_ids)) + [1] * len(row.prompt_ids) for row in new], device=self.model.device)
+        logits, cache = self.model.forward(ids, mask, self.model.new_cache())
+        last = self.record(new, logits)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.last = new, cache, mask, last
+            return
+        width = max(width, self.mask.shape[1])
+        self.mask = torch.cat([pad_left(self.mask, width), pad_left(mask, width)])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)])
+        self.rows, self.last = self.rows + new, torch.cat([self.last, last])
+
+    def step(self) -> None:
+        """One decoding step for every row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        logits, self.cache = self.model.forward(self.last[:, None], self.mask, self.cache)
+        self.last = self.record(self.rows, logits)
+
+    def record(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        tokens = choose(logits, rows, self.model.eos)
+        texts = self.model.decode([row.tokens + [token] for row, token in zip(rows, tokens)])
+        for row, token, text in zip(rows, tokens, texts):
+            row.add(token, text, self.model.eos)
+        return torch.tensor(tokens, device=self.model.device)
+
+    def retire(self) -> list[Sequence]:
+        """Drop the finished rows (and cache columns nobody uses any more); returns them."""
+        done = [row for row in self.rows if row.finish]
+        keep = [i for i, row in enumerate(self.rows) if not row.finish]
+        if not done:
+            return []
+        if not keep:
+            self.reset()
+            return done
+        index = torch.tensor(keep, device=self.model.device)
+        mask = self.mask[index]
+        start = int(mask.any(0).nonzero()[0])
+        self.mask, self.last, self.rows = mask[:, start:], self.last[index], [self.rows[i] for i in keep]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+        return done
+
+
+def generate_all(model: LanguageModel, rows: list[Sequence]) -> None:
+    """Static batching: the rows decode together until the last one finishes; finished rows leave at once."""
+    batch = RunningBatch(model)
+    with torch.inference_mode():
+        batch.admit(rows)
+        batch.retire()
+        while batch.rows:
+            batch.step()
+            batch.retire()
+
+
+# --- continuous batching -------------------------------------------------------------------
+
+
+class Observer(Protocol):
+    """What the scheduler reports (the glue: Triton custom metrics)."""
+
+    def first_token(self, seconds: float) -> None: ...
+
+    def inter_token(self, seconds: float, tokens: int) -> None: ...
+
+    def occupancy(self, running: int, queued: int) -> None: ...
+
+
+class Quiet:
+    def first_token(self, seconds: float) -> None:
+        pass
+
+    def inter_token(self, seconds: float, tokens: int) -> None:
+        pass
+
+    def occupancy(self, running: int, queued: int) -> None:
+        pass
+
+
+class Scheduler:
+    """Continuous batching on a thread of its own.
+
+    Every iteration: drop cancelled rows, admit waiting requests that fit
+    (one prefill forward for them), run one decoding step for all rows, send
+    each row its new text, retire finished rows. ``submit`` is thread-safe
+    and never blocks; a request whose own reservation exceeds
+    ``max_tokens`` is refused at once.
+    """
+
+    def __init__(self, model: LanguageModel, max_sequences: int, max_tokens: int, observer: Observer | None = None, log_error: Callable[[str], None] = print) -> None:
+        self.model, self.batch = model, RunningBatch(model)
+        self.max_sequences, self.max_tokens = max_sequences, max_tokens
+        self.observer = observer or Quiet()
+        self.log_error = log_error
+        self.waiting: deque[Sequence] = deque()
+        self.wake = threading.Condition()
+        self.closing = False
+        self.thread = threading.Thread(target=self.run, name="tritonhf-decode", daemon=True)
+        self.thread.start()
+
+    def start(self, prompt: np.ndarray | None, raw: Any, stream: Stream) -> None:
+        """Check one streaming request and queue it; a bad one gets its error on its own stream."""
+        try:
+            rows = decode_rows(None if prompt is None else prompt.reshape(-1, 1))
+            if len(rows) != 1:
+                raise RequestError(f"a stream answers one prompt, got {len(rows)}")
+            self.submit(self.model.sequence(rows[0], self.model.parse_options(raw), stream))
+        except RequestError as err:
+            stream.fail(str(err), "invalid")
+
+    def submit(self, row: Sequence) -> None:
+        if row.reserved > self.max_tokens:
+            raise RequestError(f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({row.params.max_new_tokens}) exceeds this model's max_running_tokens ({self.max_tokens})")
+        with self.wake:
+            self.waiting.append(row)
+            self.wake.notify()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    def admissible(self) -> list[Sequence]:
+        """Waiting rows that fit, in arrival order (the first that doesn't fit waits, and so does everyone after it)."""
+        new: list[Sequence] = []
+        rows, widest = len(self.batch.rows), max((row.reserved for row in self.batch.rows), default=0)
+        while self.waiting and rows + len(new) < self.max_sequences:
+            head = self.waiting[0]
+            if (rows + len(new) + 1) * max(widest, head.reserved) > self.max_tokens:
+                break
+            self.waiting.popleft()
+            if not self.cancelled(head):
+                new.append(head)
+                widest = max(widest, head.reserved)
+        return new
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.waiting or self.batch.rows or self.closing):
+                    self.wake.wait()
+                if self.closing:
+                    break
+                new = self.admissible()
+                queued = len(self.waiting)
+            try:
+                with torch.inference_mode():
+                    for row in self.batch.rows:
+                        if self.cancelled(row):
+                            row.finish = "cancelled"
+                    self.batch.retire()
+                    if new:
+                        self.batch.admit(new)
+                        self.flush()
+                    self.observer.occupancy(len(self.batch.rows), queued)
+                    if self.batch.rows:
+                        self.batch.step()
+                        self.flush()
+            except Exception as err:  # noqa: BLE001 - the rows in flight fail; the scheduler keeps serving
+                self.log_error(traceback.format_exc())
+                for row in {*self.batch.rows, *new}:
+                    if not row.finish:
+                        self.fail(row, f"generation failed: {type(err).__name__}: {err}".splitlines()[0], "internal")
+                self.batch.reset()
+            self.observer.occupancy(len(self.batch.rows), len(self.waiting))
+        for row in [*self.batch.rows, *self.waiting]:
+            self.fail(row, "the model is unloading", "internal")
+
+    def flush(self) -> None:
+        """Send every row what it has new, then retire the finished ones."""
+        now = time.monotonic()
+        for row in self.batch.rows:
+            if (piece := row.take()) is None:
+                continue
+            text, new_tokens = piece
+            try:
+                row.stream.send(text, new_tokens, final=row.finish is not None)
+            except Exception:  # noqa: BLE001 - a client that went away
+                row.finish = "cancelled"
+                continue
+            if row.responses == 1:
+                self.observer.first_token(now - row.arrived)
+                if new_tokens > 1:
+                    self.observer.inter_token(0.0, new_tokens - 1)
+            else:
+                self.observer.inter_token(now - row.last_sent, new_tokens)
+            row.last_sent = now
+        self.batch.retire()
+
+    def cancelled(self, row: Sequence) -> bool:
+        try:
+            cancelled = row.stream.cancelled()
+        except Exception:  # noqa: BLE001 - the request is gone
+            cancelled = True
+        if cancelled:
+            row.finish = "cancelled"
+            self.fail(row, "request cancelled", "cancelled")
+        return cancelled
+
+    @staticmethod
+    def fail(row: Sequence, message: str, kind: str) -> None:
+        row.finish = row.finish or "error"
+        try:
+            row.stream.fail(message, kind)
+        except Exception:  # noqa: BLE001 - nobody is listening any more
+            pass
