@@ -131,14 +131,6 @@ def test_generation_batch_equals_one_at_a_time(tiny: dict[str, Path], name: str)
     assert all(text.decode().startswith(p) for text, p in zip(batched, PROMPTS)), "text starts with the prompt"
 
 
-def test_generation_counts_new_tokens_only(tiny: dict[str, Path]) -> None:
-    task = load_task(str(tiny["gpt2"]), "text-generation", max_length="5")
-    padded = task.pad(PROMPTS)
-    out = task.model.generate(**padded, max_new_tokens=task.max_new_tokens, min_new_tokens=5, do_sample=False, pad_token_id=task.tokenizer.pad_token_id)
-    assert out.shape[1] - padded["input_ids"].shape[1] == 5
-    assert task.max_tokens == 256 - 5, "prompts are truncated to leave room for the new tokens"
-
-
 def test_classification_matches_the_pipeline(tiny: dict[str, Path]) -> None:
     from transformers import pipeline
 
@@ -163,11 +155,13 @@ def test_embedding_matches_sentence_transformers(tiny: dict[str, Path]) -> None:
 
 def test_long_input_is_truncated_not_rejected(tiny: dict[str, Path]) -> None:
     task = load_task(str(tiny[CLASSIFIER]), "text-classification")
-    assert task.pad(["word " * 100_000])["input_ids"].shape == (1, 512)
+    assert task.max_tokens == 512
+    assert task(["word " * 100_000])["label"].shape == (1, 1)
     gen = load_task(str(tiny["gpt2"]), "text-generation", max_length="8")
-    ids = gen.pad(["start " + "middle " * 1000 + "end"])["input_ids"]
-    assert ids.shape[1] == 256 - 8
-    assert gen.tokenizer.decode(ids[0]).endswith("end"), "generation keeps the end of a long prompt"
+    for new_tokens in (8, 100):
+        ids = gen.sequence("start " + "middle " * 1000 + "end", gen.parse_options({"max_new_tokens": new_tokens})).prompt_ids
+        assert len(ids) == 256 - new_tokens, "room for the new tokens within the model's 256 positions"
+        assert gen.tokenizer.decode(ids).endswith("end"), "generation keeps the end of a long prompt"
 
 
 @pytest.mark.parametrize(
@@ -176,6 +170,8 @@ def test_long_input_is_truncated_not_rejected(tiny: dict[str, Path]) -> None:
         ("summarization", {}, "unknown task"),
         ("text-generation", {"max_length": "0"}, "max_length"),
         ("text-generation", {"max_length": "100000"}, "max_length"),
+        ("text-generation", {"temperature": "-1"}, "temperature"),
+        ("text-generation", {"max_running_sequences": "0"}, "max_running_sequences"),
         ("text-classification", {"max_length": "8"}, "takes no option max_length"),
     ],
 )

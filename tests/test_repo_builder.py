@@ -11,6 +11,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonhf import TritonHFError, model_config
+from tritonhf.backends.python_hf.decoding import PARAMETERS
 from tritonhf.repo_builder import MARKER, BuildOptions, ModelEntry, add_arguments, build, plan, read_manifest
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN
@@ -77,25 +78,41 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
     manifest = read_manifest(repository)
     for entry in entries:
         assert manifest[entry.name] == {"source": entry.source, "task": entry.task, "variant": "python"}
-    exported = {name: served["variant"] for name, served in manifest.items() if served["variant"] != "python"}
-    assert exported == {f"{m}_{v}": v for m in (CLASSIFIER, EMBEDDER) for v in ("onnx", "onnx-int8", "torchscript")}
+    others = {name: served["variant"] for name, served in manifest.items() if served["variant"] != "python"}
+    streams = {f"{name}_stream": "stream" for name in ("gpt2", "opt-125m")}
+    assert others == streams | {f"{m}_{v}": v for m in (CLASSIFIER, EMBEDDER) for v in ("onnx", "onnx-int8", "torchscript")}
     modules = {p.name for p in (ROOT / "backends" / "python_hf").glob("*.py")} - {"__init__.py"}
     configs = {e.name: model_config.read(repository / e.name / "config.pbtxt") for e in entries}
     for entry in entries:
         config = configs[entry.name]
         assert config["name"] == entry.name and config["backend"] == "python"
         assert config["max_batch_size"] == 32
-        assert config["input"] == [{"name": "prompt", "data_type": "TYPE_STRING", "dims": ["1"]}]
+        assert config["input"][0] == {"name": "prompt", "data_type": "TYPE_STRING", "dims": ["1"]}
+        assert len(config["input"]) == (1 + len(PARAMETERS) if entry.task == "text-generation" else 1)
         assert config["parameters"]["huggingface_model"] == {"string_value": "hf_model"}
         assert config["parameters"]["task"] == {"string_value": entry.task}
         assert "dynamic_batching" in config
         assert (repository / entry.name / "1" / "hf_model" / "config.json").exists(), "self-contained: weights copied in"
         assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == modules, "the whole generic model"
     outputs = {name: [(o["name"], o["data_type"], o["dims"]) for o in c["output"]] for name, c in configs.items()}
-    assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"])]
+    assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"]), ("new_tokens", "TYPE_INT32", ["1"])]
     assert configs["gpt2"]["parameters"]["max_length"] == {"string_value": str(GEN_MAX_LEN)}
+    optional = {i["name"]: i for i in configs["gpt2"]["input"][1:]}
+    assert optional["max_new_tokens"] == {"name": "max_new_tokens", "data_type": "TYPE_INT32", "dims": ["1"], "optional": True}
+    assert optional["stop"] == {"name": "stop", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True, "allow_ragged_batch": True}
     assert outputs[CLASSIFIER] == [("label", "TYPE_STRING", ["1"]), ("score", "TYPE_FP32", ["1"])]
     assert outputs[EMBEDDER] == [("embedding", "TYPE_FP32", ["384"])]
+
+
+def test_stream_configs(repository: Path) -> None:
+    """A stream is decoupled and unbatched for Triton (its scheduler batches), with its bounds as parameters."""
+    static, stream = (model_config.read(repository / name / "config.pbtxt") for name in ("gpt2", "gpt2_stream"))
+    assert stream["model_transaction_policy"] == {"decoupled": True}
+    assert "max_batch_size" not in stream and "dynamic_batching" not in stream
+    assert stream["input"] == static["input"] and stream["output"] == static["output"]
+    assert stream["parameters"]["max_running_sequences"] == {"string_value": "32"}
+    assert stream["parameters"]["max_running_tokens"] == {"string_value": "16384"}
+    assert "max_running_tokens" not in static["parameters"]
 
 
 def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -28,9 +28,11 @@ from tritonhf import TritonHFError, model_config
 TUTORIAL_GEN_MODELS = ("facebook/opt-125m", "gpt2")
 TUTORIAL_CLASS_MODELS = ("distilbert-base-uncased-finetuned-sst-2-english",)
 EXPORT_VARIANTS = ("onnx", "onnx-int8", "torchscript")  # classification and embedding models only
-DEFAULT_VARIANTS = ("python", *EXPORT_VARIANTS)
+DEFAULT_VARIANTS = ("python", "stream", *EXPORT_VARIANTS)  # stream: <name>_stream, continuous batching, generation only
 VARIANTS = (*DEFAULT_VARIANTS, "baseline")  # baseline: the tutorial's one-request-at-a-time model, for the perf suite
 BASELINE_TASKS = ("text-generation", "text-classification")
+TUTORIAL_OUTPUTS = ("text", "label", "score")  # what the baseline (the tutorial's pipeline) answers
+SUFFIXES = {"python": "", "stream": "_stream", "baseline": "_baseline"}  # the variants served by the generic model
 MARKER = ".tritonhf.json"  # marks a directory this builder owns (and may replace) and lists its models
 LOCAL_WEIGHTS = "hf_model"  # where a local model directory is copied, inside the version dir
 
@@ -46,6 +48,8 @@ class BuildOptions:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     runtime: str = "auto"  # for the exported networks: native, python, or auto (native if the server has the backend)
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
+    max_running_sequences: int = 32  # streaming models: rows in the running batch
+    max_running_tokens: int = 16384  # streaming models: rows x longest (prompt + max_new_tokens) in it
 
 
 @dataclass(frozen=True)
@@ -55,16 +59,20 @@ class ModelEntry:
     source: str
     task: str
     options: dict[str, str] = field(default_factory=dict)
-    name_suffix: str = ""  # "_baseline": the tutorial's unbatched model, beside ours
+    variant: str = "python"  # or stream, or baseline (the tutorial's unbatched model, beside ours)
 
     @property
     def name(self) -> str:
         """The tutorial's rule: the last component of the hub id or path."""
-        return Path(self.source.rstrip("/")).name + self.name_suffix
+        return Path(self.source.rstrip("/")).name + SUFFIXES[self.variant]
 
     @property
     def baseline(self) -> bool:
-        return self.name_suffix == "_baseline"
+        return self.variant == "baseline"
+
+    @property
+    def streaming(self) -> bool:
+        return self.variant == "stream"
 
     @property
     def local(self) -> bool:
@@ -84,25 +92,37 @@ def plan(gen: Sequence[str], classify: Sequence[str], embed: Sequence[str], gen_
 
 
 def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> dict[str, Any]:
-    """The config.pbtxt of one batched model, as a ModelConfig dict."""
+    """The config.pbtxt of one model served by the generic model.py, as a ModelConfig dict.
+
+    Generation models also take their parameters as optional input tensors
+    (``stop`` may hold any number of strings, so it batches raggedly). The
+    baseline is the tutorial's: unbatched, prompt only. A stream is unbatched
+    for Triton (one prompt a request, as Triton's generate endpoints send it)
+    and decoupled; its scheduler does the batching.
+    """
     parameters = {
         "huggingface_model": LOCAL_WEIGHTS if entry.local else entry.source,
         "task": entry.task,
         "dtype": options.dtype,
         **task.parameters(),
         **({"step": "baseline"} if entry.baseline else {}),
+        **({"max_running_sequences": str(options.max_running_sequences), "max_running_tokens": str(options.max_running_tokens)} if entry.streaming else {}),
     }
+    optional = [] if entry.baseline or not hasattr(task, "optional_inputs") else task.optional_inputs()
     config = {
         "name": entry.name,
         "backend": "python",
-        "max_batch_size": 0 if entry.baseline else options.max_batch_size,  # the tutorial's: no batching at all
-        "input": [{"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]}],
-        "output": [{"name": s.name, "data_type": s.data_type, "dims": list(s.dims)} for s in task.outputs()],
+        "max_batch_size": options.max_batch_size if entry.variant == "python" else 0,
+        "input": [{"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]}]
+        + [{"name": s.name, "data_type": s.data_type, "dims": list(s.dims), "optional": True, "allow_ragged_batch": -1 in s.dims} for s in optional],
+        "output": [{"name": s.name, "data_type": s.data_type, "dims": list(s.dims)} for s in task.outputs() if not entry.baseline or s.name in TUTORIAL_OUTPUTS],
         "instance_group": [{"count": options.instances, "kind": "KIND_GPU" if options.device == "gpu" else "KIND_CPU"}],
         "parameters": {key: {"string_value": value} for key, value in parameters.items()},
     }
-    if not entry.baseline:
+    if entry.variant == "python":
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.max_queue_delay_us}
+    if entry.streaming:
+        config["model_transaction_policy"] = {"decoupled": True}
     return config
 
 
@@ -161,9 +181,10 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def variants_for(entry: ModelEntry, variants: Sequence[str]) -> list[str]:
     """The requested variants that apply to a model: exports exist for classification and embeddings."""
-    applicable = [v for v in variants if v == "python" or (v == "baseline" and entry.task in BASELINE_TASKS) or (v in EXPORT_VARIANTS and entry.task != "text-generation")]
+    generation = entry.task == "text-generation"
+    applicable = [v for v in variants if v == "python" or (v == "baseline" and entry.task in BASELINE_TASKS) or (v == "stream" and generation) or (v in EXPORT_VARIANTS and not generation)]
     if not applicable:
-        raise TritonHFError(f"{entry.name} ({entry.task}) has none of the variants {', '.join(variants)}: generation models are served as python only")
+        raise TritonHFError(f"{entry.name} ({entry.task}) has none of the variants {', '.join(variants)}: generation models are served as python, stream or baseline")
     return applicable
 
 
@@ -198,13 +219,10 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         for (entry, variants), task in zip(tqdm(plans, desc="writing models", unit="model"), tasks):
-            if "python" in variants:
-                write_model(staging, entry, task, options)
-                manifest[entry.name] = {"source": entry.source, "task": entry.task, "variant": "python"}
-            if "baseline" in variants:
-                baseline = dataclasses.replace(entry, name_suffix="_baseline")
-                write_model(staging, baseline, task, options)
-                manifest[baseline.name] = {"source": entry.source, "task": entry.task, "variant": "baseline"}
+            for variant in [v for v in variants if v in SUFFIXES]:
+                served = dataclasses.replace(entry, variant=variant)
+                write_model(staging, served, task, options)
+                manifest[served.name] = {"source": entry.source, "task": entry.task, "variant": variant}
         for model in exported:
             for made, name in zip(model.exports, write_ensembles(staging, model, runtime, options)):
                 manifest[name] = {"source": model.source, "task": model.task.task, "variant": made.variant.name, "runtime": runtime}
@@ -246,14 +264,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=defaults.dtype, help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: %(default)s)")
     parser.add_argument("--variants", type=lambda v: tuple(model_list(v)), default=defaults.variants, help=f"of {', '.join(VARIANTS)}; exports apply to classification and embedding models (ensembles <name>_<variant>), baseline to generation and classification (<name>_baseline) (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--runtime", choices=("auto", "native", "python"), default=defaults.runtime, help="for exported networks: native onnxruntime/libtorch backends (NGC containers), the python backend, or auto (default: %(default)s)")
+    parser.add_argument("--gen-max-running", type=int, default=defaults.max_running_sequences, help="streaming models: most sequences in the running batch; more wait (default: %(default)s)")
+    parser.add_argument("--gen-max-running-tokens", type=int, default=defaults.max_running_tokens, help="streaming models: bound on rows x longest (prompt + max_new_tokens) in the running batch, i.e. KV-cache size in tokens (default: %(default)s)")
     parser.add_argument("--onnx-accelerator", choices=("none", "tensorrt"), default=defaults.onnx_accelerator, help="ONNX Runtime accelerator for native GPU instances (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> Path:
-    if args.max_batch_size < 1 or args.instances < 1 or args.max_queue_delay_us < 0:
-        raise TritonHFError("--max-batch-size and --instances must be >= 1, --max-queue-delay-us >= 0")
+    if min(args.max_batch_size, args.instances, args.gen_max_running, args.gen_max_running_tokens) < 1 or args.max_queue_delay_us < 0:
+        raise TritonHFError("--max-batch-size, --instances, --gen-max-running and --gen-max-running-tokens must be >= 1, --max-queue-delay-us >= 0")
     entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len, args.gen_min_len)
-    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.variants, args.runtime, args.onnx_accelerator)
+    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.variants, args.runtime, args.onnx_accelerator, args.gen_max_running, args.gen_max_running_tokens)
     path = build(entries, options)
     manifest = read_manifest(path)
     for name, served in manifest.items():

@@ -149,7 +149,7 @@ class GenerationParams:
             raise RequestError(f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
         values = {name: PARAMETERS[name].parse(name, value) for name, value in raw.items()}
         if "min_new_tokens" not in values:  # a default minimum never exceeds a requested maximum
-            values["min_new_tokens"] = min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens))
+            values["min_new_tokens"] = max(0, min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens)))
         params = dataclasses.replace(self, **values)
         params.check(max_new_limit)
         return params

@@ -219,7 +219,6 @@ class TextGeneration(HFTask):
     def parameters(self) -> dict[str, str]:
         d = self.defaults
         values = {"max_length": d.max_new_tokens, "min_length": d.min_new_tokens, "do_sample": d.do_sample, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "return_full_text": d.return_full_text}
-        values |= {"max_running_sequences": self.max_sequences, "max_running_tokens": self.max_running_tokens}
         return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
 
 

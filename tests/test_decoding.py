@@ -1,0 +1,221 @@
+"""Unit tier for decoding.py: parameters, the padded running batch, sampling, the scheduler. No server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tritonhf.backends.python_hf.batching import RequestError
+from tritonhf.backends.python_hf.decoding import GenerationParams, Quiet
+from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
+
+from .helpers import PROMPTS
+
+LENGTHS = [3 + 5 * (i % 7) for i in range(len(PROMPTS))]  # 3..33 new tokens
+
+
+@pytest.fixture(scope="module", params=["gpt2", "facebook/opt-125m"])
+def model(tiny: dict[str, Path], request: pytest.FixtureRequest) -> TextGeneration:
+    return load_task(str(tiny[request.param]), "text-generation", max_length="8")
+
+
+def reference(model: TextGeneration, prompt: str, **options: Any) -> tuple[str, int]:
+    """transformers' own generate on the prompt alone: (prompt + completion, new tokens)."""
+    encoded = model.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.model.generate(**encoded, pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id, **options)
+    new = out[0, encoded["input_ids"].shape[1] :]
+    return prompt + model.tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+class Recorder:
+    """A decoding.Stream that keeps what it is sent, with arrival times."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.pieces: list[tuple[float, str, int]] = []
+        self.error: tuple[str, str] | None = None
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+
+    def send(self, text: str, new_tokens: int, final: bool) -> None:
+        self.pieces.append((time.monotonic(), text, new_tokens))
+        if final:
+            self.done.set()
+
+    def fail(self, message: str, kind: str) -> None:
+        self.error = (message, kind)
+        self.done.set()
+
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.pieces) >= self.cancel_after
+
+    @property
+    def text(self) -> str:
+        return "".join(piece for _, piece, _ in self.pieces)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, _, n in self.pieces)
+
+
+def stream_all(model: TextGeneration, requests: list[tuple[str, dict]], max_sequences: int = 32, gap: float = 0.0) -> list[Recorder]:
+    scheduler = model.scheduler()
+    scheduler.max_sequences = max_sequences
+    recorders = []
+    try:
+        for prompt, options in requests:
+            recorders.append(Recorder())
+            scheduler.submit(model.sequence(prompt, model.parse_options(options), recorders[-1]))
+            time.sleep(gap)
+        assert all(r.done.wait(60) for r in recorders)
+    finally:
+        scheduler.close()
+    return recorders
+
+
+# --- parameters ----------------------------------------------------------------------------
+
+
+def test_request_values_override_the_defaults() -> None:
+    defaults = GenerationParams(max_new_tokens=16, min_new_tokens=4)
+    params = defaults.updated({"max_new_tokens": "2", "do_sample": "true", "temperature": 0.7, "top_p": np.array([[0.5]], dtype=np.float32), "stop": np.array([[b"\n", b"."]], dtype=object), "seed": 3}, 100)
+    assert params == GenerationParams(max_new_tokens=2, min_new_tokens=2, do_sample=True, temperature=0.7, top_p=0.5, top_k=50, seed=3, stop=("\n", "."))
+    assert defaults.updated({}, 100) == defaults
+
+
+BAD_PARAMETERS = {
+    "negative max_new_tokens": ({"max_new_tokens": -5}, "max_new_tokens must be in 1..100, got -5"),
+    "too many new tokens": ({"max_new_tokens": 101}, "max_new_tokens must be in 1..100"),
+    "temperature 0 with sampling": ({"do_sample": True, "temperature": 0}, "temperature must be > 0 when do_sample is true"),
+    "unknown key": ({"max_tokens": 5}, "unknown generation parameter 'max_tokens'; known: max_new_tokens"),
+    "not an integer": ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+    "boolean as a count": ({"top_k": True}, "top_k must be an integer"),
+    "top_p out of range": ({"top_p": 0}, "top_p must be in (0, 1]"),
+    "min above max": ({"max_new_tokens": 4, "min_new_tokens": 5}, "min_new_tokens must be in 0..max_new_tokens (4)"),
+    "not a boolean": ({"do_sample": "yes"}, "do_sample must be true or false"),
+    "NaN temperature": ({"temperature": float("nan")}, "temperature must be a finite number"),
+    "two values in a scalar tensor": ({"seed": np.array([[1, 2]])}, "input 'seed' must hold one value"),
+    "empty stop string": ({"stop": ""}, "stop must be non-empty strings"),
+}
+
+
+@pytest.mark.parametrize("what", BAD_PARAMETERS)
+def test_bad_parameters_are_named(what: str) -> None:
+    raw, message = BAD_PARAMETERS[what]
+    with pytest.raises(RequestError) as caught:
+        GenerationParams().updated(raw, 100)
+    assert message in str(caught.value)
+
+
+def test_a_parameter_given_twice_is_refused(model: TextGeneration) -> None:
+    with pytest.raises(RequestError, match="max_new_tokens given both as a request parameter and as an input tensor"):
+        model.parse_options(({"max_new_tokens": 3}, {"max_new_tokens": np.array([[4]], dtype=np.int32)}))
+
+
+# --- static batches ------------------------------------------------------------------------
+
+
+def test_a_static_batch_equals_generate_row_by_row(model: TextGeneration) -> None:
+    """Every row its own max_new_tokens, in one batch: each equals transformers' generate on it alone."""
+    out = model(PROMPTS, [model.parse_options({"max_new_tokens": n}) for n in LENGTHS])
+    for i, (prompt, n) in enumerate(zip(PROMPTS, LENGTHS)):
+        assert (out["text"][i, 0].decode(), int(out["new_tokens"][i, 0])) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+
+
+def test_min_new_tokens_holds_eos_back(model: TextGeneration) -> None:
+    """Make the first greedy token the EOS: the row ends at once, unless min_new_tokens says otherwise."""
+    first = model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 1})])["text"][0, 0].decode()
+    token = model.sequence(first, model.defaults).prompt_ids[-1]
+    eos, model.eos = model.eos, frozenset([token])
+    try:
+        assert model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6})])["new_tokens"][0, 0] == 1
+        assert model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6, "min_new_tokens": 4})])["new_tokens"][0, 0] >= 4
+    finally:
+        model.eos = eos
+
+
+def test_stop_strings_end_the_answer_before_them(model: TextGeneration) -> None:
+    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][0, 0].decode()
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False, "stop": stop})])
+    assert cut["text"][0, 0].decode() == full[: full.index(stop)]
+    assert cut["new_tokens"][0, 0] < 20
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(model: TextGeneration) -> None:
+    seeded = model.parse_options({"do_sample": True, "seed": 11, "max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95})
+    alone = model([PROMPTS[5]], [seeded])["text"][0, 0]
+    among = model([PROMPTS[0], PROMPTS[5], PROMPTS[9]], [model.defaults, seeded, seeded])["text"][:, 0]
+    assert among[1] == alone, "the same seed, the same answer, whatever the neighbours"
+    assert model([PROMPTS[5]], [model.parse_options({"do_sample": True, "seed": 12, "max_new_tokens": 12})])["text"][0, 0] != alone
+
+
+def test_sampling_filters_narrow_to_greedy(model: TextGeneration) -> None:
+    greedy = model([PROMPTS[6]], [model.parse_options({"max_new_tokens": 10})])["text"][0, 0]
+    for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
+        assert model([PROMPTS[6]], [model.parse_options({"do_sample": True, "max_new_tokens": 10, **narrow})])["text"][0, 0] == greedy, narrow
+
+
+# --- continuous batching -------------------------------------------------------------------
+
+
+def test_streams_concatenate_to_the_static_answers(model: TextGeneration) -> None:
+    """Requests arriving one by one join the running batch; each stream equals its static answer."""
+    requests = [(prompt, {"max_new_tokens": n}) for prompt, n in zip(PROMPTS, LENGTHS)]
+    static = model(PROMPTS, [model.parse_options(options) for _, options in requests])
+    for i, recorder in enumerate(stream_all(model, requests, gap=0.004)):
+        assert recorder.error is None
+        assert (recorder.text, recorder.tokens) == (static["text"][i, 0].decode(), static["new_tokens"][i, 0])
+
+
+def test_the_running_batch_is_bounded(model: TextGeneration) -> None:
+    seen: list[int] = []
+
+    class Occupancy(Quiet):
+        def occupancy(self, running: int, queued: int) -> None:
+            seen.append(running)
+
+    scheduler = model.scheduler(Occupancy())
+    scheduler.max_sequences = 3
+    recorders = [Recorder() for _ in PROMPTS[:8]]
+    for prompt, recorder in zip(PROMPTS, recorders):
+        scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": 10}), recorder))
+    assert all(r.done.wait(60) for r in recorders)
+    scheduler.close()
+    assert max(seen) == 3 and all(r.tokens == 10 for r in recorders)
+    with pytest.raises(RequestError, match="exceeds this model's max_running_tokens"):
+        scheduler.max_tokens = 20
+        scheduler.submit(model.sequence(PROMPTS[0], model.parse_options({"max_new_tokens": 30})))
+
+
+def test_a_late_request_streams_before_the_early_ones_finish(model: TextGeneration) -> None:
+    scheduler = model.scheduler()
+    early = [Recorder() for _ in range(2)]
+    for recorder in early:
+        scheduler.submit(model.sequence(PROMPTS[1], model.parse_options({"max_new_tokens": 200}), recorder))
+    while sum(n for _, _, n in early[0].pieces) < 5:
+        time.sleep(0.001)
+    late = Recorder()
+    scheduler.submit(model.sequence(PROMPTS[2], model.parse_options({"max_new_tokens": 3}), late))
+    assert late.done.wait(60) and all(r.done.wait(60) for r in early)
+    scheduler.close()
+    assert late.pieces[0][0] < min(r.pieces[-1][0] for r in early), "admitted at a step boundary, not after the batch"
+    assert late.pieces[-1][0] < min(r.pieces[-1][0] for r in early)
+
+
+def test_a_cancelled_stream_leaves_the_others_intact(model: TextGeneration) -> None:
+    scheduler = model.scheduler()
+    kept, cancelled = Recorder(), Recorder(cancel_after=3)
+    scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 40}), kept))
+    scheduler.submit(model.sequence(PROMPTS[7], model.parse_options({"max_new_tokens": 40}), cancelled))
+    assert kept.done.wait(60) and cancelled.done.wait(60)
+    scheduler.close()
+    assert cancelled.error == ("request cancelled", "cancelled") and 3 <= cancelled.tokens < 40
+    assert kept.error is None and kept.text == model([PROMPTS[3]], [model.parse_options({"max_new_tokens": 40})])["text"][0, 0].decode()
+    assert scheduler.batch.rows == [], "its slot is free"
