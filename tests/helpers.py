@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import queue
 import re
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -20,6 +22,7 @@ from .conftest import CLASSIFIER, EMBEDDER
 NAMES = {"gpt2": "gpt2", "facebook/opt-125m": "opt-125m", CLASSIFIER: CLASSIFIER, EMBEDDER: EMBEDDER}
 # Sixteen prompts of different lengths, so that every burst pads.
 PROMPTS = [" ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 5))[: 8 + 13 * i] + f" #{i}" for i in range(16)]
+LENGTHS = [3 + 5 * (i % 7) for i in range(len(PROMPTS))]  # new tokens, 3..33, one per prompt
 Outputs = dict[str, np.ndarray]
 
 
@@ -30,19 +33,68 @@ def bytes_input(rows: Sequence[str | bytes], name: str = "prompt") -> grpcclient
     return tensor
 
 
-def burst(server: TritonServer, model: str, requests: Sequence[list[grpcclient.InferInput]]) -> list[Outputs | InferenceServerException]:
-    """Send every request at once (async gRPC) and wait for all answers, in request order."""
+def burst(server: TritonServer, model: str, requests: Sequence[list[grpcclient.InferInput]], parameters: Sequence[Mapping[str, Any]] | None = None) -> list[Outputs | InferenceServerException]:
+    """Send every request at once (async gRPC), with its request parameters, and wait for all answers, in request order."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     outputs = [o.name for o in client.get_model_config(model).config.output]
     answers: queue.Queue = queue.Queue()
     for index, inputs in enumerate(requests):
-        client.async_infer(model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)))
+        extra = dict(parameters[index]) if parameters and parameters[index] else None
+        client.async_infer(model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)), parameters=extra)
     results: list = [None] * len(requests)
     for _ in requests:
         index, result, error = answers.get(timeout=120)
         results[index] = error if error else {name: result.as_numpy(name) for name in outputs}
     client.close()
     return results
+
+
+class Streamed:
+    """One request to a streaming model on a gRPC stream of its own: its pieces as they arrive, or its error."""
+
+    def __init__(self, server: TritonServer, model: str, prompt: str, parameters: Mapping[str, Any] | None = None, tensors: Sequence[grpcclient.InferInput] = ()) -> None:
+        self.pieces: list[tuple[float, str, int]] = []  # (arrival, text, new tokens)
+        self.error: InferenceServerException | None = None
+        self.done = threading.Event()
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.client.start_stream(callback=self.receive)
+        prompt_tensor = grpcclient.InferInput("prompt", [1], "BYTES")
+        prompt_tensor.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        self.client.async_stream_infer(model, [prompt_tensor, *tensors], parameters=dict(parameters or {}) or None)
+
+    def receive(self, result: Any, error: InferenceServerException | None) -> None:
+        if error:
+            self.error = error
+        else:
+            self.pieces.append((time.monotonic(), result.as_numpy("text")[0].decode(), int(result.as_numpy("new_tokens")[0])))
+        if error or result.get_response().parameters["triton_final_response"].bool_param:
+            self.done.set()
+
+    def wait(self, timeout: float = 120) -> Streamed:
+        assert self.done.wait(timeout), "no final response"
+        self.client.stop_stream()
+        self.client.close()
+        return self
+
+    def cancel(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+    @property
+    def text(self) -> str:
+        assert self.error is None, self.error
+        return "".join(text for _, text, _ in self.pieces)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, _, n in self.pieces)
+
+
+def metric(server: TritonServer, name: str, model: str) -> float:
+    """One sample of the server's Prometheus metrics for a model (0 if not reported yet)."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    found = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M)
+    return float(found[1]) if found else 0.0
 
 
 def alone(server: TritonServer, model: str, rows: Sequence[str]) -> Outputs:
@@ -59,10 +111,7 @@ def ok(results: Sequence[Outputs | Exception]) -> list[Outputs]:
 
 def counters(server: TritonServer, model: str) -> tuple[float, float]:
     """(inferences, executions) for a model, from the server's Prometheus metrics."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    values = [re.search(rf'^{metric}{{model="{model}",version="1"}} (\S+)$', text, re.M) for metric in ("nv_inference_count", "nv_inference_exec_count")]
-    assert all(values), f"no metrics for {model}"
-    return float(values[0][1]), float(values[1][1])
+    return metric(server, "nv_inference_count", model), metric(server, "nv_inference_exec_count", model)
 
 
 def settled_counters(server: TritonServer, model: str) -> tuple[float, float]:
@@ -122,3 +171,14 @@ def in_process(repository: Path, name: str) -> Callable[[list[str]], dict[str, n
         return {t["name"]: tensors[t["name"]] for t in config["output"]}
 
     return run
+
+
+def reference(model: Any, prompt: str, **options: Any) -> tuple[str, int]:
+    """transformers' own generate on one prompt alone, for a tasks.TextGeneration: (prompt + completion, new tokens)."""
+    import torch
+
+    encoded = model.tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.model.generate(**encoded, pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id, **options)
+    new = out[0, encoded["input_ids"].shape[1] :]
+    return prompt + model.tokenizer.decode(new, skip_special_tokens=True), len(new)

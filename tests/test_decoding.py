@@ -5,33 +5,19 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.decoding import GenerationParams, Quiet
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 
-from .helpers import PROMPTS
-
-LENGTHS = [3 + 5 * (i % 7) for i in range(len(PROMPTS))]  # 3..33 new tokens
-
+from .helpers import LENGTHS, PROMPTS, reference
 
 @pytest.fixture(scope="module", params=["gpt2", "facebook/opt-125m"])
 def model(tiny: dict[str, Path], request: pytest.FixtureRequest) -> TextGeneration:
     return load_task(str(tiny[request.param]), "text-generation", max_length="8")
-
-
-def reference(model: TextGeneration, prompt: str, **options: Any) -> tuple[str, int]:
-    """transformers' own generate on the prompt alone: (prompt + completion, new tokens)."""
-    encoded = model.tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.model.generate(**encoded, pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id, **options)
-    new = out[0, encoded["input_ids"].shape[1] :]
-    return prompt + model.tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
 class Recorder:

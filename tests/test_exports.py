@@ -171,5 +171,5 @@ def test_a_second_build_reuses_the_exports(tiny: dict[str, Path], native: Path) 
 def test_unknown_variant_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(TritonHFError, match="unknown variants onnx-fp8"):
         build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "r", variants=("python", "onnx-fp8")))
-    with pytest.raises(TritonHFError, match="generation models are served as python only"):
+    with pytest.raises(TritonHFError, match="generation models are served as python, stream or baseline"):
         build(plan([str(tiny["gpt2"])], [], [], 16), dataclasses.replace(BuildOptions(output=tmp_path / "r"), variants=("onnx",)))

@@ -99,7 +99,7 @@ BAD = {
     "empty string": ([bytes_input([""])], "prompt row 0 is empty"),
     "wrong input name": ([bytes_input(["hello"], name="text_input")], "unexpected inference input 'text_input'"),
     "wrong dtype": ([int32_prompt()], "data-type is 'INT32', but model"),
-    "missing prompt": ([], "expected 1 inputs but got 0"),
+    "missing prompt": ([], "got 0 inputs"),
 }
 
 

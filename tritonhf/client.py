@@ -2,14 +2,21 @@
 
 The tutorial's client copied the input shape from the model metadata, which
 breaks once ``max_batch_size`` > 0 (the shape then starts with -1). Here the
-batch axis is the number of prompts, and every prompt is one row.
+batch axis is the number of prompts, and every prompt is one row. ``--param``
+sends request parameters (generation: ``max_new_tokens=32``, ``do_sample=true``);
+``--stream`` reads a ``<name>_stream`` model over gRPC streaming and prints its
+pieces as they arrive.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import json
+import queue
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +33,7 @@ def client_module(protocol: str) -> ModuleType:
     return module
 
 
-def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: str = "http") -> dict[str, np.ndarray]:
+def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: str = "http", parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Send the prompts as one request of shape [rows, 1]; every output, by name."""
     module = client_module(protocol)
     client = module.InferenceServerClient(url or DEFAULT_URLS[protocol])
@@ -39,7 +46,7 @@ def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: 
         data = np.array([p.encode("utf-8") for p in prompts], dtype=object).reshape((-1, 1) if batched else (1,))
         prompt = module.InferInput("prompt", list(data.shape), "BYTES")
         prompt.set_data_from_numpy(data)
-        result = client.infer(model, [prompt])
+        result = client.infer(model, [prompt], parameters=dict(parameters or {}) or None)
         return {output["name"]: result.as_numpy(output["name"]) for output in config["output"]}
     except module.InferenceServerException as err:
         raise TritonHFError(f"{model}: {err.message()}") from None
@@ -47,6 +54,48 @@ def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: 
         raise TritonHFError(f"cannot reach the server at {url or DEFAULT_URLS[protocol]}: {err}") from None
     finally:
         client.close()
+
+
+def stream(model: str, prompt: str, url: str | None = None, parameters: Mapping[str, Any] | None = None, timeout: float = 300) -> Iterator[tuple[str, int]]:
+    """One prompt to a decoupled (streaming) model over gRPC: (piece of text, new tokens in it) as they arrive.
+
+    Leaving the loop early cancels the request on the server, which frees its slot.
+    """
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(url or DEFAULT_URLS["grpc"])
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    finished = False
+    try:
+        tensor = grpc.InferInput("prompt", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([prompt.encode("utf-8")], dtype=object))
+        client.async_stream_infer(model, [tensor], parameters=dict(parameters or {}) or None)
+        while not finished:
+            try:
+                result, error = answers.get(timeout=timeout)
+            except queue.Empty:
+                raise TritonHFError(f"{model}: no answer within {timeout:.0f} s") from None
+            if error:
+                raise TritonHFError(f"{model}: {error.message() if hasattr(error, 'message') else error}")
+            finished = result.get_response().parameters["triton_final_response"].bool_param
+            yield result.as_numpy("text")[0].decode("utf-8"), int(result.as_numpy("new_tokens")[0])
+    except grpc.InferenceServerException as err:
+        raise TritonHFError(f"cannot stream from {model} at {url or DEFAULT_URLS['grpc']}: {err.message()}") from None
+    finally:
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
+def parameter(value: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON where it is JSON (16, 0.7, true) and as a string otherwise."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
 
 
 def show(value: np.ndarray, width: int = 100) -> str:
@@ -70,9 +119,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows in one request")
     parser.add_argument("-i", "--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", help="server address (default: localhost:8000 for http, localhost:8001 for grpc)")
+    parser.add_argument("--param", type=parameter, action="append", default=[], metavar="KEY=VALUE", help="a request parameter, e.g. max_new_tokens=32; repeat for more")
+    parser.add_argument("--stream", action="store_true", help="stream from a <name>_stream model, printing text as it arrives; always gRPC (--url: the gRPC address)")
 
 
-def run(args: argparse.Namespace) -> dict[str, np.ndarray]:
-    outputs = infer(args.model, args.prompt, args.url, args.protocol)
-    print(table(outputs))
-    return outputs
+def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    parameters = dict(args.param)
+    if not args.stream:
+        outputs = infer(args.model, args.prompt, args.url, args.protocol, parameters)
+        print(table(outputs))
+        return outputs
+    for prompt in args.prompt:
+        tokens = 0
+        for piece, new_tokens in stream(args.model, prompt, args.url, parameters):
+            print(piece, end="", flush=True)
+            tokens += new_tokens
+        print()
+        print(f"[{tokens} new tokens]", file=sys.stderr)
+    return None
