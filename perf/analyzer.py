@@ -46,6 +46,8 @@ class PerfOptions:
     request_count: int = 0  # > 0: windows of this many answers instead of window_ms (for answers that come in bursts)
     stability_percent: int = 20
     max_trials: int = 6
+    streaming: bool = False  # gRPC streaming: required by decoupled (streaming) models
+    profile_path: Path | None = None  # --profile-export-file: every request's send and response times and outputs
 
     def argv(self) -> list[str]:
         windows = (
@@ -64,6 +66,8 @@ class PerfOptions:
             "--stability-percentage", str(self.stability_percent),
             "--max-trials", str(self.max_trials),
             "-f", str(self.csv_path),
+            *(["--streaming"] if self.streaming else []),
+            *(["--profile-export-file", str(self.profile_path)] if self.profile_path else []),
         ]  # fmt: skip
 
 

@@ -11,7 +11,27 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{suffix}"
 
 
-def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[tuple[str, float, float | None]], extra: dict[str, float]) -> str:
+def mixed_markdown(mixed: list[dict]) -> list[str]:
+    """The mixed generation workload: static python model against the streaming one."""
+    if not mixed:
+        return []
+    lines = ["## Generation, mixed workload", "",
+             f"Each request asks for max_new_tokens uniform in 8..64, at concurrency {mixed[0]['concurrency']:.0f}; measured from perf_analyzer's profile export "
+             "(time to first token: the static model's only answer; inter-token latency: gaps between streamed pieces, per token).", "",
+             "| model | variant | req/s | output tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | inter-token p50 (ms) | end-to-end p50 (ms) | tokens/s vs static |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in mixed:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | not measured: {r['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['requests_per_s']:.2f} | {r['output_tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | "
+            f"{fmt(r.get('itl_p50_ms'), '.0f')} | {r['e2e_p50_ms']:.0f} | {fmt(r.get('tokens_vs_static'), '.2f', 'x')} |"
+        )
+    return [*lines, ""]
+
+
+def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[tuple[str, float, float | None]], extra: dict[str, float], mixed: Sequence[dict] = ()) -> str:
     lines = ["# tritonhf perf report", "", " | ".join(f"**{k}** {v}" for k, v in facts.items()), ""]
     lines += ["Measured in one run on this machine: perf_analyzer over gRPC, fixed concurrency, time windows as above; "
               "ratios are against the tutorial's one-request-at-a-time baseline at the same concurrency. "
@@ -28,6 +48,7 @@ def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[
                 f"{r['avg_batch']:.1f} | {r['queue_ms']:.0f} | {r['compute_ms']:.0f} | {fmt(r.get('vs_baseline'), '.2f', 'x')} |"
             )
         lines.append("")
+    lines += mixed_markdown(list(mixed))
     lines += ["## Targets", "", "| target | goal | measured | |", "|---|---|---|---|"]
     for what, goal, measured in targets:
         verdict = "n/a" if measured is None else ("met" if measured >= goal else f"MISSED by {(goal - measured) / goal:.0%}")

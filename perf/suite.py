@@ -4,8 +4,10 @@ Builds one repository from the full-size stand-ins (generation makes exactly
 ``GEN_TOKENS`` new tokens: random weights would otherwise stop at random EOS
 tokens and change the work), starts the server once, and sweeps each served
 model through perf_analyzer at fixed concurrencies, reading the server's
-metrics around every step. Writes ``perf/results/<timestamp>/``: raw CSVs,
-``summary.csv``, ``summary.md`` (printed at the end) and ``throughput_latency.png``.
+metrics around every step. Then the mixed generation workload (perf/generation.py):
+the static model against the streaming one. Writes ``perf/results/<timestamp>/``:
+raw CSVs and profiles, ``summary.csv``, ``mixed.csv``, ``summary.md`` (printed
+at the end) and ``throughput_latency.png``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tritonhf.perf.analyzer import PerfAnalyzerError, PerfOptions, measure
+from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, summary_markdown
 from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan, read_manifest
@@ -46,6 +49,8 @@ class SuiteOptions:
     device: str = "cpu"
     window_ms: int = 4000
     gen_window_ms: int = 15000  # the generation baseline's windows: ~10 answers each
+    mixed_models: tuple[str, ...] = ("gpt2",)  # of gen_models, by served name: static vs stream under the mixed workload
+    mixed_concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -111,13 +116,17 @@ def in_process_throughput(source: str, batch: int, seconds: float = 10.0) -> flo
     return done / (time.perf_counter() - start)
 
 
-def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], dict[str, str], Path]:
+def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict], dict[str, str], Path]:
     standins = write_standins(options.workdir / "standins", "full")
     entries = plan([str(standins[m]) for m in options.gen_models], [str(standins[CLASSIFIER])], [], GEN_TOKENS, GEN_TOKENS)
     repository = build(entries, BuildOptions(output=options.workdir / "perf_repository", variants=VARIANTS, device=options.device))
     data = data_file(results / "prompts.data.json")
     rows = []
-    plan_steps = [(s, c) for s in served_models(repository) for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)]
+    served = served_models(repository)
+    plan_steps = [(s, c) for s in served if s.variant != "stream" for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)]
+    mixed_steps = [s for s in served if s.base in options.mixed_models and s.variant in ("python", "stream")]
+    mixed_file = mixed_data(results / "mixed.data.json", json.loads(PROMPTS.read_text())["prompts"])
+    mixed = []
     with TritonServer(repository, log_path=results / "tritonserver.log") as server:
         facts = {**machine_facts(server.http_url), "windows": f"{options.window_ms / 1000:.0f} s; generation: 2 x concurrency answers (baseline above concurrency 1: {options.gen_window_ms / 1000:.0f} s)"}
         env = find_installation().env
@@ -130,7 +139,13 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], dict[str, s
                 rows.append({**row, "error": str(err).splitlines()[-1]})
                 continue
             rows.append({**row, **measured, **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)})
-    return rows, facts, standins[CLASSIFIER]
+        for served in tqdm(mixed_steps, desc="mixed generation workload", unit="model"):
+            row = {"model": served.base, "variant": served.variant, "concurrency": options.mixed_concurrency}
+            try:
+                mixed.append({**row, **measure_mixed(served.name, served.variant == "stream", server.grpc_url, mixed_file, options.mixed_concurrency, results, env)})
+            except (PerfAnalyzerError, ValueError) as err:
+                mixed.append({**row, "error": str(err).splitlines()[-1]})
+    return rows, mixed, facts, standins[CLASSIFIER]
 
 
 def step_options(options: SuiteOptions, served: Served, concurrency: int, url: str, data: Path, results: Path) -> PerfOptions:
@@ -144,8 +159,8 @@ def step_options(options: SuiteOptions, served: Served, concurrency: int, url: s
     return dataclasses.replace(base, request_count=max(8, 2 * concurrency))
 
 
-def ratio(rows: list[dict], model: str, variant: str, versus: str, concurrency: int) -> float | None:
-    pick = lambda v: next((r.get("throughput_rps") for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
+def ratio(rows: list[dict], model: str, variant: str, versus: str, concurrency: int, metric: str = "throughput_rps") -> float | None:
+    pick = lambda v: next((r.get(metric) for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
     a, b = pick(variant), pick(versus)
     return a / b if a and b else None
 
@@ -163,6 +178,8 @@ TARGETS = (
     Target("distilbert, concurrency 16: onnx-int8 / python", 2.0, lambda rows, extra: ratio(rows, CLASSIFIER, "onnx-int8", "python", 16)),
     Target("gpt2, 32 new tokens, concurrency 32: python / baseline", 5.0, lambda rows, extra: ratio(rows, "gpt2", "python", "baseline", 32)),
     Target("Triton overhead: python at concurrency 32 / in-process step at the batch formed", 0.8, lambda rows, extra: extra.get("overhead_ratio")),
+    Target("gpt2, mixed 8..64 new tokens, concurrency 32: output tokens/s, stream / python", 1.5, lambda rows, extra: extra.get("mixed_tokens_ratio")),
+    Target("gpt2, mixed 8..64 new tokens, concurrency 32: median time to first token, python / stream", 2.0, lambda rows, extra: extra.get("mixed_ttft_ratio")),
 )
 
 
@@ -185,11 +202,25 @@ def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64) -> Pa
     return results
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run(options: SuiteOptions) -> Path:
     results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
-    rows, facts, classifier = sweep(options, results)
+    rows, mixed, facts, classifier = sweep(options, results)
     extra: dict[str, float] = {}
+    if mixed:
+        concurrency = options.mixed_concurrency
+        for row in mixed:
+            row["tokens_vs_static"] = ratio(mixed, row["model"], row["variant"], "python", concurrency, "output_tokens_per_s")
+        extra["mixed_tokens_ratio"] = ratio(mixed, "gpt2", "stream", "python", concurrency, "output_tokens_per_s")
+        extra["mixed_ttft_ratio"] = ratio(mixed, "gpt2", "python", "stream", concurrency, "ttft_p50_ms")
+        write_csv(mixed, results / "mixed.csv")
     served32 = next((r for r in rows if r["model"] == CLASSIFIER and r["variant"] == "python" and r["concurrency"] == 32 and "error" not in r), None)
     if served32:
         batch = max(1, round(served32["avg_batch"]))
@@ -198,12 +229,9 @@ def run(options: SuiteOptions) -> Path:
         extra["overhead_ratio"] = served32["throughput_rps"] / extra["in_process_rps"]
     for row in rows:
         row["vs_baseline"] = ratio(rows, row["model"], row["variant"], "baseline", int(row["concurrency"]))
-    with (results / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, results / "summary.csv")
     targets = [(t.what, t.goal, t.measure(rows, extra)) for t in TARGETS]
-    report = summary_markdown(rows, facts, targets, extra)
+    report = summary_markdown(rows, facts, targets, extra, mixed)
     (results / "summary.md").write_text(report)
     plot(rows, results / "throughput_latency.png")
     print(report)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tritonhf.perf.analyzer import PerfOptions, measure
+from tritonhf.perf.generation import MIXED_TOKENS, measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, summary_markdown
 from tritonhf.perf.suite import PROMPTS, Served, data_file, ratio
@@ -28,6 +29,9 @@ def test_argv_is_built_from_the_options(tmp_path: Path) -> None:
     counted = dataclasses.replace(options, request_count=64).argv()
     assert counted[counted.index("--measurement-mode") + 1] == "count_windows"
     assert counted[counted.index("--measurement-request-count") + 1] == "64" and "--measurement-interval" not in counted
+    assert "--streaming" not in argv and "--profile-export-file" not in argv
+    streamed = dataclasses.replace(options, streaming=True, profile_path=tmp_path / "p.json").argv()
+    assert "--streaming" in streamed and streamed[streamed.index("--profile-export-file") + 1] == str(tmp_path / "p.json")
 
 
 def test_prompts_are_varied() -> None:
@@ -58,6 +62,21 @@ def test_a_real_measurement(server: TritonServer, tmp_path: Path, variant: str) 
     assert 1.0 <= side["avg_batch"] <= 32 and side["compute_ms"] > 0
 
 
+@pytest.mark.server
+def test_the_mixed_generation_workload(server: TritonServer, tmp_path: Path) -> None:
+    """Static and streaming gpt2 under perf_analyzer with per-request max_new_tokens; metrics from the profile export."""
+    data = mixed_data(tmp_path / "mixed.json", json.loads(PROMPTS.read_text())["prompts"])
+    asked = [entry["max_new_tokens"][0] for entry in json.loads(data.read_text())["data"]]
+    assert min(asked) >= MIXED_TOKENS[0] and max(asked) <= MIXED_TOKENS[1] and len(set(asked)) > 10
+    measured = {streaming: measure_mixed("gpt2_stream" if streaming else "gpt2", streaming, server.grpc_url, data, 4, tmp_path, find_installation().env) for streaming in (False, True)}
+    for stats in measured.values():
+        assert stats["requests"] >= 8 and stats["output_tokens_per_s"] > 0
+        assert MIXED_TOKENS[0] <= stats["tokens_per_request"] <= MIXED_TOKENS[1], "new_tokens counted from the responses"
+    static, stream = measured[False], measured[True]
+    assert static["ttft_p50_ms"] == static["e2e_p50_ms"] and static["itl_p50_ms"] is None, "one answer per request"
+    assert stream["ttft_p50_ms"] < stream["e2e_p50_ms"] and stream["itl_p50_ms"] > 0, "streamed in pieces"
+
+
 def test_report_and_plot(tmp_path: Path) -> None:
     rows = [
         {"model": "m", "task": "t", "variant": v, "concurrency": c, "throughput_rps": rps, "p50_ms": 10.0, "p95_ms": 20.0 * c, "avg_batch": 1.0, "queue_ms": 1.0, "compute_ms": 5.0}
@@ -72,5 +91,9 @@ def test_report_and_plot(tmp_path: Path) -> None:
     assert "| onnx | 16 | not measured: Failed to obtain stable measurement. |" in text
     assert "| python / baseline | >= 2.20 | 3.00 | met |" in text
     assert "| int8 / python | >= 2.00 | 1.50 | MISSED by 25% |" in text
+    mixed = [{"model": "gpt2", "variant": "python", "concurrency": 32, "requests_per_s": 1.0, "output_tokens_per_s": 36.0, "ttft_p50_ms": 9000.0, "ttft_p95_ms": 9500.0, "itl_p50_ms": None, "e2e_p50_ms": 9000.0, "tokens_vs_static": 1.0}]
+    mixed.append({**mixed[0], "variant": "stream", "output_tokens_per_s": 54.0, "ttft_p50_ms": 300.0, "itl_p50_ms": 120.0, "tokens_vs_static": 1.5})
+    text = summary_markdown(rows, {"cpu": "x"}, [], {}, mixed)
+    assert "| gpt2 | stream | 1.00 | 54.0 | 300 | 9500 | 120 | 9000 | 1.50x |" in text and "| gpt2 | python | 1.00 | 36.0 | 9000 | 9500 | n/a |" in text
     plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

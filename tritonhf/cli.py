@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     perf.add_argument("--class-concurrency", type=int_list, default=(1, 4, 16, 32, 64), help="for the classifier (default: 1,4,16,32,64)")
     perf.add_argument("--gen-concurrency", type=int_list, default=(1, 32), help="for generation (default: 1,32)")
     perf.add_argument("--gen-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2", "facebook/opt-125m"), help="stand-ins to sweep, '' for none (default: gpt2,facebook/opt-125m)")
+    perf.add_argument("--mixed-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2",), help="served names to run the mixed generation workload on, static vs stream, '' for none (default: gpt2)")
     perf.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind; fp16 where the variant supports it on gpu")
     perf.add_argument("--window-ms", type=int, default=4000, help="perf_analyzer measurement window; generation above concurrency 1 uses 15 s (default: %(default)s)")
     perf.add_argument("--soak", type=float, nargs="?", const=600.0, default=None, metavar="SECONDS", help="instead: a soak at concurrency 64 that checks every answer (default 600 s)")
@@ -57,7 +58,7 @@ def int_list(value: str) -> tuple[int, ...]:
 def run_perf(args: argparse.Namespace) -> None:
     from tritonhf.perf import suite
 
-    options = suite.SuiteOptions(args.output, args.workdir, args.class_concurrency, args.gen_concurrency, args.gen_models, args.device, args.window_ms)
+    options = suite.SuiteOptions(args.output, args.workdir, args.class_concurrency, args.gen_concurrency, args.gen_models, args.device, args.window_ms, mixed_models=args.mixed_models)
     suite.run_soak(options, args.soak) if args.soak else suite.run(options)
 
 

@@ -50,6 +50,7 @@ class BuildOptions:
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
     max_running_sequences: int = 32  # streaming models: rows in the running batch
     max_running_tokens: int = 16384  # streaming models: rows x longest (prompt + max_new_tokens) in it
+    max_waiting_steps: int = 10  # streaming models: admit waiting requests after at most this many steps
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> dict[s
         "dtype": options.dtype,
         **task.parameters(),
         **({"step": "baseline"} if entry.baseline else {}),
-        **({"max_running_sequences": str(options.max_running_sequences), "max_running_tokens": str(options.max_running_tokens)} if entry.streaming else {}),
+        **({"max_running_sequences": str(options.max_running_sequences), "max_running_tokens": str(options.max_running_tokens), "max_waiting_steps": str(options.max_waiting_steps)} if entry.streaming else {}),
     }
     optional = [] if entry.baseline or not hasattr(task, "optional_inputs") else task.optional_inputs()
     config = {
@@ -266,14 +267,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=("auto", "native", "python"), default=defaults.runtime, help="for exported networks: native onnxruntime/libtorch backends (NGC containers), the python backend, or auto (default: %(default)s)")
     parser.add_argument("--gen-max-running", type=int, default=defaults.max_running_sequences, help="streaming models: most sequences in the running batch; more wait (default: %(default)s)")
     parser.add_argument("--gen-max-running-tokens", type=int, default=defaults.max_running_tokens, help="streaming models: bound on rows x longest (prompt + max_new_tokens) in the running batch, i.e. KV-cache size in tokens (default: %(default)s)")
+    parser.add_argument("--gen-max-waiting-steps", type=int, default=defaults.max_waiting_steps, help="streaming models: decoding steps a request may wait before it is admitted; 0 admits at every step (default: %(default)s)")
     parser.add_argument("--onnx-accelerator", choices=("none", "tensorrt"), default=defaults.onnx_accelerator, help="ONNX Runtime accelerator for native GPU instances (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> Path:
     if min(args.max_batch_size, args.instances, args.gen_max_running, args.gen_max_running_tokens) < 1 or args.max_queue_delay_us < 0:
         raise TritonHFError("--max-batch-size, --instances, --gen-max-running and --gen-max-running-tokens must be >= 1, --max-queue-delay-us >= 0")
+    if args.gen_max_waiting_steps < 0:
+        raise TritonHFError("--gen-max-waiting-steps must be >= 0")
     entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len, args.gen_min_len)
-    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.variants, args.runtime, args.onnx_accelerator, args.gen_max_running, args.gen_max_running_tokens)
+    options = BuildOptions(args.output, args.max_batch_size, args.max_queue_delay_us, args.instances, args.device, args.dtype, args.variants, args.runtime, args.onnx_accelerator, args.gen_max_running, args.gen_max_running_tokens, args.gen_max_waiting_steps)
     path = build(entries, options)
     manifest = read_manifest(path)
     for name, served in manifest.items():

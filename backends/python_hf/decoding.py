@@ -421,11 +421,29 @@ class Scheduler:
     each row its new text, retire finished rows. ``submit`` is thread-safe
     and never blocks; a request whose own reservation exceeds
     ``max_tokens`` is refused at once.
+
+    When to admit is TGI's rule: at once into an empty batch; otherwise when
+    the waiting requests number ``waiting_served_ratio`` x the running ones,
+    or the oldest has waited ``max_waiting_steps`` decoding steps. Each
+    admission costs a prefill forward and a copy of the cache, so admitting a
+    few at a time beats one at every step (on a 2-core CPU a gpt2 prefill
+    forward costs about a third of a 32-row decoding step, before its tokens).
     """
 
-    def __init__(self, model: LanguageModel, max_sequences: int, max_tokens: int, observer: Observer | None = None, log_error: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        model: LanguageModel,
+        max_sequences: int,
+        max_tokens: int,
+        observer: Observer | None = None,
+        log_error: Callable[[str], None] = print,
+        max_waiting_steps: int = 10,
+        waiting_served_ratio: float = 1.2,
+    ) -> None:
         self.model, self.batch = model, RunningBatch(model)
         self.max_sequences, self.max_tokens = max_sequences, max_tokens
+        self.max_waiting_steps, self.waiting_served_ratio = max_waiting_steps, waiting_served_ratio
+        self.steps_waited = 0  # decoding steps run while someone waited
         self.observer = observer or Quiet()
         self.log_error = log_error
         self.waiting: deque[Sequence] = deque()
@@ -460,6 +478,11 @@ class Scheduler:
     def admissible(self) -> list[Sequence]:
         """Waiting rows that fit, in arrival order (the first that doesn't fit waits, and so does everyone after it)."""
         new: list[Sequence] = []
+        running = len(self.batch.rows)
+        if running and len(self.waiting) < self.waiting_served_ratio * running and self.steps_waited < self.max_waiting_steps:
+            self.steps_waited += bool(self.waiting)
+            return new
+        self.steps_waited = 0
         rows, widest = len(self.batch.rows), max((row.reserved for row in self.batch.rows), default=0)
         while self.waiting and rows + len(new) < self.max_sequences:
             head = self.waiting[0]

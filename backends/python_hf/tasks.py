@@ -133,7 +133,9 @@ class TextGeneration(HFTask):
 
     ``max_length`` / ``min_length`` keep the tutorial's names for the default
     ``max_new_tokens`` / ``min_new_tokens``. ``max_running_sequences`` and
-    ``max_running_tokens`` bound the streaming model's running batch.
+    ``max_running_tokens`` bound the streaming model's running batch;
+    ``max_waiting_steps`` and ``waiting_served_ratio`` say when it admits
+    (decoding.Scheduler).
     """
 
     task = "text-generation"
@@ -154,6 +156,8 @@ class TextGeneration(HFTask):
         return_full_text: str | bool = True,
         max_running_sequences: str | int = 32,
         max_running_tokens: str | int = 16384,
+        max_waiting_steps: str | int = 10,
+        waiting_served_ratio: str | float = 1.2,
     ) -> None:
         super().__init__(model_id, device, dtype)
         raw = {"max_new_tokens": max_length, "min_new_tokens": min_length, "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "return_full_text": return_full_text}
@@ -162,8 +166,12 @@ class TextGeneration(HFTask):
         except RequestError as err:
             raise ConfigError(f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}") from None
         self.max_sequences, self.max_running_tokens = int(max_running_sequences), int(max_running_tokens)
-        if self.max_sequences < 1 or self.max_running_tokens < self.max_tokens:
-            raise ConfigError(f"max_running_sequences must be >= 1 and max_running_tokens >= the model's length ({self.max_tokens}), got {max_running_sequences} and {max_running_tokens}")
+        self.admission = {"max_waiting_steps": int(max_waiting_steps), "waiting_served_ratio": float(waiting_served_ratio)}
+        if self.max_sequences < 1 or self.max_running_tokens < self.max_tokens or min(self.admission.values()) < 0:
+            raise ConfigError(
+                f"max_running_sequences must be >= 1, max_running_tokens >= the model's length ({self.max_tokens}), max_waiting_steps and waiting_served_ratio >= 0;"
+                f" got {max_running_sequences}, {max_running_tokens}, {max_waiting_steps}, {waiting_served_ratio}"
+            )
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos = frozenset([eos] if isinstance(eos, int) else eos or [])
@@ -207,7 +215,7 @@ class TextGeneration(HFTask):
 
     def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] = print) -> Scheduler:
         """Continuous batching over this model, for the streaming variant."""
-        return Scheduler(self, self.max_sequences, self.max_running_tokens, observer, log_error)
+        return Scheduler(self, self.max_sequences, self.max_running_tokens, observer, log_error, **self.admission)
 
     def outputs(self) -> list[TensorSpec]:
         return [TensorSpec("text", "TYPE_STRING", (1,)), TensorSpec("new_tokens", "TYPE_INT32", (1,))]
