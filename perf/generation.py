@@ -69,7 +69,7 @@ def profile_stats(path: Path) -> dict[str, float]:
 
 def measure_mixed(model: str, streaming: bool, url: str, data: Path, concurrency: int, results: Path, env: dict[str, str]) -> dict[str, float]:
     """One model under the mixed workload: windows of 2 x concurrency answers, then the profile's metrics."""
-    stem = results / f"{model}.mixed.c{concurrency}"
-    options = PerfOptions(model, url, data, concurrency, stem.with_suffix(".csv"), request_count=2 * concurrency, streaming=streaming, profile_path=stem.with_suffix(".profile.json"))
+    stem = f"{model}.mixed.c{concurrency}"
+    options = PerfOptions(model, url, data, concurrency, results / f"{stem}.csv", request_count=2 * concurrency, streaming=streaming, profile_path=results / f"{stem}.profile.json")
     measured = measure(options, env)
     return {**profile_stats(options.profile_path), "stability_percent": measured["stability_percent"]}

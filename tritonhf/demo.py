@@ -29,6 +29,16 @@ def minilm(workdir: Path) -> Path:
     return path
 
 
+def show_stream(name: str, prompt: str, url: str, new_tokens: int = 24) -> None:
+    """A streaming model's answer, printed piece by piece as the server sends it."""
+    print(f'$ tritonhf client -m {name} --stream --prompt "{prompt}" --param max_new_tokens={new_tokens} --param return_full_text=false    # stream')
+    pieces = 0
+    for piece, _ in client.stream(name, prompt, url, {"max_new_tokens": new_tokens, "return_full_text": False}):
+        print(piece, end="|", flush=True)
+        pieces += 1
+    print(f"\n({pieces} pieces as they arrived, separated by |)\n")
+
+
 def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
     print("Offline stand-ins for the tutorial's models: full-size configs, RANDOM weights (gibberish text,")
     print("coin-flip labels), tokenizers trained on the spot; all-MiniLM-L6-v2 is the real trained model.\n")
@@ -44,6 +54,9 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
         print(f"\ntritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}\n")
         for name, served in read_manifest(repository).items():
             task = served["task"]
+            if served["variant"] == "stream":
+                show_stream(name, PROMPTS[task][0], server.grpc_url)
+                continue
             protocol = "grpc" if task == "text-classification" else "http"
             print(f"$ tritonhf client -m {name} -i {protocol} " + " ".join(f'--prompt "{p}"' for p in PROMPTS[task]) + f"    # {served['variant']}")
             outputs = client.infer(name, PROMPTS[task], server.grpc_url if protocol == "grpc" else server.http_url, protocol)
