@@ -114,6 +114,13 @@ def test_a_static_batch_equals_generate_row_by_row(model: TextGeneration) -> Non
         assert (out["text"][i, 0].decode(), int(out["new_tokens"][i, 0])) == reference(model, prompt, max_new_tokens=n, do_sample=False)
 
 
+def test_a_prompt_without_tokens_starts_from_bos(model: TextGeneration) -> None:
+    """As generate does without input: gpt2 tokenises "" to nothing, OPT to its BOS alone."""
+    bos = model.model.generation_config.bos_token_id
+    assert model.sequence("", model.defaults).prompt_ids == [bos]
+    assert model([""], [model.parse_options({"max_new_tokens": 3, "min_new_tokens": 3})])["new_tokens"][0, 0] == 3
+
+
 def test_min_new_tokens_holds_eos_back(model: TextGeneration) -> None:
     """Make the first greedy token the EOS: the row ends at once, unless min_new_tokens says otherwise."""
     first = model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 1})])["text"][0, 0].decode()

@@ -302,13 +302,16 @@ def choose(logits: torch.Tensor, rows: list[Sequence], eos: frozenset[int]) -> l
     """The next token of every row: greedy or sampled, by the row's own parameters."""
     early = [i for i, row in enumerate(rows) if len(row.tokens) < row.params.min_new_tokens]
     if early and eos:
-        logits[torch.tensor(early)[:, None], torch.tensor(sorted(eos))[None, :]] = -math.inf
+        logits[torch.tensor(early, device=logits.device)[:, None], torch.tensor(sorted(eos), device=logits.device)[None, :]] = -math.inf
     tokens = logits.argmax(-1).tolist()
     for i, row in enumerate(rows):
         if row.params.do_sample:
             if row.generator is None:
                 row.generator = torch.Generator(logits.device)
-                row.generator.manual_seed(row.params.seed) if row.params.seed is not None else row.generator.seed()
+                if row.params.seed is None:
+                    row.generator.seed()
+                else:
+                    row.generator.manual_seed(row.params.seed)
             tokens[i] = sample(logits[i], row.params, row.generator)
     return tokens
 

@@ -175,6 +175,8 @@ class TextGeneration(HFTask):
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos = frozenset([eos] if isinstance(eos, int) else eos or [])
+        starts = (self.model.generation_config.bos_token_id, self.tokenizer.bos_token_id, *sorted(self.eos))
+        self.start = [next(token for token in starts if token is not None)] if any(token is not None for token in starts) else []
         accepted = inspect.signature(self.model.forward).parameters
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
 
@@ -203,8 +205,13 @@ class TextGeneration(HFTask):
         return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
 
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence:
-        """A prompt, tokenised and truncated from the left to leave room for its new tokens."""
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        """A prompt, tokenised and truncated from the left to leave room for its new tokens.
+
+        A prompt that makes no tokens starts from BOS (EOS if none), as ``generate`` does without input.
+        """
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] or self.start
+        if not ids:
+            raise RequestError("the prompt makes no tokens, and the model has no BOS or EOS token to start from")
         return Sequence(prompt, ids[-(self.max_tokens - params.max_new_tokens) :], params, stream)
 
     def __call__(self, texts: list[str], options: list[GenerationParams] | None = None) -> dict[str, np.ndarray]:

@@ -3,7 +3,10 @@
 - the in-process batched step of every variant at batch 1/8/32: the Python
   model's one forward, or an ensemble's steps run in this process;
 - collect/pad/split alone, over an uneven batch of 32 requests;
-- one request end to end through the real server, per variant.
+- one request end to end through the real server, per variant;
+- one decoding step of gpt2's running batch at 1/8/32 rows, and admitting one
+  request into a running batch of 32 (prefill + cache join): the costs the
+  streaming scheduler's admission rule trades.
 Results are saved as JSON under perf/benchmarks; compare two runs with
 ``pytest-benchmark compare`` or ``--benchmark-compare``.
 """
@@ -15,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tritonhf.backends.python_hf.batching import run_batch
+from tritonhf.backends.python_hf.decoding import RunningBatch
+from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan
 from tritonhf.server import TritonServer
 
@@ -84,3 +90,38 @@ def test_one_request_end_to_end(benchmark: pytest.FixtureRequest, bench_server: 
     else:
         result = benchmark(alone, bench_server, name, rows)
     assert result["label"].reshape(-1).shape == (1,)
+
+
+@pytest.fixture(scope="session")
+def bench_generator(bench_models: dict[str, Path]) -> TextGeneration:
+    return load_task(str(bench_models["gpt2"]), "text-generation")
+
+
+def running(model: TextGeneration, rows: int) -> RunningBatch:
+    """A running batch of rows that won't finish within a benchmark's rounds."""
+    batch = RunningBatch(model)
+    batch.admit([model.sequence(PROMPTS[i % len(PROMPTS)], model.parse_options({"max_new_tokens": 200, "min_new_tokens": 200})) for i in range(rows)])
+    return batch
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32])
+def test_decoding_step(benchmark: pytest.FixtureRequest, bench_generator: TextGeneration, rows: int) -> None:
+    with torch.inference_mode():
+        batch = running(bench_generator, rows)
+        benchmark.extra_info.update(rows=rows)
+        benchmark.pedantic(batch.step, rounds=20, warmup_rounds=2)
+    lengths = {len(row.tokens) for row in batch.rows}
+    assert len(lengths) == 1 and lengths.pop() > 1 and len(batch.rows) == rows, "one token a row a step"
+
+
+def test_admitting_one_into_32(benchmark: pytest.FixtureRequest, bench_generator: TextGeneration) -> None:
+    def setup() -> tuple[tuple, dict]:
+        return (running(bench_generator, 32), [bench_generator.sequence(PROMPTS[5], bench_generator.defaults)]), {}
+
+    def admit(batch: RunningBatch, new: list) -> RunningBatch:
+        batch.admit(new)
+        return batch
+
+    with torch.inference_mode():
+        batch = benchmark.pedantic(admit, setup=setup, rounds=5)
+    assert len(batch.rows) == 33 and batch.cache.layers[0].keys.shape[0] == 33
