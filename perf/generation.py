@@ -41,29 +41,37 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def profile_stats(path: Path) -> dict[str, float]:
-    """Generation metrics from perf_analyzer's profile export (timestamps in ns)."""
+def profile_samples(path: Path) -> dict[str, list[float]]:
+    """Per answered request (timestamps in ns in perf_analyzer's profile export): ttft_ms, e2e_ms, tokens, sent_s, done_s; itl_ms per gap."""
     requests = [r for experiment in json.loads(path.read_text())["experiments"] for r in experiment["requests"] if r["response_timestamps"]]
     if not requests:
         raise ValueError(f"{path}: no answered requests")
-    ttft, itl, e2e, tokens = [], [], [], 0
+    samples: dict[str, list[float]] = {key: [] for key in ("ttft_ms", "e2e_ms", "itl_ms", "tokens", "sent_s", "done_s")}
     for request in requests:
         times = request["response_timestamps"]
         counts = [int(output.get("new_tokens", 0)) for output in request["response_outputs"]]
-        ttft.append((times[0] - request["timestamp"]) / 1e6)
-        e2e.append((times[-1] - request["timestamp"]) / 1e6)
-        itl += [(later - earlier) / 1e6 / n for earlier, later, n in zip(times, times[1:], counts[1:]) if n]
-        tokens += sum(counts)
-    span_s = (max(r["response_timestamps"][-1] for r in requests) - min(r["timestamp"] for r in requests)) / 1e9
+        samples["ttft_ms"].append((times[0] - request["timestamp"]) / 1e6)
+        samples["e2e_ms"].append((times[-1] - request["timestamp"]) / 1e6)
+        samples["itl_ms"] += [(later - earlier) / 1e6 / n for earlier, later, n in zip(times, times[1:], counts[1:]) if n]
+        samples["tokens"].append(sum(counts))
+        samples["sent_s"].append(request["timestamp"] / 1e9)
+        samples["done_s"].append(times[-1] / 1e9)
+    return samples
+
+
+def profile_stats(path: Path) -> dict[str, float | None]:
+    """Generation metrics over the measurement: throughput over its span, latencies' percentiles."""
+    s = profile_samples(path)
+    span_s = max(s["done_s"]) - min(s["sent_s"])
     return {
-        "requests": len(requests),
-        "output_tokens_per_s": tokens / span_s,
-        "requests_per_s": len(requests) / span_s,
-        "tokens_per_request": tokens / len(requests),
-        "ttft_p50_ms": statistics.median(ttft),
-        "ttft_p95_ms": percentile(ttft, 0.95),
-        "itl_p50_ms": statistics.median(itl) if itl else None,
-        "e2e_p50_ms": statistics.median(e2e),
+        "requests": len(s["tokens"]),
+        "output_tokens_per_s": sum(s["tokens"]) / span_s,
+        "requests_per_s": len(s["tokens"]) / span_s,
+        "tokens_per_request": statistics.mean(s["tokens"]),
+        "ttft_p50_ms": statistics.median(s["ttft_ms"]),
+        "ttft_p95_ms": percentile(s["ttft_ms"], 0.95),
+        "itl_p50_ms": statistics.median(s["itl_ms"]) if s["itl_ms"] else None,
+        "e2e_p50_ms": statistics.median(s["e2e_ms"]),
     }
 
 
@@ -72,4 +80,4 @@ def measure_mixed(model: str, streaming: bool, url: str, data: Path, concurrency
     stem = f"{model}.mixed.c{concurrency}"
     options = PerfOptions(model, url, data, concurrency, results / f"{stem}.csv", request_count=2 * concurrency, streaming=streaming, profile_path=results / f"{stem}.profile.json")
     measured = measure(options, env)
-    return {**profile_stats(options.profile_path), "stability_percent": measured["stability_percent"]}
+    return {**profile_stats(options.profile_path), "stability_percent": measured["stability_percent"], "profile": str(options.profile_path)}

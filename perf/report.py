@@ -1,4 +1,4 @@
-"""The perf report: a Markdown table per model, the targets, and a throughput-vs-latency plot."""
+"""The perf report: a Markdown table per model, the targets, a throughput-vs-latency plot and the mixed generation workload's latency distributions."""
 
 from __future__ import annotations
 
@@ -58,13 +58,35 @@ def summary_markdown(rows: list[dict], facts: dict[str, str], targets: Sequence[
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Throughput against p95 latency, one line per variant, one panel per model."""
+def pyplot():  # noqa: ANN201 - matplotlib, headless, imported only when plotting
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 8})
+    return plt
+
+
+def log_x(axis) -> None:  # noqa: ANN001
+    """A log x axis labelled at 1, 2 and 5 of each decade only: minor labels overlap."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_xscale("log")
+    axis.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
+def save(figure, title: str, path: Path) -> None:  # noqa: ANN001
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Throughput against p95 latency, one line per variant, one panel per model."""
+    plt = pyplot()
     models = list(dict.fromkeys(r["model"] for r in rows))
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models):
@@ -73,10 +95,30 @@ def plot(rows: list[dict], path: Path) -> None:
             axis.plot([p["p95_ms"] for p in points], [p["throughput_rps"] for p in points], marker="o", label=variant)
             for p in points:
                 axis.annotate(f"{p['concurrency']:.0f}", (p["p95_ms"], p["throughput_rps"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        axis.set(title=model, xlabel="p95 latency (ms, log)", ylabel="throughput (req/s)", xscale="log")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle("throughput vs p95 latency (labels: concurrency)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+        axis.set(title=model, xlabel="p95 latency (ms, log)", ylabel="throughput (req/s)")
+        log_x(axis)
+        axis.legend()
+    save(figure, "throughput vs p95 latency (labels: concurrency)", path)
+    plt.close(figure)
+
+
+def plot_mixed(mixed: Sequence[dict], path: Path) -> None:
+    """The mixed workload, request by request: share of requests answered within a time, first token and last, per variant."""
+    from tritonhf.perf.generation import profile_samples
+
+    plt = pyplot()
+    measured = [r for r in mixed if "profile" in r]
+    models = list(dict.fromkeys(r["model"] for r in measured))
+    figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        for color, row in zip(("tab:orange", "tab:green", "tab:blue"), (r for r in measured if r["model"] == model)):
+            samples = profile_samples(Path(row["profile"]))
+            curves = (("ttft_ms", "-", "first token"), ("e2e_ms", ":", "last token")) if row["variant"] == "stream" else (("e2e_ms", "-", "its one answer"),)
+            for key, style, what in curves:
+                values = sorted(samples[key])
+                axis.step(values, [(i + 1) / len(values) for i in range(len(values))], style, color=color, where="post", label=f"{row['variant']}: {what}")
+        axis.set(title=f"{model}, concurrency {measured[0]['concurrency']:.0f}", xlabel="time since the request was sent (ms, log)", ylabel="share of requests")
+        log_x(axis)
+        axis.legend()
+    save(figure, "mixed generation workload (max_new_tokens uniform in 8..64): static vs stream", path)
     plt.close(figure)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tritonhf.perf.analyzer import PerfAnalyzerError, PerfOptions, measure
 from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
-from tritonhf.perf.report import plot, summary_markdown
+from tritonhf.perf.report import plot, plot_mixed, summary_markdown
 from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan, read_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
@@ -234,6 +234,8 @@ def run(options: SuiteOptions) -> Path:
     report = summary_markdown(rows, facts, targets, extra, mixed)
     (results / "summary.md").write_text(report)
     plot(rows, results / "throughput_latency.png")
+    if any("profile" in row for row in mixed):
+        plot_mixed(mixed, results / "generation_latency.png")
     print(report)
     print(f"results: {results}")
     return results

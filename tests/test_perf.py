@@ -11,7 +11,7 @@ import pytest
 from tritonhf.perf.analyzer import PerfOptions, measure
 from tritonhf.perf.generation import MIXED_TOKENS, measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
-from tritonhf.perf.report import plot, summary_markdown
+from tritonhf.perf.report import plot, plot_mixed, summary_markdown
 from tritonhf.perf.suite import PROMPTS, Served, data_file, ratio
 from tritonhf.server import TritonServer, find_installation
 
@@ -75,6 +75,8 @@ def test_the_mixed_generation_workload(server: TritonServer, tmp_path: Path) -> 
     static, stream = measured[False], measured[True]
     assert static["ttft_p50_ms"] == static["e2e_p50_ms"] and static["itl_p50_ms"] is None, "one answer per request"
     assert stream["ttft_p50_ms"] < stream["e2e_p50_ms"] and stream["itl_p50_ms"] > 0, "streamed in pieces"
+    plot_mixed([{"model": "gpt2", "variant": "stream" if streaming else "python", "concurrency": 4, **stats} for streaming, stats in measured.items()], tmp_path / "mixed.png")
+    assert (tmp_path / "mixed.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_and_plot(tmp_path: Path) -> None:
