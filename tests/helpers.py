@@ -49,13 +49,37 @@ def burst(server: TritonServer, model: str, requests: Sequence[list[grpcclient.I
     return results
 
 
-class Streamed:
-    """One request to a streaming model on a gRPC stream of its own: its pieces as they arrive, or its error."""
+def until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    """Wait for a condition, failing (not hanging) if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+class Pieces:
+    """A streamed answer as it arrives: (arrival, text, new tokens) per piece, done once the final one or an error came."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[float, str, int]] = []
+        self.error: Any = None
+        self.done = threading.Event()
+
+    @property
+    def text(self) -> str:
+        assert self.error is None, self.error
+        return "".join(text for _, text, _ in self.pieces)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, _, n in self.pieces)
+
+
+class Streamed(Pieces):
+    """One request to a streaming model on a gRPC stream of its own."""
 
     def __init__(self, server: TritonServer, model: str, prompt: str, parameters: Mapping[str, Any] | None = None, tensors: Sequence[grpcclient.InferInput] = ()) -> None:
-        self.pieces: list[tuple[float, str, int]] = []  # (arrival, text, new tokens)
-        self.error: InferenceServerException | None = None
-        self.done = threading.Event()
+        super().__init__()
         self.client = grpcclient.InferenceServerClient(server.grpc_url)
         self.client.start_stream(callback=self.receive)
         prompt_tensor = grpcclient.InferInput("prompt", [1], "BYTES")
@@ -80,21 +104,11 @@ class Streamed:
         self.client.stop_stream(cancel_requests=True)
         self.client.close()
 
-    @property
-    def text(self) -> str:
-        assert self.error is None, self.error
-        return "".join(text for _, text, _ in self.pieces)
-
-    @property
-    def tokens(self) -> int:
-        return sum(n for _, _, n in self.pieces)
-
 
 def metric(server: TritonServer, name: str, model: str) -> float:
-    """One sample of the server's Prometheus metrics for a model (0 if not reported yet)."""
+    """A model's value of one of the server's Prometheus metrics, summed over its instances (0 if not reported yet)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    found = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.M)
-    return float(found[1]) if found else 0.0
+    return sum(float(value) for labels, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M) if f'model="{model}"' in labels.split(","))
 
 
 def alone(server: TritonServer, model: str, rows: Sequence[str]) -> Outputs:

@@ -2,31 +2,33 @@
 
 from __future__ import annotations
 
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from tritonhf.backends.python_hf.batching import RequestError
-from tritonhf.backends.python_hf.decoding import GenerationParams, Quiet
+from tritonhf.backends.python_hf.decoding import Observer, Quiet, Scheduler, Sequence
+from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 
-from .helpers import LENGTHS, PROMPTS, reference
+from .helpers import LENGTHS, PROMPTS, Pieces, reference, until
 
 @pytest.fixture(scope="module", params=["gpt2", "facebook/opt-125m"])
 def model(tiny: dict[str, Path], request: pytest.FixtureRequest) -> TextGeneration:
     return load_task(str(tiny[request.param]), "text-generation", max_length="8")
 
 
-class Recorder:
+class Recorder(Pieces):
     """A decoding.Stream that keeps what it is sent, with arrival times."""
 
     def __init__(self, cancel_after: int | None = None) -> None:
-        self.pieces: list[tuple[float, str, int]] = []
-        self.error: tuple[str, str] | None = None
-        self.done = threading.Event()
+        super().__init__()
         self.cancel_after = cancel_after
 
     def send(self, text: str, new_tokens: int, final: bool) -> None:
@@ -41,27 +43,25 @@ class Recorder:
     def cancelled(self) -> bool:
         return self.cancel_after is not None and len(self.pieces) >= self.cancel_after
 
-    @property
-    def text(self) -> str:
-        return "".join(piece for _, piece, _ in self.pieces)
 
-    @property
-    def tokens(self) -> int:
-        return sum(n for _, _, n in self.pieces)
+@contextmanager
+def scheduling(model: TextGeneration, max_sequences: int = 32, max_tokens: int | None = None, observer: Observer | None = None) -> Iterator[Scheduler]:
+    """A scheduler with these settings from its start, always closed."""
+    scheduler = Scheduler(model, max_sequences, max_tokens or model.max_running_tokens, observer, **model.admission)
+    try:
+        yield scheduler
+    finally:
+        scheduler.close()
 
 
 def stream_all(model: TextGeneration, requests: list[tuple[str, dict]], max_sequences: int = 32, gap: float = 0.0) -> list[Recorder]:
-    scheduler = model.scheduler()
-    scheduler.max_sequences = max_sequences
     recorders = []
-    try:
+    with scheduling(model, max_sequences) as scheduler:
         for prompt, options in requests:
             recorders.append(Recorder())
             scheduler.submit(model.sequence(prompt, model.parse_options(options), recorders[-1]))
             time.sleep(gap)
         assert all(r.done.wait(60) for r in recorders)
-    finally:
-        scheduler.close()
     return recorders
 
 
@@ -88,6 +88,7 @@ BAD_PARAMETERS = {
     "NaN temperature": ({"temperature": float("nan")}, "temperature must be a finite number"),
     "two values in a scalar tensor": ({"seed": np.array([[1, 2]])}, "input 'seed' must hold one value"),
     "empty stop string": ({"stop": ""}, "stop must be non-empty strings"),
+    "a digit int() refuses": ({"max_new_tokens": "²"}, "max_new_tokens must be an integer, got '²'"),
 }
 
 
@@ -174,41 +175,116 @@ def test_the_running_batch_is_bounded(model: TextGeneration) -> None:
         def occupancy(self, running: int, queued: int) -> None:
             seen.append(running)
 
-    scheduler = model.scheduler(Occupancy())
-    scheduler.max_sequences = 3
     recorders = [Recorder() for _ in PROMPTS[:8]]
-    for prompt, recorder in zip(PROMPTS, recorders):
-        scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": 10}), recorder))
-    assert all(r.done.wait(60) for r in recorders)
-    scheduler.close()
+    with scheduling(model, max_sequences=3, observer=Occupancy()) as scheduler:
+        for prompt, recorder in zip(PROMPTS, recorders):
+            scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": 10}), recorder))
+        assert all(r.done.wait(60) for r in recorders)
     assert max(seen) == 3 and all(r.tokens == 10 for r in recorders)
-    with pytest.raises(RequestError, match="exceeds this model's max_running_tokens"):
-        scheduler.max_tokens = 20
+    with scheduling(model, max_tokens=20) as scheduler, pytest.raises(RequestError, match="exceeds this model's max_running_tokens"):
         scheduler.submit(model.sequence(PROMPTS[0], model.parse_options({"max_new_tokens": 30})))
 
 
 def test_a_late_request_streams_before_the_early_ones_finish(model: TextGeneration) -> None:
-    scheduler = model.scheduler()
     early = [Recorder() for _ in range(2)]
-    for recorder in early:
-        scheduler.submit(model.sequence(PROMPTS[1], model.parse_options({"max_new_tokens": 200}), recorder))
-    while sum(n for _, _, n in early[0].pieces) < 5:
-        time.sleep(0.001)
     late = Recorder()
-    scheduler.submit(model.sequence(PROMPTS[2], model.parse_options({"max_new_tokens": 3}), late))
-    assert late.done.wait(60) and all(r.done.wait(60) for r in early)
-    scheduler.close()
+    with scheduling(model) as scheduler:
+        for recorder in early:
+            scheduler.submit(model.sequence(PROMPTS[1], model.parse_options({"max_new_tokens": 200}), recorder))
+        until(lambda: early[0].tokens >= 5, what="the early requests to be decoding")
+        scheduler.submit(model.sequence(PROMPTS[2], model.parse_options({"max_new_tokens": 3}), late))
+        assert late.done.wait(60) and all(r.done.wait(60) for r in early)
     assert late.pieces[0][0] < min(r.pieces[-1][0] for r in early), "admitted at a step boundary, not after the batch"
     assert late.pieces[-1][0] < min(r.pieces[-1][0] for r in early)
 
 
 def test_a_cancelled_stream_leaves_the_others_intact(model: TextGeneration) -> None:
-    scheduler = model.scheduler()
     kept, cancelled = Recorder(), Recorder(cancel_after=3)
-    scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 40}), kept))
-    scheduler.submit(model.sequence(PROMPTS[7], model.parse_options({"max_new_tokens": 40}), cancelled))
-    assert kept.done.wait(60) and cancelled.done.wait(60)
-    scheduler.close()
+    with scheduling(model) as scheduler:
+        scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 40}), kept))
+        scheduler.submit(model.sequence(PROMPTS[7], model.parse_options({"max_new_tokens": 40}), cancelled))
+        assert kept.done.wait(60) and cancelled.done.wait(60)
+        until(lambda: not scheduler.batch.rows, what="the slot to be freed")
     assert cancelled.error == ("request cancelled", "cancelled") and 3 <= cancelled.tokens < 40
     assert kept.error is None and kept.text == model([PROMPTS[3]], [model.parse_options({"max_new_tokens": 40})])["text"][0, 0].decode()
-    assert scheduler.batch.rows == [], "its slot is free"
+
+
+def test_streams_hold_back_what_may_still_change() -> None:
+    """A stop string's start, or a character still missing bytes, is not sent until it is settled."""
+    recorder = Recorder()
+    row = Sequence("prompt", [1], GenerationParams(max_new_tokens=10, stop=("END",), return_full_text=False), recorder)
+    sent = []
+    for token, piece in enumerate(["Hi E", "x E", "N", "\ufffd", "D and more"]):
+        row.add(token, frozenset())
+        row.extend(piece, "")
+        sent.append(row.take())
+    assert sent == [("Hi ", 1), ("Ex ", 1), None, None, ("", 3)]
+    assert row.finish == "stop" and row.text == "Hi Ex "
+
+
+def test_a_stream_with_a_stop_string_ends_before_it(model: TextGeneration) -> None:
+    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][0, 0].decode()
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    [streamed] = stream_all(model, [(PROMPTS[4], {"max_new_tokens": 20, "return_full_text": False, "stop": stop})])
+    assert streamed.text == full[: full.index(stop)] and streamed.tokens < 20
+
+
+# --- the scheduler when something fails ------------------------------------------------------
+
+
+class Faulty:
+    """A model whose prefill fails for one prompt, as an out-of-memory error would."""
+
+    def __init__(self, model: TextGeneration, poison: list[int]) -> None:
+        self.model, self.poison = model, poison
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        if ids.shape[1] > 1 and any(row[-len(self.poison) :].tolist() == self.poison for row in ids):
+            raise RuntimeError("out of memory (injected)")
+        return self.model.forward(ids, mask, cache)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def test_a_failed_prefill_fails_only_its_newcomers(model: TextGeneration) -> None:
+    poisoned = PROMPTS[9]
+    faulty = Faulty(model, model.sequence(poisoned, model.defaults).prompt_ids[-3:])
+    running, bad, later = Recorder(), Recorder(), Recorder()
+    with scheduling(faulty) as scheduler:
+        scheduler.log_error = lambda message: None
+        scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 30, "min_new_tokens": 30}), running))
+        until(lambda: running.tokens >= 2, what="the first request to be decoding")
+        scheduler.submit(model.sequence(poisoned, model.defaults, bad))
+        assert bad.done.wait(60) and running.done.wait(60)
+        scheduler.submit(model.sequence(PROMPTS[5], model.parse_options({"max_new_tokens": 4}), later))
+        assert later.done.wait(60)
+    assert bad.error[1] == "internal" and "out of memory (injected)" in bad.error[0]
+    assert running.error is None and running.tokens == 30
+    assert later.error is None and later.tokens == 4
+
+
+def test_a_failing_observer_does_not_stop_the_scheduler(model: TextGeneration) -> None:
+    class Broken(Quiet):
+        def first_token(self, seconds: float) -> None:
+            raise RuntimeError("metrics down")
+
+        def occupancy(self, running: int, queued: int) -> None:
+            raise RuntimeError("metrics down")
+
+    recorders = [Recorder() for _ in range(3)]
+    with scheduling(model, observer=Broken()) as scheduler:
+        scheduler.log_error = lambda message: None
+        for recorder in recorders:
+            scheduler.submit(model.sequence(PROMPTS[0], model.parse_options({"max_new_tokens": 1}), recorder))
+        assert all(r.done.wait(60) for r in recorders)
+        assert scheduler.thread.is_alive()
+    assert all(r.error is None and r.tokens == 1 for r in recorders)
+
+
+def test_requests_after_close_get_an_error(model: TextGeneration) -> None:
+    with scheduling(model) as scheduler:
+        pass
+    late = Recorder()
+    scheduler.submit(model.sequence(PROMPTS[0], model.defaults, late))
+    assert late.done.is_set() and late.error == ("the model is unloading", "internal")

@@ -11,7 +11,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonhf import TritonHFError, model_config
-from tritonhf.backends.python_hf.decoding import PARAMETERS
+from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.repo_builder import MARKER, BuildOptions, ModelEntry, add_arguments, build, plan, read_manifest
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN

@@ -138,6 +138,7 @@ BAD = {
     "negative max_new_tokens": ({"max_new_tokens": -1}, "max_new_tokens must be in 1..255, got -1"),
     "temperature 0 with sampling": ({"do_sample": True, "temperature": 0}, "temperature must be > 0 when do_sample is true"),
     "unknown key": ({"beams": 4}, "unknown generation parameter 'beams'"),
+    "a digit int() refuses": ({"max_new_tokens": "²"}, "max_new_tokens must be an integer"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Token-level generation: per-request parameters, one forward per step, continuous batching.
+"""Token-level generation: one forward per step for requests with their own parameters (parameters.py), continuous batching.
 
 No Triton import. The static ``<name>`` model runs :func:`generate_all` over
 its dynamically batched requests; the streaming ``<name>_stream`` model feeds a
@@ -31,13 +31,13 @@ within ``max_running_sequences``; the rest wait in arrival order.
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import math
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,136 +45,9 @@ import numpy as np
 import torch
 
 from .batching import RequestError, decode_rows
+from .parameters import GenerationParams
 
-# --- per-request parameters ----------------------------------------------------------------
-
-
-def scalar(name: str, value: Any) -> Any:
-    """A request parameter's value, or a one-element input tensor's."""
-    if isinstance(value, np.ndarray):
-        if value.size != 1:
-            raise RequestError(f"input {name!r} must hold one value, got shape {list(value.shape)}")
-        value = value.reshape(-1)[0]
-        value = value.item() if isinstance(value, np.generic) else value
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def as_int(name: str, value: Any) -> int:
-    value = scalar(name, value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def as_float(name: str, value: Any) -> float:
-    value = scalar(name, value)
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise RequestError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def as_bool(name: str, value: Any) -> bool:
-    value = scalar(name, value)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if isinstance(value, bool) or value in (0, 1):
-        return bool(value)
-    raise RequestError(f"{name} must be true or false, got {value!r}")
-
-
-def as_strings(name: str, value: Any) -> tuple[str, ...]:
-    """One string (a request parameter) or a tensor of them."""
-    values = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else [value]
-    strings = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
-    if not all(isinstance(s, str) and s for s in strings):
-        raise RequestError(f"{name} must be non-empty strings, got {values!r}")
-    return strings
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One generation parameter: its Triton input type (for clients that send tensors) and its parser."""
-
-    data_type: str
-    parse: Callable[[str, Any], Any]
-    dims: tuple[int, ...] = (1,)
-
-
-PARAMETERS = {
-    "max_new_tokens": Parameter("TYPE_INT32", as_int),
-    "min_new_tokens": Parameter("TYPE_INT32", as_int),
-    "do_sample": Parameter("TYPE_BOOL", as_bool),
-    "temperature": Parameter("TYPE_FP32", as_float),
-    "top_p": Parameter("TYPE_FP32", as_float),
-    "top_k": Parameter("TYPE_INT32", as_int),
-    "seed": Parameter("TYPE_INT64", as_int),
-    "stop": Parameter("TYPE_STRING", as_strings, dims=(-1,)),
-    "return_full_text": Parameter("TYPE_BOOL", as_bool),
-}
-MAX_STOP_STRINGS = 8
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """What one request asks for; the model's config parameters give the defaults.
-
-    ``max_new_tokens`` counts new tokens only. ``top_k`` = 0 and ``top_p`` = 1
-    switch those filters off; the defaults are transformers' (greedy, and
-    top_k 50 once sampling). ``stop`` strings end the answer and are not part of
-    it. ``return_full_text`` puts the prompt in front, as the tutorial's
-    pipeline did (on a stream: in front of the first piece).
-    """
-
-    max_new_tokens: int = 16
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    return_full_text: bool = True
-
-    def updated(self, raw: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
-        """These defaults overridden by a request's values, checked; RequestError names what is wrong."""
-        if unknown := sorted(set(raw) - set(PARAMETERS)):
-            raise RequestError(f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
-        values = {name: PARAMETERS[name].parse(name, value) for name, value in raw.items()}
-        if "min_new_tokens" not in values:  # a default minimum never exceeds a requested maximum
-            values["min_new_tokens"] = max(0, min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens)))
-        params = dataclasses.replace(self, **values)
-        params.check(max_new_limit)
-        return params
-
-    def check(self, max_new_limit: int) -> None:
-        problems = [
-            (not 1 <= self.max_new_tokens <= max_new_limit, f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}"),
-            (not 0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"),
-            (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.do_sample and self.temperature == 0, "temperature must be > 0 when do_sample is true (do_sample=false decodes greedily)"),
-            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k < 0, f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}"),
-            (self.seed is not None and not 0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),
-            (len(self.stop) > MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
-        ]
-        if messages := [message for failed, message in problems if failed]:
-            raise RequestError("; ".join(messages))
-
-
-def combine(parameters: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """A request's options from its parameters and its optional input tensors; one name, one place."""
-    if both := sorted(set(parameters) & set(tensors)):
-        raise RequestError(f"{', '.join(both)} given both as a request parameter and as an input tensor")
-    return {**parameters, **tensors}
-
+logger = logging.getLogger(__name__)
 
 # --- one sequence --------------------------------------------------------------------------
 
@@ -202,6 +75,9 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the completion, cut before a stop string
     finish: str | None = None  # length | eos | stop | cancelled | error
+    closed: bool = False  # its final response, or its error, is sent
+    prefix_offset: int = 0  # incremental decoding: tokens[prefix_offset:read_offset] made the text's last piece
+    read_offset: int = 0
     sent_chars: int = 0
     sent_tokens: int = 0
     responses: int = 0
@@ -214,16 +90,35 @@ class Sequence:
         """The cache columns this row may need."""
         return len(self.prompt_ids) + self.params.max_new_tokens
 
-    def add(self, token: int, text: str, eos: frozenset[int]) -> None:
-        """Record a new token and the decoded completion it makes; finish on EOS, a stop string, or length."""
+    def window(self) -> tuple[list[int], list[int]]:
+        """The tokens to decode for the next piece: since the last piece's start, with and without the unread ones."""
+        return self.tokens[self.prefix_offset :], self.tokens[self.prefix_offset : self.read_offset]
+
+    def add(self, token: int, eos: frozenset[int]) -> None:
         self.tokens.append(token)
-        self.text = text
-        if self.params.stop and (hits := [i for i in (text.find(s) for s in self.params.stop) if i >= 0]):
-            self.text, self.finish = text[: min(hits)], "stop"
-        elif token in eos:
+        if token in eos:
             self.finish = "eos"
         elif len(self.tokens) >= self.params.max_new_tokens:
             self.finish = "length"
+
+    def extend(self, window: str, before: str) -> None:
+        """Incremental decoding (TGI's): the window's text past what its read part made is new, unless it ends mid-character."""
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            start = len(self.text)
+            self.text += window[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+            self.cut(start)
+
+    def complete(self, text: str) -> None:
+        """The whole completion decoded at once, as ``generate``'s caller would: the final text."""
+        self.text = text
+        self.cut(0)
+
+    def cut(self, start: int) -> None:
+        """End the text before the first stop string that ends past ``start``."""
+        hits = [i for stop in self.params.stop if (i := self.text.find(stop, max(0, start - len(stop) + 1))) >= 0]
+        if hits:
+            self.text, self.finish = self.text[: min(hits)], "stop"
 
     def settled(self) -> int:
         """How much of the text can't change any more: not an unfinished UTF-8 character, not a stop string's start."""
@@ -343,11 +238,12 @@ class RunningBatch:
         if not self.rows:
             self.rows, self.cache, self.mask, self.last = new, cache, mask, last
             return
+        # build everything first, then swap it in: if this fails (out of memory), the running batch is as it was
         width = max(width, self.mask.shape[1])
+        joined = [[torch.cat([pad_left(a, width, -2), pad_left(b, width, -2)]) for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values))] for mine, theirs in zip(self.cache.layers, cache.layers)]
         self.mask = torch.cat([pad_left(self.mask, width), pad_left(mask, width)])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([pad_left(mine.keys, width, -2), pad_left(theirs.keys, width, -2)])
-            mine.values = torch.cat([pad_left(mine.values, width, -2), pad_left(theirs.values, width, -2)])
+        for layer, (keys, values) in zip(self.cache.layers, joined):
+            layer.keys, layer.values = keys, values
         self.rows, self.last = self.rows + new, torch.cat([self.last, last])
 
     def step(self) -> None:
@@ -357,10 +253,16 @@ class RunningBatch:
         self.last = self.record(self.rows, logits)
 
     def record(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Every row's next token and the text it adds; a row that ends gets its whole completion decoded once."""
         tokens = choose(logits, rows, self.model.eos)
-        texts = self.model.decode([row.tokens + [token] for row, token in zip(rows, tokens)])
-        for row, token, text in zip(rows, tokens, texts):
-            row.add(token, text, self.model.eos)
+        for row, token in zip(rows, tokens):
+            row.add(token, self.model.eos)
+        windows = [row.window() for row in rows]
+        for row, window, before in zip(rows, self.model.decode([w for w, _ in windows]), self.model.decode([b for _, b in windows])):
+            row.extend(window, before)
+        if ended := [row for row in rows if row.finish in ("eos", "length")]:
+            for row, text in zip(ended, self.model.decode([row.tokens for row in ended])):
+                row.complete(text)
         return torch.tensor(tokens, device=self.model.device)
 
     def retire(self) -> list[Sequence]:
@@ -439,7 +341,7 @@ class Scheduler:
         max_sequences: int,
         max_tokens: int,
         observer: Observer | None = None,
-        log_error: Callable[[str], None] = print,
+        log_error: Callable[[str], None] | None = None,
         max_waiting_steps: int = 10,
         waiting_served_ratio: float = 1.2,
     ) -> None:
@@ -448,7 +350,7 @@ class Scheduler:
         self.max_waiting_steps, self.waiting_served_ratio = max_waiting_steps, waiting_served_ratio
         self.steps_waited = 0  # decoding steps run while someone waited
         self.observer = observer or Quiet()
-        self.log_error = log_error
+        self.log_error = log_error or logger.error
         self.waiting: deque[Sequence] = deque()
         self.wake = threading.Condition()
         self.closing = False
@@ -464,19 +366,28 @@ class Scheduler:
             self.submit(self.model.sequence(rows[0], self.model.parse_options(raw), stream))
         except RequestError as err:
             stream.fail(str(err), "invalid")
+        except Exception as err:  # noqa: BLE001 - this request fails, not the model
+            self.log_error(traceback.format_exc())
+            stream.fail(f"could not start: {type(err).__name__}: {err}".splitlines()[0], "internal")
 
     def submit(self, row: Sequence) -> None:
         if row.reserved > self.max_tokens:
             raise RequestError(f"prompt ({len(row.prompt_ids)} tokens) + max_new_tokens ({row.params.max_new_tokens}) exceeds this model's max_running_tokens ({self.max_tokens})")
         with self.wake:
-            self.waiting.append(row)
-            self.wake.notify()
+            if not self.closing:
+                self.waiting.append(row)
+                self.wake.notify()
+                return
+        self.fail(row, "the model is unloading", "internal")
 
     def close(self) -> None:
+        """Stop after the current step; every request not yet answered gets an error."""
         with self.wake:
             self.closing = True
             self.wake.notify()
         self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.log_error("the decoding thread did not stop within 30 s")
 
     def admissible(self) -> list[Sequence]:
         """Waiting rows that fit, in arrival order (the first that doesn't fit waits, and so does everyone after it)."""
@@ -491,43 +402,66 @@ class Scheduler:
             head = self.waiting[0]
             if (rows + len(new) + 1) * max(widest, head.reserved) > self.max_tokens:
                 break
-            self.waiting.popleft()
-            if not self.cancelled(head):
-                new.append(head)
-                widest = max(widest, head.reserved)
+            new.append(self.waiting.popleft())
+            widest = max(widest, head.reserved)
         return new
 
     def run(self) -> None:
-        while True:
-            with self.wake:
-                while not (self.waiting or self.batch.rows or self.closing):
-                    self.wake.wait()
-                if self.closing:
-                    break
-                new = self.admissible()
-                queued = len(self.waiting)
-            try:
-                with torch.inference_mode():
-                    for row in self.batch.rows:
-                        if self.cancelled(row):
-                            row.finish = "cancelled"
-                    self.batch.retire()
-                    if new:
-                        self.batch.admit(new)
-                        self.flush()
-                    self.observer.occupancy(len(self.batch.rows), queued)
-                    if self.batch.rows:
-                        self.batch.step()
-                        self.flush()
-            except Exception as err:  # noqa: BLE001 - the rows in flight fail; the scheduler keeps serving
-                self.log_error(traceback.format_exc())
-                for row in {*self.batch.rows, *new}:
-                    if not row.finish:
-                        self.fail(row, f"generation failed: {type(err).__name__}: {err}".splitlines()[0], "internal")
-                self.batch.reset()
-            self.observer.occupancy(len(self.batch.rows), len(self.waiting))
-        for row in [*self.batch.rows, *self.waiting]:
+        while (new := self.next_admissions()) is not None:
+            with torch.inference_mode():
+                self.serve(new)
+            self.report("occupancy", len(self.batch.rows), len(self.waiting))
+        for row in self.batch.rows:
             self.fail(row, "the model is unloading", "internal")
+
+    def next_admissions(self) -> list[Sequence] | None:
+        """Wait for work; the requests to admit now (None: closing, and everyone waiting has had its error)."""
+        with self.wake:
+            while not (self.waiting or self.batch.rows or self.closing):
+                self.wake.wait()
+            closing, leftover, candidates = self.closing, list(self.waiting), self.admissible()
+            if closing:
+                self.waiting.clear()
+        if closing:
+            for row in leftover:
+                self.fail(row, "the model is unloading", "internal")
+            return None
+        return [row for row in candidates if not self.cancelled(row)]  # outside the lock: it asks the server
+
+    def serve(self, new: list[Sequence]) -> None:
+        """One iteration: drop the cancelled, admit the new (all or none: a failed prefill fails only them), step, send."""
+        for row in self.batch.rows:
+            self.cancelled(row)
+        self.guard(self.batch.rows, self.batch.retire)
+        if new and not self.guard(new, lambda: self.batch.admit(new), reset=False):
+            new.clear()
+        self.guard(self.batch.rows, self.step)
+
+    def step(self) -> None:
+        self.flush()  # the newcomers' first pieces
+        if self.batch.rows:
+            self.batch.step()
+            self.flush()
+
+    def guard(self, rows: list[Sequence], work: Callable[[], Any], reset: bool = True) -> bool:
+        """Run ``work``; if it raises, ``rows`` fail (INTERNAL), the batch is emptied if it may be torn, and serving goes on."""
+        try:
+            work()
+            return True
+        except Exception as err:  # noqa: BLE001 - these requests fail; the scheduler lives on
+            self.log_error(traceback.format_exc())
+            for row in list(rows):
+                self.fail(row, f"generation failed: {type(err).__name__}: {err}".splitlines()[0], "internal")
+            if reset:
+                self.batch.reset()
+            return False
+
+    def report(self, what: str, *values: float) -> None:
+        """Metrics are best-effort: a failing observer is logged, never fatal."""
+        try:
+            getattr(self.observer, what)(*values)
+        except Exception:  # noqa: BLE001
+            self.log_error(f"metrics ({what}): {traceback.format_exc()}")
 
     def flush(self) -> None:
         """Send every row what it has new, then retire the finished ones."""
@@ -538,15 +472,16 @@ class Scheduler:
             text, new_tokens = piece
             try:
                 row.stream.send(text, new_tokens, final=row.finish is not None)
-            except Exception:  # noqa: BLE001 - a client that went away
-                row.finish = "cancelled"
+            except Exception as err:  # noqa: BLE001 - a client that went away
+                self.fail(row, f"could not send: {err}", "cancelled")
                 continue
+            row.closed = row.finish is not None
             if row.responses == 1:
-                self.observer.first_token(now - row.arrived)
+                self.report("first_token", now - row.arrived)
                 if new_tokens > 1:
-                    self.observer.inter_token(0.0, new_tokens - 1)
+                    self.report("inter_token", 0.0, new_tokens - 1)
             else:
-                self.observer.inter_token(now - row.last_sent, new_tokens)
+                self.report("inter_token", now - row.last_sent, new_tokens)
             row.last_sent = now
         self.batch.retire()
 
@@ -556,13 +491,17 @@ class Scheduler:
         except Exception:  # noqa: BLE001 - the request is gone
             cancelled = True
         if cancelled:
-            row.finish = "cancelled"
             self.fail(row, "request cancelled", "cancelled")
+            row.finish = "cancelled"
         return cancelled
 
     @staticmethod
     def fail(row: Sequence, message: str, kind: str) -> None:
+        """The row's error, as its final response, unless it has had one."""
         row.finish = row.finish or "error"
+        if row.closed:
+            return
+        row.closed = True
         try:
             row.stream.fail(message, kind)
         except Exception:  # noqa: BLE001 - nobody is listening any more

@@ -60,8 +60,8 @@ class ResponseStream:
 class GenerationMetrics:
     """decoding.Observer as Triton custom metrics, on the server's metrics port."""
 
-    def __init__(self, model: str) -> None:
-        labels = {"model": model, "version": "1"}
+    def __init__(self, model: str, version: str, instance: str) -> None:
+        labels = {"model": model, "version": version, "instance": instance}  # each instance runs its own scheduler
         self.families = []  # a family must outlive its metrics
 
         def family(name: str, kind: int, what: str, **options: list[float]) -> "pb_utils.Metric":
@@ -101,7 +101,7 @@ class TritonPythonModel:
         self.batched = config.get("max_batch_size", 0) > 0  # unbatched (the baseline, streams): tensors lack the batch axis
         self.scheduler = None
         if config.get("model_transaction_policy", {}).get("decoupled"):
-            self.scheduler = self.forward.scheduler(GenerationMetrics(args["model_name"]), pb_utils.Logger.log_error)
+            self.scheduler = self.forward.scheduler(GenerationMetrics(args["model_name"], args["model_version"], args["model_instance_name"]), pb_utils.Logger.log_error)
         pb_utils.Logger.log_info(f"{args['model_name']}: step {self.context.parameters.get('step', 'hf')} on {device}" + (", streaming" if self.scheduler else ""))
 
     def execute(self, requests: list) -> list | None:

@@ -11,7 +11,7 @@ Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
   overridden by the pipeline's ``max_new_tokens=256``; counting the prompt
   would also make a short prompt's answer depend on the longest prompt in its
   batch). Each request may set its own ``max_new_tokens``, sampling, seed and
-  stop strings (decoding.GenerationParams). ``text`` is the prompt followed by
+  stop strings (parameters.GenerationParams). ``text`` is the prompt followed by
   the generated text, as the tutorial's pipeline returned it; ``new_tokens``
   counts the generated tokens. Prompts are truncated from the left to leave
   room for the new tokens.
@@ -41,7 +41,8 @@ from transformers import DynamicCache
 from transformers.utils import cached_file
 
 from .batching import BatchFn, RequestError, StepContext, length_buckets, merge
-from .decoding import PARAMETERS, GenerationParams, Observer, Scheduler, Sequence, Stream, combine, generate_all
+from .decoding import Observer, Scheduler, Sequence, Stream, generate_all
+from .parameters import PARAMETERS, GenerationParams, combine
 from .heads import ClassificationHead, as_bytes, mean_pool
 from .text import load_tokenizer
 
@@ -220,7 +221,7 @@ class TextGeneration(HFTask):
         generate_all(self, rows)
         return {"text": as_bytes([row.answer() for row in rows]), "new_tokens": np.array([[len(row.tokens)] for row in rows], dtype=np.int32)}
 
-    def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] = print) -> Scheduler:
+    def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] | None = None) -> Scheduler:
         """Continuous batching over this model, for the streaming variant."""
         return Scheduler(self, self.max_sequences, self.max_running_tokens, observer, log_error, **self.admission)
 

@@ -1,0 +1,149 @@
+"""Per-request generation parameters: what a request may ask for, parsed and checked.
+
+A request gives them as request parameters (Triton's ``/generate`` endpoint:
+``{"prompt": ..., "parameters": {"max_new_tokens": 16}}``) or as optional input
+tensors; the model's config parameters give the defaults. Anything wrong is a
+RequestError that names it, for that request alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .batching import RequestError
+
+
+def scalar(name: str, value: Any) -> Any:
+    """A request parameter's value, or a one-element input tensor's."""
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise RequestError(f"input {name!r} must hold one value, got shape {list(value.shape)}")
+        value = value.reshape(-1)[0]
+        value = value.item() if isinstance(value, np.generic) else value
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def as_int(name: str, value: Any) -> int:
+    value = scalar(name, value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isascii():
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def as_float(name: str, value: Any) -> float:
+    value = scalar(name, value)
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def as_bool(name: str, value: Any) -> bool:
+    value = scalar(name, value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise RequestError(f"{name} must be true or false, got {value!r}")
+
+
+def as_strings(name: str, value: Any) -> tuple[str, ...]:
+    """One string (a request parameter) or a tensor of them."""
+    values = value.reshape(-1).tolist() if isinstance(value, np.ndarray) else [value]
+    strings = tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values)
+    if not all(isinstance(s, str) and s for s in strings):
+        raise RequestError(f"{name} must be non-empty strings, got {values!r}")
+    return strings
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One generation parameter: its Triton input type (for clients that send tensors) and its parser."""
+
+    data_type: str
+    parse: Callable[[str, Any], Any]
+    dims: tuple[int, ...] = (1,)
+
+
+PARAMETERS = {
+    "max_new_tokens": Parameter("TYPE_INT32", as_int),
+    "min_new_tokens": Parameter("TYPE_INT32", as_int),
+    "do_sample": Parameter("TYPE_BOOL", as_bool),
+    "temperature": Parameter("TYPE_FP32", as_float),
+    "top_p": Parameter("TYPE_FP32", as_float),
+    "top_k": Parameter("TYPE_INT32", as_int),
+    "seed": Parameter("TYPE_INT64", as_int),
+    "stop": Parameter("TYPE_STRING", as_strings, dims=(-1,)),
+    "return_full_text": Parameter("TYPE_BOOL", as_bool),
+}
+MAX_STOP_STRINGS = 8
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks for; the model's config parameters give the defaults.
+
+    ``max_new_tokens`` counts new tokens only. ``top_k`` = 0 and ``top_p`` = 1
+    switch those filters off; the defaults are transformers' (greedy, and
+    top_k 50 once sampling). ``stop`` strings end the answer and are not part of
+    it. ``return_full_text`` puts the prompt in front, as the tutorial's
+    pipeline did (on a stream: in front of the first piece).
+    """
+
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    return_full_text: bool = True
+
+    def updated(self, raw: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
+        """These defaults overridden by a request's values, checked; RequestError names what is wrong."""
+        if unknown := sorted(set(raw) - set(PARAMETERS)):
+            raise RequestError(f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
+        values = {name: PARAMETERS[name].parse(name, value) for name, value in raw.items()}
+        if "min_new_tokens" not in values:  # a default minimum never exceeds a requested maximum
+            values["min_new_tokens"] = max(0, min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens)))
+        params = dataclasses.replace(self, **values)
+        params.check(max_new_limit)
+        return params
+
+    def check(self, max_new_limit: int) -> None:
+        problems = [
+            (not 1 <= self.max_new_tokens <= max_new_limit, f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}"),
+            (not 0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"),
+            (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.do_sample and self.temperature == 0, "temperature must be > 0 when do_sample is true (do_sample=false decodes greedily)"),
+            (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k < 0, f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}"),
+            (self.seed is not None and not 0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),
+            (len(self.stop) > MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
+        ]
+        if messages := [message for failed, message in problems if failed]:
+            raise RequestError("; ".join(messages))
+
+
+def combine(parameters: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """A request's options from its parameters and its optional input tensors; one name, one place."""
+    if both := sorted(set(parameters) & set(tensors)):
+        raise RequestError(f"{', '.join(both)} given both as a request parameter and as an input tensor")
+    return {**parameters, **tensors}
