@@ -30,6 +30,15 @@ def test_collect_flattens_uneven_requests_in_order() -> None:
     assert batch.failures == {}
 
 
+def test_a_request_whose_options_break_the_reader_fails_alone() -> None:
+    def parse(options: dict) -> int:
+        return int(options["n"])  # int("²") raises ValueError, not RequestError
+
+    batch = collect([prompt("a"), prompt("b"), prompt("c")], [{"n": "1"}, {"n": "²"}, {"n": "3"}], parse)
+    assert batch.texts == ["a", "c"] and batch.options == [1, 3]
+    assert batch.failures[1].internal and "ValueError" in batch.failures[1].message
+
+
 def test_split_gives_each_request_its_rows() -> None:
     parts = split({"n": np.arange(6)}, [2, 3, 1])
     assert [p["n"].tolist() for p in parts] == [[0, 1], [2, 3, 4], [5]]

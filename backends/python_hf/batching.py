@@ -91,6 +91,9 @@ def collect(prompts: Sequence[np.ndarray | None], options: Sequence[Any] | None 
         except RequestError as err:
             failures[index] = Failure(str(err))
             rows = []
+        except Exception as err:  # noqa: BLE001 - a reader's bug fails this request, not its batch
+            failures[index] = Failure(f"could not read the request: {type(err).__name__}: {err}".splitlines()[0], internal=True)
+            rows = []
         texts.extend(rows)
         counts.append(len(rows))
     return Collected(texts, counts, failures, parsed)
