@@ -7,7 +7,6 @@ Every test talks to the real tritonserver; references are transformers' own
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,7 @@ from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 from tritonhf.server import TritonServer
 
 from .conftest import GEN, GEN_MAX_LEN
-from .helpers import LENGTHS, NAMES, PROMPTS, Streamed, burst, bytes_input, counters_after, metric, ok, reference, settled_counters
+from .helpers import LENGTHS, NAMES, PROMPTS, Streamed, burst, bytes_input, counters_after, metric, ok, reference, settled_counters, until
 
 pytestmark = pytest.mark.server
 
@@ -104,9 +103,7 @@ def test_seeded_sampling_is_reproducible(server: TritonServer) -> None:
 
 def test_a_late_request_is_admitted_at_a_step_boundary(server: TritonServer) -> None:
     early = [Streamed(server, "gpt2_stream", PROMPTS[i], {"max_new_tokens": 200, "min_new_tokens": 200}) for i in (1, 2)]
-    deadline = time.monotonic() + 60
-    while sum(n for _, _, n in early[0].pieces) < 5 and time.monotonic() < deadline:
-        time.sleep(0.001)
+    until(lambda: early[0].tokens >= 5, what="the early requests to be decoding")
     late = Streamed(server, "gpt2_stream", PROMPTS[3], {"max_new_tokens": 4, "min_new_tokens": 4}).wait()
     early = [call.wait() for call in early]
     first_late, last_early = late.pieces[0][0], min(call.pieces[-1][0] for call in early)
@@ -119,14 +116,10 @@ def test_cancelling_a_stream_frees_its_slot(server: TritonServer, models: dict[s
     tokens_before = metric(server, "tritonhf_generated_tokens", "gpt2_stream")
     kept = Streamed(server, "gpt2_stream", PROMPTS[5], {"max_new_tokens": 120})
     gone = Streamed(server, "gpt2_stream", PROMPTS[6], {"max_new_tokens": 240, "min_new_tokens": 240})
-    while len(gone.pieces) < 3:
-        time.sleep(0.001)
+    until(lambda: len(gone.pieces) >= 3, what="the stream to be cancelled to start")
     gone.cancel()
     assert kept.wait().text == reference(models["gpt2"], PROMPTS[5], max_new_tokens=120, do_sample=False)[0]
-    deadline = time.monotonic() + 10
-    while metric(server, "tritonhf_running_sequences", "gpt2_stream") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert metric(server, "tritonhf_running_sequences", "gpt2_stream") == 0
+    until(lambda: metric(server, "tritonhf_running_sequences", "gpt2_stream") == 0, 10, "the cancelled stream's slot to be freed")
     generated = metric(server, "tritonhf_generated_tokens", "gpt2_stream") - tokens_before
     assert generated < kept.tokens + 240, f"the cancelled stream stopped early ({generated - kept.tokens:.0f} of 240 tokens)"
     assert Streamed(server, "gpt2_stream", PROMPTS[0], {"max_new_tokens": 3}).wait().tokens >= 1, "still serving"

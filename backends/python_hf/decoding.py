@@ -121,10 +121,10 @@ class Sequence:
             self.text, self.finish = self.text[: min(hits)], "stop"
 
     def settled(self) -> int:
-        """How much of the text can't change any more: not an unfinished UTF-8 character, not a stop string's start."""
+        """How much of the text can't change any more: not a stop string's start (``extend`` holds back unfinished characters)."""
         if self.finish:
             return len(self.text)
-        end = len(self.text.rstrip("\ufffd"))
+        end = len(self.text)
         for stop in self.params.stop:
             for size in range(min(len(stop) - 1, end), 0, -1):
                 if self.text[:end].endswith(stop[:size]):
@@ -223,11 +223,6 @@ class RunningBatch:
         self.cache: Any = None
         self.mask = self.last = torch.empty(0)
 
-    @property
-    def footprint(self) -> int:
-        """Cache columns x rows this batch may grow to."""
-        return len(self.rows) * max((row.reserved for row in self.rows), default=0)
-
     def admit(self, new: list[Sequence]) -> None:
         """Prefill the newcomers in one padded forward, choose their first tokens, join them to the batch."""
         width = max(len(row.prompt_ids) for row in new)
@@ -265,22 +260,20 @@ class RunningBatch:
                 row.complete(text)
         return torch.tensor(tokens, device=self.model.device)
 
-    def retire(self) -> list[Sequence]:
-        """Drop the finished rows (and cache columns nobody uses any more); returns them."""
-        done = [row for row in self.rows if row.finish]
+    def retire(self) -> None:
+        """Drop the finished rows, and the cache columns nobody uses any more."""
         keep = [i for i, row in enumerate(self.rows) if not row.finish]
-        if not done:
-            return []
+        if len(keep) == len(self.rows):
+            return
         if not keep:
             self.reset()
-            return done
+            return
         index = torch.tensor(keep, device=self.model.device)
         mask = self.mask[index]
         start = int(mask.any(0).nonzero()[0])
         self.mask, self.last, self.rows = mask[:, start:], self.last[index], [self.rows[i] for i in keep]
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
-        return done
 
 
 def generate_all(model: LanguageModel, rows: list[Sequence]) -> None:
@@ -419,10 +412,11 @@ class Scheduler:
         with self.wake:
             while not (self.waiting or self.batch.rows or self.closing):
                 self.wake.wait()
-            closing, leftover, candidates = self.closing, list(self.waiting), self.admissible()
-            if closing:
-                self.waiting.clear()
-        if closing:
+            if self.closing:
+                leftover, self.waiting = self.waiting, deque()
+            else:
+                leftover, candidates = None, self.admissible()
+        if leftover is not None:
             for row in leftover:
                 self.fail(row, "the model is unloading", "internal")
             return None

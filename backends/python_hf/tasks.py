@@ -163,7 +163,7 @@ class TextGeneration(HFTask):
         super().__init__(model_id, device, dtype)
         raw = {"max_new_tokens": max_length, "min_new_tokens": min_length, "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "return_full_text": return_full_text}
         try:
-            self.defaults = GenerationParams().updated({key: str(value) if isinstance(value, bool) else value for key, value in raw.items()}, self.max_tokens - 1)
+            self.defaults = GenerationParams().updated(raw, self.max_tokens - 1)
         except RequestError as err:
             raise ConfigError(f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}") from None
         self.max_sequences, self.max_running_tokens = int(max_running_sequences), int(max_running_tokens)
@@ -177,7 +177,7 @@ class TextGeneration(HFTask):
         eos = self.tokenizer.eos_token_id if eos is None else eos
         self.eos = frozenset([eos] if isinstance(eos, int) else eos or [])
         starts = (self.model.generation_config.bos_token_id, self.tokenizer.bos_token_id, *sorted(self.eos))
-        self.start = [next(token for token in starts if token is not None)] if any(token is not None for token in starts) else []
+        self.start = [token for token in starts if token is not None][:1]
         accepted = inspect.signature(self.model.forward).parameters
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
 
