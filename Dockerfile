@@ -3,6 +3,8 @@
 #   docker build -t tritonhf .
 #   docker run --gpus all --shm-size 1g -p 8000-8002:8000-8002 tritonhf
 # Build arguments choose the models, exactly as repo_builder.py's flags do.
+# tests/test_packaging.py assembles exactly what the COPY lines name, installs it and runs
+# repo_builder.py from it, so a file missing here fails `make test`.
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 ARG GEN_MODELS="facebook/opt-125m gpt2"
@@ -14,10 +16,15 @@ ENV HF_HOME=/opt/hf-cache
 WORKDIR /opt/tritonhf
 COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --no-cache-dir -r requirements/runtime.txt
-COPY pyproject.toml README.md repo_builder.py client.py ./
-COPY tritonhf/ tritonhf/
-COPY backends/ backends/
-RUN pip install --no-cache-dir --no-deps --no-build-isolation .
+
+# Installed from a build directory, not the working directory: a script run beside the sources would
+# import tritonhf from them, where backends/ and perf/ are not yet tritonhf.backends and tritonhf.perf.
+COPY pyproject.toml README.md /build/tritonhf/
+COPY tritonhf/ /build/tritonhf/tritonhf/
+COPY backends/ /build/tritonhf/backends/
+COPY perf/ /build/tritonhf/perf/
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /build/tritonhf && rm -rf /build/tritonhf
+COPY repo_builder.py client.py ./
 
 # Loading every model at build time validates it and fills HF_HOME, so the server starts offline.
 RUN python3 repo_builder.py --output /models --device "$DEVICE" \

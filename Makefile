@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tritonhf-setup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test perf bench clean
+.PHONY: setup demo lint format test perf bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,17 @@ $(STAMP): requirements/*.txt pyproject.toml
 demo: setup
 	$(BIN)/tritonhf demo
 
-# Benchmarks run once, unmeasured, so that they can't rot; `make bench` measures them.
-test: setup
+# ruff's rules and format live in pyproject.toml; `make format` applies the formatter.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Lint first, then the tests. Benchmarks run once, unmeasured, so that they can't rot; `make bench` measures them.
+test: setup lint
 	$(BIN)/python -m pytest --benchmark-disable $(PYTEST_ARGS)
 
 perf: setup

@@ -79,7 +79,11 @@ def parse(csv_path: Path) -> dict[str, float]:
     """The measurement's one row, as our metric names and units."""
     with csv_path.open() as handle:
         row = next(csv.DictReader(handle))
-    return {name: float(row[column]) * factor for column, (name, factor) in COLUMNS.items() if row.get(column) not in (None, "")}
+    return {
+        name: float(row[column]) * factor
+        for column, (name, factor) in COLUMNS.items()
+        if row.get(column) not in (None, "")
+    }
 
 
 def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50) -> dict[str, float]:
@@ -89,4 +93,7 @@ def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50
         attempt.csv_path.with_suffix(".log").write_text(result.stdout + result.stderr)
         if result.returncode == 0 and attempt.csv_path.exists():
             return {**parse(attempt.csv_path), "stability_percent": attempt.stability_percent}
-    raise PerfAnalyzerError(f"perf_analyzer failed for {options.model} at concurrency {options.concurrency}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    raise PerfAnalyzerError(
+        f"perf_analyzer failed for {options.model} at concurrency {options.concurrency}:\n"
+        f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+    )

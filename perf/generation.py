@@ -42,8 +42,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def profile_samples(path: Path) -> dict[str, list[float]]:
-    """Per answered request (timestamps in ns in perf_analyzer's profile export): ttft_ms, e2e_ms, tokens, sent_s, done_s; itl_ms per gap."""
-    requests = [r for experiment in json.loads(path.read_text())["experiments"] for r in experiment["requests"] if r["response_timestamps"]]
+    """Per answered request (timestamps in ns in perf_analyzer's profile export): ttft_ms, e2e_ms, tokens, sent_s,
+    done_s; itl_ms per gap."""
+    requests = [
+        r
+        for experiment in json.loads(path.read_text())["experiments"]
+        for r in experiment["requests"]
+        if r["response_timestamps"]
+    ]
     if not requests:
         raise ValueError(f"{path}: no answered requests")
     samples: dict[str, list[float]] = {key: [] for key in ("ttft_ms", "e2e_ms", "itl_ms", "tokens", "sent_s", "done_s")}
@@ -52,7 +58,9 @@ def profile_samples(path: Path) -> dict[str, list[float]]:
         counts = [int(output.get("new_tokens", 0)) for output in request["response_outputs"]]
         samples["ttft_ms"].append((times[0] - request["timestamp"]) / 1e6)
         samples["e2e_ms"].append((times[-1] - request["timestamp"]) / 1e6)
-        samples["itl_ms"] += [(later - earlier) / 1e6 / n for earlier, later, n in zip(times, times[1:], counts[1:]) if n]
+        samples["itl_ms"] += [
+            (later - earlier) / 1e6 / n for earlier, later, n in zip(times, times[1:], counts[1:]) if n
+        ]
         samples["tokens"].append(sum(counts))
         samples["sent_s"].append(request["timestamp"] / 1e9)
         samples["done_s"].append(times[-1] / 1e9)
@@ -75,7 +83,9 @@ def profile_stats(path: Path) -> dict[str, float | None]:
     }
 
 
-def measure_mixed(model: str, streaming: bool, url: str, data: Path, concurrency: int, results: Path, env: dict[str, str]) -> dict[str, float]:
+def measure_mixed(
+    model: str, streaming: bool, url: str, data: Path, concurrency: int, results: Path, env: dict[str, str]
+) -> dict[str, float]:
     """One model under the mixed workload: windows of 2 x concurrency answers (16 at least), then the profile's metrics.
 
     Lengths differ from request to request, so a small window's average latency
@@ -84,6 +94,19 @@ def measure_mixed(model: str, streaming: bool, url: str, data: Path, concurrency
     every request in the profile, not from the windows' averages.
     """
     stem = f"{model}.mixed.c{concurrency}"
-    options = PerfOptions(model, url, data, concurrency, results / f"{stem}.csv", request_count=max(2 * concurrency, 16), streaming=streaming, profile_path=results / f"{stem}.profile.json")
+    options = PerfOptions(
+        model,
+        url,
+        data,
+        concurrency,
+        results / f"{stem}.csv",
+        request_count=max(2 * concurrency, 16),
+        streaming=streaming,
+        profile_path=results / f"{stem}.profile.json",
+    )
     measured = measure(options, env, relaxed_percent=100)
-    return {**profile_stats(options.profile_path), "stability_percent": measured["stability_percent"], "profile": str(options.profile_path)}
+    return {
+        **profile_stats(options.profile_path),
+        "stability_percent": measured["stability_percent"],
+        "profile": str(options.profile_path),
+    }

@@ -40,9 +40,18 @@ def server_side(before: Snapshot, after: Snapshot, network: str, pipeline: Itera
     """
     net = delta(before, after, network)
     steps = [delta(before, after, model) for model in pipeline]
-    per_request = lambda key: sum(s[key] / s["nv_inference_request_success"] for s in steps if s["nv_inference_request_success"]) / 1000  # noqa: E731
+
+    def per_request(key: str) -> float:
+        return (
+            sum(s[key] / s["nv_inference_request_success"] for s in steps if s["nv_inference_request_success"]) / 1000
+        )
+
     return {
-        "avg_batch": net["nv_inference_count"] / net["nv_inference_exec_count"] if net["nv_inference_exec_count"] else 0.0,
+        "avg_batch": net["nv_inference_count"] / net["nv_inference_exec_count"]
+        if net["nv_inference_exec_count"]
+        else 0.0,
         "queue_ms": per_request("nv_inference_queue_duration_us"),
-        "compute_ms": sum(per_request(f"nv_inference_compute_{part}_duration_us") for part in ("input", "infer", "output")),
+        "compute_ms": sum(
+            per_request(f"nv_inference_compute_{part}_duration_us") for part in ("input", "infer", "output")
+        ),
     }

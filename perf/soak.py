@@ -61,13 +61,18 @@ class SoakReport:
 
     def summary(self) -> str:
         return (
-            f"soak {self.model}: {self.sent} sent, {self.answered} answered, {self.wrong} wrong, {len(self.errors)} errors in {self.seconds:.0f} s "
-            f"at concurrency {self.concurrency} ({self.answered / self.seconds:.1f} req/s); server RSS {self.rss_mb[0]:.0f} -> {max(self.rss_mb):.0f} MB peak, "
-            f"{self.rss_mb[-1]:.0f} MB at the end, settled: {self.memory_settled} -> {'PASS' if self.passed else 'FAIL'}"
+            f"soak {self.model}: {self.sent} sent, {self.answered} answered, {self.wrong} wrong, "
+            f"{len(self.errors)} errors in {self.seconds:.0f} s "
+            f"at concurrency {self.concurrency} ({self.answered / self.seconds:.1f} req/s); "
+            f"server RSS {self.rss_mb[0]:.0f} -> {max(self.rss_mb):.0f} MB peak, "
+            f"{self.rss_mb[-1]:.0f} MB at the end, settled: {self.memory_settled} -> "
+            f"{'PASS' if self.passed else 'FAIL'}"
         )
 
 
-def soak(server: TritonServer, model: str, prompts: list[str], concurrency: int = 64, seconds: float = 300.0) -> SoakReport:
+def soak(
+    server: TritonServer, model: str, prompts: list[str], concurrency: int = 64, seconds: float = 300.0
+) -> SoakReport:
     client = grpcclient.InferenceServerClient(server.grpc_url)
 
     def request(text: str) -> list[grpcclient.InferInput]:
@@ -85,7 +90,10 @@ def soak(server: TritonServer, model: str, prompts: list[str], concurrency: int 
             report.answered += 1
             if error is not None:
                 report.errors.append(str(error))
-            elif result.as_numpy("label")[0, 0] != expected[text][0] or abs(float(result.as_numpy("score")[0, 0]) - expected[text][1]) > 1e-4:
+            elif (
+                result.as_numpy("label")[0, 0] != expected[text][0]
+                or abs(float(result.as_numpy("score")[0, 0]) - expected[text][1]) > 1e-4
+            ):
                 report.wrong += 1
         slots.release()
 
@@ -96,7 +104,9 @@ def soak(server: TritonServer, model: str, prompts: list[str], concurrency: int 
             next_sample += 5
         if slots.acquire(timeout=0.5):
             text = prompts[i % len(prompts)]
-            client.async_infer(model, request(text), callback=lambda result, error, text=text: done(text, result, error))
+            client.async_infer(
+                model, request(text), callback=lambda result, error, text=text: done(text, result, error)
+            )
             report.sent, i = report.sent + 1, i + 1
     for _ in range(concurrency):  # wait for the last requests in flight
         slots.acquire(timeout=120)

@@ -30,9 +30,11 @@ from tritonhf.perf.analyzer import PerfAnalyzerError, PerfOptions, measure
 from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
-from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan, read_manifest
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import read_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
+from tritonhf.variants import BASELINE, ONNX, ONNX_INT8, PYTHON, STREAM, VARIANTS, Variant
 
 PROMPTS = Path(__file__).with_name("prompts.json")
 GEN_TOKENS = 32
@@ -49,7 +51,8 @@ class SuiteOptions:
     device: str = "cpu"
     window_ms: int = 4000
     gen_window_ms: int = 15000  # the generation baseline's windows: ~10 answers each
-    mixed_models: tuple[str, ...] = ("gpt2",)  # of gen_models, by served name: static vs stream under the mixed workload
+    # of gen_models, by served name: static vs stream under the mixed workload
+    mixed_models: tuple[str, ...] = ("gpt2",)
     mixed_concurrency: int = 32
 
 
@@ -60,30 +63,46 @@ class Served:
     name: str
     base: str  # the model's own name: the python variant's
     task: str
-    variant: str
+    variant: Variant
 
     @property
     def network(self) -> str:
-        """The step that runs the network: its executed batch size is the one that matters."""
-        return f"{self.base}_{self.variant}_model" if "onnx" in self.variant or self.variant == "torchscript" else self.name
+        return self.variant.network(self.base)
 
     @property
     def pipeline(self) -> list[str]:
-        return [f"{self.base}_tokenize", self.network, f"{self.base}_postprocess"] if self.network != self.name else [self.name]
+        return self.variant.pipeline(self.base)
 
 
 def served_models(repository: Path) -> list[Served]:
+    """The repository's models, per model in the registry's order (the reference first)."""
     manifest = read_manifest(repository)
-    served = [Served(name, Path(info["source"]).name, info["task"], info["variant"]) for name, info in manifest.items()]
-    return sorted(served, key=lambda s: (s.base, VARIANTS.index(s.variant) if s.variant != "baseline" else -1))
+    served = [
+        Served(name, Path(info["source"]).name, info["task"], VARIANTS[info["variant"]])
+        for name, info in manifest.items()
+    ]
+    return sorted(served, key=lambda s: (s.base, list(VARIANTS.values()).index(s.variant)))
 
 
 def machine_facts(server_url: str) -> dict[str, str]:
     import urllib.request
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     server = json.loads(urllib.request.urlopen(f"http://{server_url}/v2", timeout=5).read())
-    facts = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(), "tritonserver": server["version"]}
+    facts = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "tritonserver": server["version"],
+    }
     facts.update({name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")})
     try:
         import torch
@@ -118,49 +137,102 @@ def in_process_throughput(source: str, batch: int, seconds: float = 10.0) -> flo
 
 def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict], dict[str, str], Path]:
     standins = write_standins(options.workdir / "standins", "full")
-    entries = plan([str(standins[m]) for m in options.gen_models], [str(standins[CLASSIFIER])], [], GEN_TOKENS, GEN_TOKENS)
-    repository = build(entries, BuildOptions(output=options.workdir / "perf_repository", variants=VARIANTS, device=options.device))
+    entries = plan(
+        [str(standins[m]) for m in options.gen_models], [str(standins[CLASSIFIER])], [], GEN_TOKENS, GEN_TOKENS
+    )
+    repository = build(
+        entries,
+        BuildOptions(output=options.workdir / "perf_repository", variants=tuple(VARIANTS), device=options.device),
+    )
     data = data_file(results / "prompts.data.json")
     rows = []
     served = served_models(repository)
-    plan_steps = [(s, c) for s in served if s.variant != "stream" for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)]
-    mixed_steps = [s for s in served if s.base in options.mixed_models and s.variant in ("python", "stream")]
+    plan_steps = [
+        (s, c)
+        for s in served
+        if s.variant.perf.sweep
+        for c in (options.gen_concurrency if s.task == "text-generation" else options.class_concurrency)
+    ]
+    mixed_steps = [s for s in served if s.base in options.mixed_models and s.variant.perf.mixed]
     mixed_file = mixed_data(results / "mixed.data.json", json.loads(PROMPTS.read_text())["prompts"])
     mixed = []
     with TritonServer(repository, log_path=results / "tritonserver.log") as server:
-        facts = {**machine_facts(server.http_url), "windows": f"{options.window_ms / 1000:.0f} s; generation: 2 x concurrency answers (baseline above concurrency 1: {options.gen_window_ms / 1000:.0f} s)"}
+        facts = {
+            **machine_facts(server.http_url),
+            "windows": f"{options.window_ms / 1000:.0f} s; generation: 2 x concurrency answers "
+            f"(baseline above concurrency 1: {options.gen_window_ms / 1000:.0f} s)",
+        }
         env = find_installation().env
         for served, concurrency in tqdm(plan_steps, desc="perf sweep", unit="step"):
-            row = {"model": served.base, "task": served.task, "variant": served.variant, "concurrency": concurrency}
+            row = {
+                "model": served.base,
+                "task": served.task,
+                "variant": served.variant.name,
+                "concurrency": concurrency,
+            }
             before = snapshot(server.metrics_url)
             try:
                 measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
             except PerfAnalyzerError as err:  # a noisy step is reported as such; the sweep goes on
                 rows.append({**row, "error": str(err).splitlines()[-1]})
                 continue
-            rows.append({**row, **measured, **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)})
+            rows.append(
+                {
+                    **row,
+                    **measured,
+                    **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline),
+                }
+            )
         for served in tqdm(mixed_steps, desc="mixed generation workload", unit="model"):
-            row = {"model": served.base, "variant": served.variant, "concurrency": options.mixed_concurrency}
+            row = {"model": served.base, "variant": served.variant.name, "concurrency": options.mixed_concurrency}
             try:
-                mixed.append({**row, **measure_mixed(served.name, served.variant == "stream", server.grpc_url, mixed_file, options.mixed_concurrency, results, env)})
+                mixed.append(
+                    {
+                        **row,
+                        **measure_mixed(
+                            served.name,
+                            served.variant.streams,
+                            server.grpc_url,
+                            mixed_file,
+                            options.mixed_concurrency,
+                            results,
+                            env,
+                        ),
+                    }
+                )
             except (PerfAnalyzerError, ValueError) as err:
                 mixed.append({**row, "error": str(err).splitlines()[-1]})
     return rows, mixed, facts, standins[CLASSIFIER]
 
 
-def step_options(options: SuiteOptions, served: Served, concurrency: int, url: str, data: Path, results: Path) -> PerfOptions:
+def step_options(
+    options: SuiteOptions, served: Served, concurrency: int, url: str, data: Path, results: Path
+) -> PerfOptions:
     """Generation answers arrive a batch at a time: windows of 2 x concurrency answers (8 at least).
     The baseline answers one request a second, smoothly: time windows, or a window would take minutes."""
-    base = PerfOptions(served.name, url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", options.window_ms)
+    base = PerfOptions(
+        served.name, url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", options.window_ms
+    )
     if served.task != "text-generation":
         return base
-    if served.variant == "baseline" and concurrency > 1:
+    if served.variant.perf.reference and concurrency > 1:
         return dataclasses.replace(base, window_ms=options.gen_window_ms)
     return dataclasses.replace(base, request_count=max(8, 2 * concurrency))
 
 
-def ratio(rows: list[dict], model: str, variant: str, versus: str, concurrency: int, metric: str = "throughput_rps") -> float | None:
-    pick = lambda v: next((r.get(metric) for r in rows if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency), None)  # noqa: E731
+def ratio(
+    rows: list[dict], model: str, variant: str, versus: str, concurrency: int, metric: str = "throughput_rps"
+) -> float | None:
+    def pick(v: str) -> float | None:
+        return next(
+            (
+                r.get(metric)
+                for r in rows
+                if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency
+            ),
+            None,
+        )
+
     a, b = pick(variant), pick(versus)
     return a / b if a and b else None
 
@@ -172,14 +244,27 @@ class Target:
     measure: Callable[[list[dict], dict[str, float]], float | None]
 
 
+def versus(what: str, model: str, variant: Variant, base: Variant, concurrency: int, goal: float) -> Target:
+    """Throughput of one variant of a model over another's, at one concurrency."""
+    label = f"{what}, concurrency {concurrency}: {variant.name} / {base.name}"
+    return Target(label, goal, lambda rows, extra: ratio(rows, model, variant.name, base.name, concurrency))
+
+
+def extra_figure(what: str, key: str, goal: float) -> Target:
+    return Target(what, goal, lambda rows, extra: extra.get(key))
+
+
+MIXED = "gpt2, mixed 8..64 new tokens, concurrency 32"
 TARGETS = (
-    Target("distilbert, concurrency 16: python / baseline", 2.2, lambda rows, extra: ratio(rows, CLASSIFIER, "python", "baseline", 16)),
-    Target("distilbert, concurrency 16: onnx (best fp32 ONNX) / python", 1.3, lambda rows, extra: ratio(rows, CLASSIFIER, "onnx", "python", 16)),
-    Target("distilbert, concurrency 16: onnx-int8 / python", 2.0, lambda rows, extra: ratio(rows, CLASSIFIER, "onnx-int8", "python", 16)),
-    Target("gpt2, 32 new tokens, concurrency 32: python / baseline", 5.0, lambda rows, extra: ratio(rows, "gpt2", "python", "baseline", 32)),
-    Target("Triton overhead: python at concurrency 32 / in-process step at the batch formed", 0.8, lambda rows, extra: extra.get("overhead_ratio")),
-    Target("gpt2, mixed 8..64 new tokens, concurrency 32: output tokens/s, stream / python", 1.5, lambda rows, extra: extra.get("mixed_tokens_ratio")),
-    Target("gpt2, mixed 8..64 new tokens, concurrency 32: median time to first token, python / stream", 2.0, lambda rows, extra: extra.get("mixed_ttft_ratio")),
+    versus("distilbert", CLASSIFIER, PYTHON, BASELINE, 16, 2.2),
+    versus("distilbert", CLASSIFIER, ONNX, PYTHON, 16, 1.3),
+    versus("distilbert", CLASSIFIER, ONNX_INT8, PYTHON, 16, 2.0),
+    versus("gpt2, 32 new tokens", "gpt2", PYTHON, BASELINE, 32, 5.0),
+    extra_figure(
+        f"Triton overhead: {PYTHON.name} at concurrency 32 / in-process step at the batch formed", "overhead_ratio", 0.8
+    ),
+    extra_figure(f"{MIXED}: output tokens/s, {STREAM.name} / {PYTHON.name}", "mixed_tokens_ratio", 1.5),
+    extra_figure(f"{MIXED}: median time to first token, {PYTHON.name} / {STREAM.name}", "mixed_ttft_ratio", 2.0),
 )
 
 
@@ -190,7 +275,10 @@ def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64) -> Pa
     results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-soak")
     results.mkdir(parents=True)
     standins = write_standins(options.workdir / "standins", "full")
-    repository = build(plan([], [str(standins[CLASSIFIER])], [], GEN_TOKENS), BuildOptions(output=options.workdir / "soak_repository", variants=("python",), device=options.device))
+    repository = build(
+        plan([], [str(standins[CLASSIFIER])], [], GEN_TOKENS),
+        BuildOptions(output=options.workdir / "soak_repository", variants=(PYTHON.name,), device=options.device),
+    )
     with TritonServer(repository, log_path=results / "tritonserver.log") as server:
         report = soak(server, CLASSIFIER, json.loads(PROMPTS.read_text())["prompts"], concurrency, seconds)
     write(report, results / "soak.json")
@@ -217,18 +305,27 @@ def run(options: SuiteOptions) -> Path:
     if mixed:
         concurrency = options.mixed_concurrency
         for row in mixed:
-            row["tokens_vs_static"] = ratio(mixed, row["model"], row["variant"], "python", concurrency, "output_tokens_per_s")
-        extra["mixed_tokens_ratio"] = ratio(mixed, "gpt2", "stream", "python", concurrency, "output_tokens_per_s")
-        extra["mixed_ttft_ratio"] = ratio(mixed, "gpt2", "python", "stream", concurrency, "ttft_p50_ms")
+            row["tokens_vs_static"] = ratio(
+                mixed, row["model"], row["variant"], PYTHON.name, concurrency, "output_tokens_per_s"
+            )
+        extra["mixed_tokens_ratio"] = ratio(mixed, "gpt2", STREAM.name, PYTHON.name, concurrency, "output_tokens_per_s")
+        extra["mixed_ttft_ratio"] = ratio(mixed, "gpt2", PYTHON.name, STREAM.name, concurrency, "ttft_p50_ms")
         write_csv(mixed, results / "mixed.csv")
-    served32 = next((r for r in rows if r["model"] == CLASSIFIER and r["variant"] == "python" and r["concurrency"] == 32 and "error" not in r), None)
+    served32 = next(
+        (
+            r
+            for r in rows
+            if r["model"] == CLASSIFIER and r["variant"] == PYTHON.name and r["concurrency"] == 32 and "error" not in r
+        ),
+        None,
+    )
     if served32:
         batch = max(1, round(served32["avg_batch"]))
         extra["in_process_rps"] = in_process_throughput(str(classifier), batch)
         extra["in_process_batch"] = batch
         extra["overhead_ratio"] = served32["throughput_rps"] / extra["in_process_rps"]
     for row in rows:
-        row["vs_baseline"] = ratio(rows, row["model"], row["variant"], "baseline", int(row["concurrency"]))
+        row["vs_baseline"] = ratio(rows, row["model"], row["variant"], BASELINE.name, int(row["concurrency"]))
     write_csv(rows, results / "summary.csv")
     targets = [(t.what, t.goal, t.measure(rows, extra)) for t in TARGETS]
     report = summary_markdown(rows, facts, targets, extra, mixed)

@@ -18,7 +18,9 @@ GEN_MAX_LEN = 8
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--bench-size", choices=("tiny", "full"), default="tiny", help="stand-ins the benchmarks use (make bench: full)")
+    parser.addoption(
+        "--bench-size", choices=("tiny", "full"), default="tiny", help="stand-ins the benchmarks use (make bench: full)"
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

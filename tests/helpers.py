@@ -21,7 +21,9 @@ from .conftest import CLASSIFIER, EMBEDDER
 
 NAMES = {"gpt2": "gpt2", "facebook/opt-125m": "opt-125m", CLASSIFIER: CLASSIFIER, EMBEDDER: EMBEDDER}
 # Sixteen prompts of different lengths, so that every burst pads.
-PROMPTS = [" ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 5))[: 8 + 13 * i] + f" #{i}" for i in range(16)]
+PROMPTS = [
+    " ".join(["the quick brown fox jumps over the lazy dog"] * (1 + i % 5))[: 8 + 13 * i] + f" #{i}" for i in range(16)
+]
 LENGTHS = [3 + 5 * (i % 7) for i in range(len(PROMPTS))]  # new tokens, 3..33, one per prompt
 Outputs = dict[str, np.ndarray]
 
@@ -33,14 +35,22 @@ def bytes_input(rows: Sequence[str | bytes], name: str = "prompt") -> grpcclient
     return tensor
 
 
-def burst(server: TritonServer, model: str, requests: Sequence[list[grpcclient.InferInput]], parameters: Sequence[Mapping[str, Any]] | None = None) -> list[Outputs | InferenceServerException]:
-    """Send every request at once (async gRPC), with its request parameters, and wait for all answers, in request order."""
+def burst(
+    server: TritonServer,
+    model: str,
+    requests: Sequence[list[grpcclient.InferInput]],
+    parameters: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Outputs | InferenceServerException]:
+    """Send every request at once (async gRPC), with its request parameters, and wait for all answers, in request
+    order."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     outputs = [o.name for o in client.get_model_config(model).config.output]
     answers: queue.Queue = queue.Queue()
     for index, inputs in enumerate(requests):
         extra = dict(parameters[index]) if parameters and parameters[index] else None
-        client.async_infer(model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)), parameters=extra)
+        client.async_infer(
+            model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)), parameters=extra
+        )
     results: list = [None] * len(requests)
     for _ in requests:
         index, result, error = answers.get(timeout=120)
@@ -58,7 +68,8 @@ def until(condition: Callable[[], bool], timeout: float = 60, what: str = "condi
 
 
 class Pieces:
-    """A streamed answer as it arrives: (arrival, text, new tokens) per piece, done once the final one or an error came."""
+    """A streamed answer as it arrives: (arrival, text, new tokens) per piece, done once the final one or an error
+    came."""
 
     def __init__(self) -> None:
         self.pieces: list[tuple[float, str, int]] = []
@@ -78,7 +89,14 @@ class Pieces:
 class Streamed(Pieces):
     """One request to a streaming model on a gRPC stream of its own."""
 
-    def __init__(self, server: TritonServer, model: str, prompt: str, parameters: Mapping[str, Any] | None = None, tensors: Sequence[grpcclient.InferInput] = ()) -> None:
+    def __init__(
+        self,
+        server: TritonServer,
+        model: str,
+        prompt: str,
+        parameters: Mapping[str, Any] | None = None,
+        tensors: Sequence[grpcclient.InferInput] = (),
+    ) -> None:
         super().__init__()
         self.client = grpcclient.InferenceServerClient(server.grpc_url)
         self.client.start_stream(callback=self.receive)
@@ -90,7 +108,9 @@ class Streamed(Pieces):
         if error:
             self.error = error
         else:
-            self.pieces.append((time.monotonic(), result.as_numpy("text")[0].decode(), int(result.as_numpy("new_tokens")[0])))
+            self.pieces.append(
+                (time.monotonic(), result.as_numpy("text")[0].decode(), int(result.as_numpy("new_tokens")[0]))
+            )
         if error or result.get_response().parameters["triton_final_response"].bool_param:
             self.done.set()
 
@@ -108,7 +128,11 @@ class Streamed(Pieces):
 def metric(server: TritonServer, name: str, model: str) -> float:
     """A model's value of one of the server's Prometheus metrics, summed over its instances (0 if not reported yet)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(value) for labels, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M) if f'model="{model}"' in labels.split(","))
+    return sum(
+        float(value)
+        for labels, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)
+        if f'model="{model}"' in labels.split(",")
+    )
 
 
 def alone(server: TritonServer, model: str, rows: Sequence[str]) -> Outputs:
@@ -160,8 +184,6 @@ def assert_same(model: str, got: Outputs, expected: Outputs) -> None:
             np.testing.assert_allclose(got[name], expected[name], atol=1e-5, err_msg=f"{model} {name}")
 
 
-
-
 def in_process(repository: Path, name: str) -> Callable[[list[str]], dict[str, np.ndarray]]:
     """A served model run in this process from its config.pbtxt, as the server would run it.
 
@@ -169,19 +191,30 @@ def in_process(repository: Path, name: str) -> Callable[[list[str]], dict[str, n
     through the ensemble's input and output maps. No server, no Triton.
     """
     from tritonhf import model_config
-    from tritonhf.backends.python_hf.batching import load_step
+    from tritonhf.backends.python_hf.steps import load_step
 
     config = model_config.read(repository / name / "config.pbtxt")
     if config.get("platform") != "ensemble":
         return load_step(config, repository / name / "1")[0]
-    steps = [(step, load_step(model_config.read(repository / step["model_name"] / "config.pbtxt"), repository / step["model_name"] / "1")[0]) for step in config["ensemble_scheduling"]["step"]]
+    steps = [
+        (
+            step,
+            load_step(
+                model_config.read(repository / step["model_name"] / "config.pbtxt"),
+                repository / step["model_name"] / "1",
+            )[0],
+        )
+        for step in config["ensemble_scheduling"]["step"]
+    ]
 
     def run(texts: list[str]) -> dict[str, np.ndarray]:
         tensors: dict = {"prompt": texts}
         for step, forward in steps:
             inputs = {inner: tensors[outer] for inner, outer in step["input_map"].items()}
             outputs = forward(inputs["prompt"] if list(inputs) == ["prompt"] else inputs)
-            tensors.update({step["output_map"][inner]: array for inner, array in outputs.items() if inner in step["output_map"]})
+            tensors.update(
+                {step["output_map"][inner]: array for inner, array in outputs.items() if inner in step["output_map"]}
+            )
         return {t["name"]: tensors[t["name"]] for t in config["output"]}
 
     return run
@@ -193,6 +226,8 @@ def reference(model: Any, prompt: str, **options: Any) -> tuple[str, int]:
 
     encoded = model.tokenizer(prompt, return_tensors="pt")
     with torch.inference_mode():
-        out = model.model.generate(**encoded, pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id, **options)
+        out = model.model.generate(
+            **encoded, pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id, **options
+        )
     new = out[0, encoded["input_ids"].shape[1] :]
     return prompt + model.tokenizer.decode(new, skip_special_tokens=True), len(new)

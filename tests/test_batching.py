@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from tritonhf.backends.python_hf.batching import Failure, RequestError, collect, decode_rows, length_buckets, merge, run_batch, split
+from tritonhf.backends.python_hf.batching import (
+    Failure,
+    RequestError,
+    collect,
+    decode_rows,
+    length_buckets,
+    merge,
+    run_batch,
+    split,
+)
 from tritonhf.backends.python_hf.tasks import ConfigError, load_task
 
 from .conftest import CLASSIFIER
@@ -20,7 +29,10 @@ def prompt(*rows: str | bytes) -> np.ndarray:
 
 def echo(texts: list[str]) -> dict[str, np.ndarray]:
     """A forward whose output names its input row: shows where every row went."""
-    return {"text": np.array([t.upper().encode() for t in texts], dtype=object).reshape(-1, 1), "n": np.arange(len(texts))}
+    return {
+        "text": np.array([t.upper().encode() for t in texts], dtype=object).reshape(-1, 1),
+        "n": np.arange(len(texts)),
+    }
 
 
 def test_collect_flattens_uneven_requests_in_order() -> None:
@@ -168,7 +180,9 @@ def test_long_input_is_truncated_not_rejected(tiny: dict[str, Path]) -> None:
     assert task(["word " * 100_000])["label"].shape == (1, 1)
     gen = load_task(str(tiny["gpt2"]), "text-generation", max_length="8")
     for new_tokens in (8, 100):
-        ids = gen.sequence("start " + "middle " * 1000 + "end", gen.parse_options({"max_new_tokens": new_tokens})).prompt_ids
+        ids = gen.sequence(
+            "start " + "middle " * 1000 + "end", gen.parse_options({"max_new_tokens": new_tokens})
+        ).prompt_ids
         assert len(ids) == 256 - new_tokens, "room for the new tokens within the model's 256 positions"
         assert gen.tokenizer.decode(ids).endswith("end"), "generation keeps the end of a long prompt"
 
@@ -184,7 +198,9 @@ def test_long_input_is_truncated_not_rejected(tiny: dict[str, Path]) -> None:
         ("text-classification", {"max_length": "8"}, "takes no option max_length"),
     ],
 )
-def test_bad_configuration_fails_at_load(tiny: dict[str, Path], task: str, options: dict[str, str], message: str) -> None:
+def test_bad_configuration_fails_at_load(
+    tiny: dict[str, Path], task: str, options: dict[str, str], message: str
+) -> None:
     source = tiny["gpt2"] if task == "text-generation" else tiny[CLASSIFIER]
     with pytest.raises(ConfigError, match=message):
         load_task(str(source), task, **options)

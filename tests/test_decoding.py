@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,11 +14,13 @@ import pytest
 import torch
 
 from tritonhf.backends.python_hf.batching import RequestError
-from tritonhf.backends.python_hf.decoding import Observer, Quiet, Scheduler, Sequence
 from tritonhf.backends.python_hf.parameters import GenerationParams
+from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
+from tritonhf.backends.python_hf.sequence import Sequence
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 
 from .helpers import LENGTHS, PROMPTS, Pieces, reference, until
+
 
 @pytest.fixture(scope="module", params=["gpt2", "facebook/opt-125m"])
 def model(tiny: dict[str, Path], request: pytest.FixtureRequest) -> TextGeneration:
@@ -45,16 +48,25 @@ class Recorder(Pieces):
 
 
 @contextmanager
-def scheduling(model: TextGeneration, max_sequences: int = 32, max_tokens: int | None = None, observer: Observer | None = None) -> Iterator[Scheduler]:
+def scheduling(
+    model: TextGeneration, max_sequences: int = 32, max_tokens: int | None = None, observer: Observer | None = None
+) -> Iterator[Scheduler]:
     """A scheduler with these settings from its start, always closed."""
-    scheduler = Scheduler(model, max_sequences, max_tokens or model.max_running_tokens, observer, **model.admission)
+    limits = dataclasses.replace(
+        model.limits,
+        max_running_sequences=max_sequences,
+        max_running_tokens=max_tokens or model.limits.max_running_tokens,
+    )
+    scheduler = Scheduler(model, limits, observer)
     try:
         yield scheduler
     finally:
         scheduler.close()
 
 
-def stream_all(model: TextGeneration, requests: list[tuple[str, dict]], max_sequences: int = 32, gap: float = 0.0) -> list[Recorder]:
+def stream_all(
+    model: TextGeneration, requests: list[tuple[str, dict]], max_sequences: int = 32, gap: float = 0.0
+) -> list[Recorder]:
     recorders = []
     with scheduling(model, max_sequences) as scheduler:
         for prompt, options in requests:
@@ -70,15 +82,37 @@ def stream_all(model: TextGeneration, requests: list[tuple[str, dict]], max_sequ
 
 def test_request_values_override_the_defaults() -> None:
     defaults = GenerationParams(max_new_tokens=16, min_new_tokens=4)
-    params = defaults.updated({"max_new_tokens": "2", "do_sample": "true", "temperature": 0.7, "top_p": np.array([[0.5]], dtype=np.float32), "stop": np.array([[b"\n", b"."]], dtype=object), "seed": 3}, 100)
-    assert params == GenerationParams(max_new_tokens=2, min_new_tokens=2, do_sample=True, temperature=0.7, top_p=0.5, top_k=50, seed=3, stop=("\n", "."))
+    params = defaults.updated(
+        {
+            "max_new_tokens": "2",
+            "do_sample": "true",
+            "temperature": 0.7,
+            "top_p": np.array([[0.5]], dtype=np.float32),
+            "stop": np.array([[b"\n", b"."]], dtype=object),
+            "seed": 3,
+        },
+        100,
+    )
+    assert params == GenerationParams(
+        max_new_tokens=2,
+        min_new_tokens=2,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.5,
+        top_k=50,
+        seed=3,
+        stop=("\n", "."),
+    )
     assert defaults.updated({}, 100) == defaults
 
 
 BAD_PARAMETERS = {
     "negative max_new_tokens": ({"max_new_tokens": -5}, "max_new_tokens must be in 1..100, got -5"),
     "too many new tokens": ({"max_new_tokens": 101}, "max_new_tokens must be in 1..100"),
-    "temperature 0 with sampling": ({"do_sample": True, "temperature": 0}, "temperature must be > 0 when do_sample is true"),
+    "temperature 0 with sampling": (
+        {"do_sample": True, "temperature": 0},
+        "temperature must be > 0 when do_sample is true",
+    ),
     "unknown key": ({"max_tokens": 5}, "unknown generation parameter 'max_tokens'; known: max_new_tokens"),
     "not an integer": ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
     "boolean as a count": ({"top_k": True}, "top_k must be an integer"),
@@ -112,7 +146,9 @@ def test_a_static_batch_equals_generate_row_by_row(model: TextGeneration) -> Non
     """Every row its own max_new_tokens, in one batch: each equals transformers' generate on it alone."""
     out = model(PROMPTS, [model.parse_options({"max_new_tokens": n}) for n in LENGTHS])
     for i, (prompt, n) in enumerate(zip(PROMPTS, LENGTHS)):
-        assert (out["text"][i, 0].decode(), int(out["new_tokens"][i, 0])) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+        assert (out["text"][i, 0].decode(), int(out["new_tokens"][i, 0])) == reference(
+            model, prompt, max_new_tokens=n, do_sample=False
+        )
 
 
 def test_a_prompt_without_tokens_starts_from_bos(model: TextGeneration) -> None:
@@ -129,13 +165,18 @@ def test_min_new_tokens_holds_eos_back(model: TextGeneration) -> None:
     eos, model.eos = model.eos, frozenset([token])
     try:
         assert model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6})])["new_tokens"][0, 0] == 1
-        assert model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6, "min_new_tokens": 4})])["new_tokens"][0, 0] >= 4
+        assert (
+            model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6, "min_new_tokens": 4})])["new_tokens"][0, 0]
+            >= 4
+        )
     finally:
         model.eos = eos
 
 
 def test_stop_strings_end_the_answer_before_them(model: TextGeneration) -> None:
-    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][0, 0].decode()
+    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][
+        0, 0
+    ].decode()
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     cut = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False, "stop": stop})])
     assert cut["text"][0, 0].decode() == full[: full.index(stop)]
@@ -143,17 +184,27 @@ def test_stop_strings_end_the_answer_before_them(model: TextGeneration) -> None:
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(model: TextGeneration) -> None:
-    seeded = model.parse_options({"do_sample": True, "seed": 11, "max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95})
+    seeded = model.parse_options(
+        {"do_sample": True, "seed": 11, "max_new_tokens": 12, "temperature": 0.9, "top_p": 0.95}
+    )
     alone = model([PROMPTS[5]], [seeded])["text"][0, 0]
     among = model([PROMPTS[0], PROMPTS[5], PROMPTS[9]], [model.defaults, seeded, seeded])["text"][:, 0]
     assert among[1] == alone, "the same seed, the same answer, whatever the neighbours"
-    assert model([PROMPTS[5]], [model.parse_options({"do_sample": True, "seed": 12, "max_new_tokens": 12})])["text"][0, 0] != alone
+    assert (
+        model([PROMPTS[5]], [model.parse_options({"do_sample": True, "seed": 12, "max_new_tokens": 12})])["text"][0, 0]
+        != alone
+    )
 
 
 def test_sampling_filters_narrow_to_greedy(model: TextGeneration) -> None:
     greedy = model([PROMPTS[6]], [model.parse_options({"max_new_tokens": 10})])["text"][0, 0]
     for narrow in ({"top_k": 1}, {"top_p": 1e-6}):
-        assert model([PROMPTS[6]], [model.parse_options({"do_sample": True, "max_new_tokens": 10, **narrow})])["text"][0, 0] == greedy, narrow
+        assert (
+            model([PROMPTS[6]], [model.parse_options({"do_sample": True, "max_new_tokens": 10, **narrow})])["text"][
+                0, 0
+            ]
+            == greedy
+        ), narrow
 
 
 # --- continuous batching -------------------------------------------------------------------
@@ -181,7 +232,10 @@ def test_the_running_batch_is_bounded(model: TextGeneration) -> None:
             scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": 10}), recorder))
         assert all(r.done.wait(60) for r in recorders)
     assert max(seen) == 3 and all(r.tokens == 10 for r in recorders)
-    with scheduling(model, max_tokens=20) as scheduler, pytest.raises(RequestError, match="exceeds this model's max_running_tokens"):
+    with (
+        scheduling(model, max_tokens=20) as scheduler,
+        pytest.raises(RequestError, match="exceeds this model's max_running_tokens"),
+    ):
         scheduler.submit(model.sequence(PROMPTS[0], model.parse_options({"max_new_tokens": 30})))
 
 
@@ -206,7 +260,10 @@ def test_a_cancelled_stream_leaves_the_others_intact(model: TextGeneration) -> N
         assert kept.done.wait(60) and cancelled.done.wait(60)
         until(lambda: not scheduler.batch.rows, what="the slot to be freed")
     assert cancelled.error == ("request cancelled", "cancelled") and 3 <= cancelled.tokens < 40
-    assert kept.error is None and kept.text == model([PROMPTS[3]], [model.parse_options({"max_new_tokens": 40})])["text"][0, 0].decode()
+    assert (
+        kept.error is None
+        and kept.text == model([PROMPTS[3]], [model.parse_options({"max_new_tokens": 40})])["text"][0, 0].decode()
+    )
 
 
 def test_streams_hold_back_what_may_still_change() -> None:
@@ -214,16 +271,18 @@ def test_streams_hold_back_what_may_still_change() -> None:
     recorder = Recorder()
     row = Sequence("prompt", [1], GenerationParams(max_new_tokens=10, stop=("END",), return_full_text=False), recorder)
     sent = []
-    for token, piece in enumerate(["Hi E", "x E", "N", "\ufffd", "D and more"]):
+    for token, piece in enumerate(["Hi E", "x E", "N", None, "D and more"]):  # None: a character still missing bytes
         row.add(token, frozenset())
-        row.extend(piece, "")
+        row.extend(piece)
         sent.append(row.take())
     assert sent == [("Hi ", 1), ("Ex ", 1), None, None, ("", 3)]
     assert row.finish == "stop" and row.text == "Hi Ex "
 
 
 def test_a_stream_with_a_stop_string_ends_before_it(model: TextGeneration) -> None:
-    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][0, 0].decode()
+    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])["text"][
+        0, 0
+    ].decode()
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     [streamed] = stream_all(model, [(PROMPTS[4], {"max_new_tokens": 20, "return_full_text": False, "stop": stop})])
     assert streamed.text == full[: full.index(stop)] and streamed.tokens < 20
@@ -253,7 +312,9 @@ def test_a_failed_prefill_fails_only_its_newcomers(model: TextGeneration) -> Non
     running, bad, later = Recorder(), Recorder(), Recorder()
     with scheduling(faulty) as scheduler:
         scheduler.log_error = lambda message: None
-        scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 30, "min_new_tokens": 30}), running))
+        scheduler.submit(
+            model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 30, "min_new_tokens": 30}), running)
+        )
         until(lambda: running.tokens >= 2, what="the first request to be decoding")
         scheduler.submit(model.sequence(poisoned, model.defaults, bad))
         assert bad.done.wait(60) and running.done.wait(60)

@@ -13,13 +13,13 @@ import transformers
 from tritonclient.utils import InferenceServerException
 
 from tritonhf import TritonHFError, cli, model_config
-from tritonhf.backends.onnx_export.exporters import VARIANTS
-from tritonhf.backends.onnx_export.parity import checker
+from tritonhf.backends.onnx_export.parity import Exact
 from tritonhf.backends.onnx_export.spec import ExportError, spec_for
 from tritonhf.backends.python_hf.tasks import load_task
 from tritonhf.ensembles import export_model
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
+from tritonhf.variants import ONNX, VARIANTS, by_names
 
 from .conftest import CLASSIFIER, EMBEDDER
 from .helpers import PROMPTS, alone, burst, bytes_input, in_process, ok
@@ -32,7 +32,7 @@ ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYP
 
 
 def assert_agree(model: str, variant: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    exact = VARIANTS[variant].exact
+    exact = isinstance(VARIANTS[variant].exporter.gate, Exact)
     if "label" in want:
         assert got["label"].tolist() == want["label"].tolist(), (model, variant)
         if exact:
@@ -57,7 +57,11 @@ def test_ensemble_agrees_with_the_python_model(server: TritonServer, model: str,
 @pytest.mark.server
 def test_errors_pass_through_the_ensemble(server: TritonServer) -> None:
     ensemble = f"{CLASSIFIER}_onnx"
-    results = burst(server, ensemble, [[bytes_input([PROMPTS[2]])], [bytes_input([b"\xff"])], [bytes_input([""])], [bytes_input([PROMPTS[7]])]])
+    results = burst(
+        server,
+        ensemble,
+        [[bytes_input([PROMPTS[2]])], [bytes_input([b"\xff"])], [bytes_input([""])], [bytes_input([PROMPTS[7]])]],
+    )
     assert isinstance(results[1], InferenceServerException) and "not valid UTF-8" in results[1].message()
     assert isinstance(results[2], InferenceServerException) and "prompt row 0 is empty" in results[2].message()
     assert_agree(CLASSIFIER, "onnx", results[0], alone(server, CLASSIFIER, [PROMPTS[2]]))
@@ -78,12 +82,27 @@ def test_ensembles_in_process_equal_the_python_model(repository: Path) -> None:
 @pytest.fixture(scope="module")
 def native(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     entries = plan([], [str(tiny[CLASSIFIER])], [str(tiny[EMBEDDER])], 16)
-    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("native") / "repo", runtime="native", device="gpu", onnx_accelerator="tensorrt"))
+    return build(
+        entries,
+        BuildOptions(
+            output=tmp_path_factory.mktemp("native") / "repo",
+            runtime="native",
+            device="gpu",
+            onnx_accelerator="tensorrt",
+        ),
+    )
 
 
 def graph_io(tensors: list) -> list[tuple[str, str, list[int]]]:
     """(name, Triton type, dims without the batch axis) of ONNX graph inputs or outputs."""
-    return [(t.name, ONNX_TYPES[t.type.tensor_type.elem_type], [d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim][1:]) for t in tensors]
+    return [
+        (
+            t.name,
+            ONNX_TYPES[t.type.tensor_type.elem_type],
+            [d.dim_value if d.HasField("dim_value") else -1 for d in t.type.tensor_type.shape.dim][1:],
+        )
+        for t in tensors
+    ]
 
 
 def config_io(tensors: list[dict]) -> list[tuple[str, str, list[int]]]:
@@ -113,7 +132,9 @@ def test_native_torchscript_config_matches_the_module(native: Path, model: str) 
     batch = {name: torch.ones(2, 12, dtype=torch.int64) for name in arguments}
     outputs = module(*batch.values())
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    assert [t["name"] for t in config["output"]] == [f"{t['name'].rsplit('__', 1)[0]}__{i}" for i, t in enumerate(config["output"])]
+    assert [t["name"] for t in config["output"]] == [
+        f"{t['name'].rsplit('__', 1)[0]}__{i}" for i, t in enumerate(config["output"])
+    ]
     assert len(outputs) == len(config["output"])
     for tensor, output in zip(config["output"], outputs):
         assert tensor["data_type"] == "TYPE_FP32" and output.dtype == torch.float32
@@ -137,7 +158,9 @@ def test_ensemble_wiring_is_complete(native: Path) -> None:
 # --- export failures and the cache ---------------------------------------------------------
 
 
-def test_an_undeclared_architecture_fails_clearly(tmp_path: Path, tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_undeclared_architecture_fails_clearly(
+    tmp_path: Path, tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "tiny-xlnet"
     config = transformers.XLNetConfig(vocab_size=1000, d_model=32, n_layer=1, n_head=2, d_inner=64)
     transformers.XLNetForSequenceClassification(config).save_pretrained(path)
@@ -155,21 +178,29 @@ def test_a_failed_parity_check_names_variant_and_shape(tiny: dict[str, Path], na
     spec = spec_for(task.model.config, task.task)
     torch.manual_seed(1)
     other = transformers.DistilBertForSequenceClassification(task.model.config).eval()  # same shapes, other weights
-    check = checker(VARIANTS["onnx"], spec, other, task.max_tokens, tokenize=None)
+    run = ONNX.exporter.runner(native / f"{CLASSIFIER}_onnx_model" / "1" / "model.onnx", spec)
     with pytest.raises(ExportError, match=r"onnx parity failed at batch 1 x sequence 8: max abs error"):
-        check(native / f"{CLASSIFIER}_onnx_model" / "1" / "model.onnx")
+        ONNX.exporter.gate("onnx", run, spec, other, task.max_tokens, tokenize=None)
 
 
 def test_a_second_build_reuses_the_exports(tiny: dict[str, Path], native: Path) -> None:
     task = load_task(str(tiny[CLASSIFIER]), "text-classification")
-    exported = export_model(CLASSIFIER, str(tiny[CLASSIFIER]), task, EXPORTED)
+    exported = export_model(CLASSIFIER, str(tiny[CLASSIFIER]), task, by_names(EXPORTED))
     assert [made.cached for made in exported.exports] == [True, True, True]
     for made in exported.exports:
-        assert (native / f"{CLASSIFIER}_{made.variant.name}_model" / "1" / made.variant.file).samefile(made.path) or made.path.exists()
+        assert (native / f"{CLASSIFIER}_{made.label}_model" / "1" / made.exporter.file).samefile(
+            made.path
+        ) or made.path.exists()
 
 
 def test_unknown_variant_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(TritonHFError, match="unknown variants onnx-fp8"):
-        build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "r", variants=("python", "onnx-fp8")))
-    with pytest.raises(TritonHFError, match="generation models are served as python, stream or baseline"):
-        build(plan([str(tiny["gpt2"])], [], [], 16), dataclasses.replace(BuildOptions(output=tmp_path / "r"), variants=("onnx",)))
+        build(
+            plan([], [str(tiny[CLASSIFIER])], [], 16),
+            BuildOptions(output=tmp_path / "r", variants=("python", "onnx-fp8")),
+        )
+    with pytest.raises(TritonHFError, match="text-generation is served as baseline, python, stream"):
+        build(
+            plan([str(tiny["gpt2"])], [], [], 16),
+            dataclasses.replace(BuildOptions(output=tmp_path / "r"), variants=("onnx",)),
+        )

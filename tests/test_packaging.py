@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
-from pathlib import Path
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +48,7 @@ def test_dockerfile_matches_the_tested_server_version() -> None:
 def test_dockerfile_installs_what_make_setup_installs() -> None:
     runs = [arguments for _, arguments in instructions("RUN")]
     assert "pip install --no-cache-dir -r requirements/runtime.txt" in runs
-    assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in runs
+    assert any(run.startswith("pip install --no-cache-dir --no-deps --no-build-isolation ") for run in runs)
     makefile = (ROOT / "Makefile").read_text()
     assert "-r requirements/dev.txt -c requirements/lock-cpu.txt" in makefile
     assert "--no-deps --no-build-isolation -e ." in makefile
@@ -54,3 +60,56 @@ def test_direct_pins_agree_with_the_lock() -> None:
     for name in ("runtime.txt", "dev.txt"):
         for package, version in pins(ROOT / "requirements" / name).items():
             assert lock.get(package) == version, f"{name}: {package}=={version}, lock has {lock.get(package)}"
+
+
+def image_path(root: Path, workdir: PurePosixPath, path: str) -> Path:
+    """Where a path of the image lands under ``root``: absolute, or relative to the WORKDIR."""
+    return root / (workdir / path).relative_to("/")
+
+
+def docker_context(root: Path) -> tuple[Path, Path]:
+    """Lay out under ``root`` exactly what the Dockerfile's COPY lines put in the image.
+
+    Returns (the directory pip installs, the WORKDIR the build's RUN lines run in).
+    """
+    [(_, workdir)] = instructions("WORKDIR")
+    workdir = PurePosixPath(workdir)
+    for _, arguments in instructions("COPY"):
+        *sources, destination = shlex.split(arguments)
+        for source in sources:
+            target = image_path(root, workdir, destination)
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                if destination.endswith("/"):
+                    target = target / Path(source).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / source, target)
+    [install] = [shlex.split(run) for _, run in instructions("RUN") if "--no-deps" in run]
+    package = install[: install.index("&&")][-1] if "&&" in install else install[-1]
+    return image_path(root, workdir, package), image_path(root, workdir, ".")
+
+
+@pytest.mark.slow
+def test_the_docker_build_context_installs_and_runs(tmp_path: Path) -> None:
+    """The image's own steps on exactly its build context: pip installs the package, repo_builder.py runs.
+
+    A COPY line that misses a file the package or the script needs fails here. The
+    installed copy must be the one imported (not this checkout, not the editable install).
+    """
+    package, workdir = docker_context(tmp_path / "image")
+    target = tmp_path / "site-packages"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
+    installed = subprocess.run([*pip, str(package)], capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run(
+        [sys.executable, "repo_builder.py", "--help"], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "--gen-models" in run.stdout, run.stdout + run.stderr
+    where = "import tritonhf.backends.python_hf.steps as m, tritonhf.perf.suite as s; print(m.__file__, s.__file__)"
+    imported = subprocess.run(
+        [sys.executable, "-c", where], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert all(Path(path).is_relative_to(target) for path in imported.stdout.split()), imported.stdout

@@ -14,6 +14,7 @@ from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
 from tritonhf.perf.suite import PROMPTS, Served, data_file, ratio
 from tritonhf.server import TritonServer, find_installation
+from tritonhf.variants import VARIANTS
 
 from .conftest import CLASSIFIER
 
@@ -31,7 +32,9 @@ def test_argv_is_built_from_the_options(tmp_path: Path) -> None:
     assert counted[counted.index("--measurement-request-count") + 1] == "64" and "--measurement-interval" not in counted
     assert "--streaming" not in argv and "--profile-export-file" not in argv
     streamed = dataclasses.replace(options, streaming=True, profile_path=tmp_path / "p.json").argv()
-    assert "--streaming" in streamed and streamed[streamed.index("--profile-export-file") + 1] == str(tmp_path / "p.json")
+    assert "--streaming" in streamed and streamed[streamed.index("--profile-export-file") + 1] == str(
+        tmp_path / "p.json"
+    )
 
 
 def test_prompts_are_varied() -> None:
@@ -41,9 +44,10 @@ def test_prompts_are_varied() -> None:
 
 
 def test_pipeline_of_each_variant() -> None:
-    assert Served(CLASSIFIER, CLASSIFIER, "text-classification", "python").pipeline == [CLASSIFIER]
-    assert Served(f"{CLASSIFIER}_baseline", CLASSIFIER, "text-classification", "baseline").pipeline == [f"{CLASSIFIER}_baseline"]
-    onnx = Served(f"{CLASSIFIER}_onnx", CLASSIFIER, "text-classification", "onnx")
+    assert Served(CLASSIFIER, CLASSIFIER, "text-classification", VARIANTS["python"]).pipeline == [CLASSIFIER]
+    baseline = Served(f"{CLASSIFIER}_baseline", CLASSIFIER, "text-classification", VARIANTS["baseline"])
+    assert baseline.pipeline == [f"{CLASSIFIER}_baseline"]
+    onnx = Served(f"{CLASSIFIER}_onnx", CLASSIFIER, "text-classification", VARIANTS["onnx"])
     assert onnx.network == f"{CLASSIFIER}_onnx_model"
     assert onnx.pipeline == [f"{CLASSIFIER}_tokenize", f"{CLASSIFIER}_onnx_model", f"{CLASSIFIER}_postprocess"]
 
@@ -52,9 +56,17 @@ def test_pipeline_of_each_variant() -> None:
 @pytest.mark.parametrize("variant", ["python", "onnx"])
 def test_a_real_measurement(server: TritonServer, tmp_path: Path, variant: str) -> None:
     """perf_analyzer itself, against the session's server: argv, CSV and metrics agree."""
-    served = Served(CLASSIFIER if variant == "python" else f"{CLASSIFIER}_{variant}", CLASSIFIER, "text-classification", variant)
+    served = Served(VARIANTS[variant].served_name(CLASSIFIER), CLASSIFIER, "text-classification", VARIANTS[variant])
     before = snapshot(server.metrics_url)
-    options = PerfOptions(served.name, server.grpc_url, data_file(tmp_path / "data.json"), 4, tmp_path / "r.csv", window_ms=1500, stability_percent=50)
+    options = PerfOptions(
+        served.name,
+        server.grpc_url,
+        data_file(tmp_path / "data.json"),
+        4,
+        tmp_path / "r.csv",
+        window_ms=1500,
+        stability_percent=50,
+    )
     measured = measure(options, find_installation().env)
     side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
     assert measured["concurrency"] == 4 and measured["throughput_rps"] > 0
@@ -64,38 +76,104 @@ def test_a_real_measurement(server: TritonServer, tmp_path: Path, variant: str) 
 
 @pytest.mark.server
 def test_the_mixed_generation_workload(server: TritonServer, tmp_path: Path) -> None:
-    """Static and streaming gpt2 under perf_analyzer with per-request max_new_tokens; metrics from the profile export."""
+    """Static and streaming gpt2 under perf_analyzer with per-request max_new_tokens; metrics from the profile
+    export."""
     data = mixed_data(tmp_path / "mixed.json", json.loads(PROMPTS.read_text())["prompts"])
     asked = [entry["max_new_tokens"][0] for entry in json.loads(data.read_text())["data"]]
     assert min(asked) >= MIXED_TOKENS[0] and max(asked) <= MIXED_TOKENS[1] and len(set(asked)) > 10
-    measured = {streaming: measure_mixed("gpt2_stream" if streaming else "gpt2", streaming, server.grpc_url, data, 4, tmp_path, find_installation().env) for streaming in (False, True)}
+    measured = {
+        streaming: measure_mixed(
+            "gpt2_stream" if streaming else "gpt2",
+            streaming,
+            server.grpc_url,
+            data,
+            4,
+            tmp_path,
+            find_installation().env,
+        )
+        for streaming in (False, True)
+    }
     for stats in measured.values():
         assert stats["requests"] >= 8 and stats["output_tokens_per_s"] > 0
-        assert MIXED_TOKENS[0] <= stats["tokens_per_request"] <= MIXED_TOKENS[1], "new_tokens counted from the responses"
+        assert MIXED_TOKENS[0] <= stats["tokens_per_request"] <= MIXED_TOKENS[1], (
+            "new_tokens counted from the responses"
+        )
     static, stream = measured[False], measured[True]
     assert static["ttft_p50_ms"] == static["e2e_p50_ms"] and static["itl_p50_ms"] is None, "one answer per request"
     assert stream["ttft_p50_ms"] < stream["e2e_p50_ms"] and stream["itl_p50_ms"] > 0, "streamed in pieces"
-    plot_mixed([{"model": "gpt2", "variant": "stream" if streaming else "python", "concurrency": 4, **stats} for streaming, stats in measured.items()], tmp_path / "mixed.png")
+    plot_mixed(
+        [
+            {"model": "gpt2", "variant": "stream" if streaming else "python", "concurrency": 4, **stats}
+            for streaming, stats in measured.items()
+        ],
+        tmp_path / "mixed.png",
+    )
     assert (tmp_path / "mixed.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_and_plot(tmp_path: Path) -> None:
     rows = [
-        {"model": "m", "task": "t", "variant": v, "concurrency": c, "throughput_rps": rps, "p50_ms": 10.0, "p95_ms": 20.0 * c, "avg_batch": 1.0, "queue_ms": 1.0, "compute_ms": 5.0}
+        {
+            "model": "m",
+            "task": "t",
+            "variant": v,
+            "concurrency": c,
+            "throughput_rps": rps,
+            "p50_ms": 10.0,
+            "p95_ms": 20.0 * c,
+            "avg_batch": 1.0,
+            "queue_ms": 1.0,
+            "compute_ms": 5.0,
+        }
         for v, c, rps in [("baseline", 1, 10.0), ("python", 1, 12.0), ("baseline", 16, 10.0), ("python", 16, 30.0)]
     ]
-    rows.append({"model": "m", "task": "t", "variant": "onnx", "concurrency": 16, "error": "Failed to obtain stable measurement."})
+    rows.append(
+        {
+            "model": "m",
+            "task": "t",
+            "variant": "onnx",
+            "concurrency": 16,
+            "error": "Failed to obtain stable measurement.",
+        }
+    )
     for row in rows:
         row["vs_baseline"] = ratio(rows, row["model"], row["variant"], "baseline", row["concurrency"])
     assert rows[3]["vs_baseline"] == 3.0 and rows[4]["vs_baseline"] is None
-    text = summary_markdown(rows, {"cpu": "x"}, [("python / baseline", 2.2, 3.0), ("int8 / python", 2.0, 1.5), ("gone", 1.0, None)], {})
+    text = summary_markdown(
+        rows, {"cpu": "x"}, [("python / baseline", 2.2, 3.0), ("int8 / python", 2.0, 1.5), ("gone", 1.0, None)], {}
+    )
     assert "| python | 16 | 30.0 |" in text and "3.00x" in text
     assert "| onnx | 16 | not measured: Failed to obtain stable measurement. |" in text
     assert "| python / baseline | >= 2.20 | 3.00 | met |" in text
     assert "| int8 / python | >= 2.00 | 1.50 | MISSED by 25% |" in text
-    mixed = [{"model": "gpt2", "variant": "python", "concurrency": 32, "requests_per_s": 1.0, "output_tokens_per_s": 36.0, "ttft_p50_ms": 9000.0, "ttft_p95_ms": 9500.0, "itl_p50_ms": None, "e2e_p50_ms": 9000.0, "tokens_vs_static": 1.0}]
-    mixed.append({**mixed[0], "variant": "stream", "output_tokens_per_s": 54.0, "ttft_p50_ms": 300.0, "itl_p50_ms": 120.0, "tokens_vs_static": 1.5})
+    mixed = [
+        {
+            "model": "gpt2",
+            "variant": "python",
+            "concurrency": 32,
+            "requests_per_s": 1.0,
+            "output_tokens_per_s": 36.0,
+            "ttft_p50_ms": 9000.0,
+            "ttft_p95_ms": 9500.0,
+            "itl_p50_ms": None,
+            "e2e_p50_ms": 9000.0,
+            "tokens_vs_static": 1.0,
+        }
+    ]
+    mixed.append(
+        {
+            **mixed[0],
+            "variant": "stream",
+            "output_tokens_per_s": 54.0,
+            "ttft_p50_ms": 300.0,
+            "itl_p50_ms": 120.0,
+            "tokens_vs_static": 1.5,
+        }
+    )
     text = summary_markdown(rows, {"cpu": "x"}, [], {}, mixed)
-    assert "| gpt2 | stream | 1.00 | 54.0 | 300 | 9500 | 120 | 9000 | 1.50x |" in text and "| gpt2 | python | 1.00 | 36.0 | 9000 | 9500 | n/a |" in text
+    assert (
+        "| gpt2 | stream | 1.00 | 54.0 | 300 | 9500 | 120 | 9000 | 1.50x |" in text
+        and "| gpt2 | python | 1.00 | 36.0 | 9000 | 9500 | n/a |" in text
+    )
     plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

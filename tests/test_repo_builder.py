@@ -12,7 +12,8 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonhf import TritonHFError, model_config
 from tritonhf.backends.python_hf.parameters import PARAMETERS
-from tritonhf.repo_builder import MARKER, BuildOptions, ModelEntry, add_arguments, build, plan, read_manifest
+from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
+from tritonhf.repository import MARKER, read_manifest
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN
 
@@ -66,7 +67,12 @@ def test_empty_value_builds_none_of_that_kind() -> None:
     args = parse("--gen-models", "", "--class-models", "a/b, c", "--embed-models", "x/y z")
     assert args.gen_models == []
     entries = plan(args.gen_models, args.class_models, args.embed_models, 16)
-    assert [(e.name, e.task) for e in entries] == [("b", "text-classification"), ("c", "text-classification"), ("y", "feature-extraction"), ("z", "feature-extraction")]
+    assert [(e.name, e.task) for e in entries] == [
+        ("b", "text-classification"),
+        ("c", "text-classification"),
+        ("y", "feature-extraction"),
+        ("z", "feature-extraction"),
+    ]
 
 
 def test_name_clash_is_refused() -> None:
@@ -80,7 +86,9 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
         assert manifest[entry.name] == {"source": entry.source, "task": entry.task, "variant": "python"}
     others = {name: served["variant"] for name, served in manifest.items() if served["variant"] != "python"}
     streams = {f"{name}_stream": "stream" for name in ("gpt2", "opt-125m")}
-    assert others == streams | {f"{m}_{v}": v for m in (CLASSIFIER, EMBEDDER) for v in ("onnx", "onnx-int8", "torchscript")}
+    assert others == streams | {
+        f"{m}_{v}": v for m in (CLASSIFIER, EMBEDDER) for v in ("onnx", "onnx-int8", "torchscript")
+    }
     modules = {p.name for p in (ROOT / "backends" / "python_hf").glob("*.py")} - {"__init__.py"}
     configs = {e.name: model_config.read(repository / e.name / "config.pbtxt") for e in entries}
     for entry in entries:
@@ -92,14 +100,27 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
         assert config["parameters"]["huggingface_model"] == {"string_value": "hf_model"}
         assert config["parameters"]["task"] == {"string_value": entry.task}
         assert "dynamic_batching" in config
-        assert (repository / entry.name / "1" / "hf_model" / "config.json").exists(), "self-contained: weights copied in"
+        assert (repository / entry.name / "1" / "hf_model" / "config.json").exists(), (
+            "self-contained: weights copied in"
+        )
         assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == modules, "the whole generic model"
     outputs = {name: [(o["name"], o["data_type"], o["dims"]) for o in c["output"]] for name, c in configs.items()}
     assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"]), ("new_tokens", "TYPE_INT32", ["1"])]
     assert configs["gpt2"]["parameters"]["max_length"] == {"string_value": str(GEN_MAX_LEN)}
     optional = {i["name"]: i for i in configs["gpt2"]["input"][1:]}
-    assert optional["max_new_tokens"] == {"name": "max_new_tokens", "data_type": "TYPE_INT32", "dims": ["1"], "optional": True}
-    assert optional["stop"] == {"name": "stop", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True, "allow_ragged_batch": True}
+    assert optional["max_new_tokens"] == {
+        "name": "max_new_tokens",
+        "data_type": "TYPE_INT32",
+        "dims": ["1"],
+        "optional": True,
+    }
+    assert optional["stop"] == {
+        "name": "stop",
+        "data_type": "TYPE_STRING",
+        "dims": ["-1"],
+        "optional": True,
+        "allow_ragged_batch": True,
+    }
     assert outputs[CLASSIFIER] == [("label", "TYPE_STRING", ["1"]), ("score", "TYPE_FP32", ["1"])]
     assert outputs[EMBEDDER] == [("embedding", "TYPE_FP32", ["384"])]
 
@@ -116,7 +137,9 @@ def test_stream_configs(repository: Path) -> None:
 
 
 def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:
-    options = BuildOptions(output=tmp_path / "repo", max_batch_size=64, max_queue_delay_us=500, instances=2, device="gpu", dtype="float16")
+    options = BuildOptions(
+        output=tmp_path / "repo", max_batch_size=64, max_queue_delay_us=500, instances=2, device="gpu", dtype="float16"
+    )
     build(plan([], [str(tiny[CLASSIFIER])], [], 16), dataclasses.replace(options, variants=("python",)))
     config = model_config.read(tmp_path / "repo" / CLASSIFIER / "config.pbtxt")
     assert config["max_batch_size"] == 64
@@ -130,7 +153,10 @@ def test_unloadable_model_fails_before_anything_is_written(tiny: dict[str, Path]
     build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
     with pytest.raises(TritonHFError, match=r"cannot load '.*does-not-exist' for text-generation"):
-        build(plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
+        build(
+            plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16),
+            BuildOptions(output=target, variants=("python",)),
+        )
     assert sorted(p.relative_to(target) for p in target.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["repo"], "no staging directory left behind"
 

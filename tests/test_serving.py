@@ -71,7 +71,10 @@ def test_dynamic_batching_really_batches(server: TritonServer) -> None:
     before = settled_counters(server, CLASSIFIER)
     ok(burst(server, CLASSIFIER, [[bytes_input([PROMPTS[i % 16]])] for i in range(32)]))
     inferences, executions = counters_after(server, CLASSIFIER, before, 32)
-    print(f"average executed batch size over a 32-request burst: {inferences / executions:.1f} ({inferences:.0f} / {executions:.0f})")
+    print(
+        f"average executed batch size over a 32-request burst: {inferences / executions:.1f} "
+        f"({inferences:.0f} / {executions:.0f})"
+    )
     assert inferences == 32
     assert inferences / executions >= 4
 
@@ -107,7 +110,12 @@ BAD = {
 def test_bad_requests_fail_alone(server: TritonServer, model: str) -> None:
     good = [PROMPTS[3], PROMPTS[9]]
     long_prompt = "very long prompt " * 6000  # 102,000 characters: truncated, documented, served
-    requests = [[bytes_input([good[0]])], *(inputs for inputs, _ in BAD.values()), [bytes_input([long_prompt])], [bytes_input([good[1]])]]
+    requests = [
+        [bytes_input([good[0]])],
+        *(inputs for inputs, _ in BAD.values()),
+        [bytes_input([long_prompt])],
+        [bytes_input([good[1]])],
+    ]
     results = burst(server, model, requests)
     for (what, (_, message)), result in zip(BAD.items(), results[1:-2]):
         assert isinstance(result, InferenceServerException), what
@@ -128,9 +136,13 @@ def test_bad_requests_fail_alone(server: TritonServer, model: str) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_client_prints_the_tutorial_table(server: TritonServer, protocol: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_prints_the_tutorial_table(
+    server: TritonServer, protocol: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    assert cli.main(["client", "-m", CLASSIFIER, "-i", protocol, "--url", url, "--prompt", "good", "--prompt", "bad"]) == 0
+    assert (
+        cli.main(["client", "-m", CLASSIFIER, "-i", protocol, "--url", url, "--prompt", "good", "--prompt", "bad"]) == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert re.match(r"Name\s+\| Shape\s+\| Data", lines[0])
     assert [line.split("|")[0].strip() for line in lines[2:]] == ["label", "label", "score", "score"]
@@ -152,10 +164,12 @@ def test_http_client_uses_the_batch_axis(server: TritonServer) -> None:
 
 
 def test_a_model_that_fails_to_load_shows_its_error(tiny: dict[str, Path], tmp_path: Path) -> None:
-    repository = build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "repo", variants=("python",)))
+    repository = build(
+        plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "repo", variants=("python",))
+    )
     config_path = repository / CLASSIFIER / "config.pbtxt"
     config = model_config.read(config_path)
     config["parameters"]["task"] = {"string_value": "summarisation"}
     config_path.write_text(model_config.to_pbtxt(config))
-    with pytest.raises(TritonHFError, match="exited while loading(.|\n)*unknown task 'summarisation'"):
+    with pytest.raises(TritonHFError, match=r"exited while loading(.|\n)*unknown task 'summarisation'"):
         TritonServer(repository).start(timeout=120)

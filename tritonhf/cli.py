@@ -33,19 +33,56 @@ def parser() -> argparse.ArgumentParser:
     standins.add_argument("--size", choices=("full", "tiny"), default="full")
     standins.set_defaults(run=run_standins)
 
-    perf = commands.add_parser("perf", help="perf_analyzer sweeps over every variant against the tutorial's baseline; report and plot")
+    perf = commands.add_parser(
+        "perf", help="perf_analyzer sweeps over every variant against the tutorial's baseline; report and plot"
+    )
     perf.add_argument("--output", type=Path, default=Path("perf/results"))
     perf.add_argument("--workdir", type=Path, default=Path(".cache"))
-    perf.add_argument("--class-concurrency", type=int_list, default=(1, 4, 16, 32, 64), help="for the classifier (default: 1,4,16,32,64)")
+    perf.add_argument(
+        "--class-concurrency",
+        type=int_list,
+        default=(1, 4, 16, 32, 64),
+        help="for the classifier (default: 1,4,16,32,64)",
+    )
     perf.add_argument("--gen-concurrency", type=int_list, default=(1, 32), help="for generation (default: 1,32)")
-    perf.add_argument("--gen-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2", "facebook/opt-125m"), help="stand-ins to sweep, '' for none (default: gpt2,facebook/opt-125m)")
-    perf.add_argument("--mixed-models", type=lambda v: tuple(repo_builder.model_list(v)), default=("gpt2",), help="served names to run the mixed generation workload on, static vs stream, '' for none (default: gpt2)")
-    perf.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind; fp16 where the variant supports it on gpu")
-    perf.add_argument("--window-ms", type=int, default=4000, help="perf_analyzer measurement window; generation above concurrency 1 uses 15 s (default: %(default)s)")
-    perf.add_argument("--soak", type=float, nargs="?", const=600.0, default=None, metavar="SECONDS", help="instead: a soak at concurrency 64 that checks every answer (default 600 s)")
+    perf.add_argument(
+        "--gen-models",
+        type=lambda v: tuple(repo_builder.model_list(v)),
+        default=("gpt2", "facebook/opt-125m"),
+        help="stand-ins to sweep, '' for none (default: gpt2,facebook/opt-125m)",
+    )
+    perf.add_argument(
+        "--mixed-models",
+        type=lambda v: tuple(repo_builder.model_list(v)),
+        default=("gpt2",),
+        help="served names to run the mixed generation workload on, static vs stream, '' for none (default: gpt2)",
+    )
+    perf.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="instance kind; fp16 where the variant supports it on gpu",
+    )
+    perf.add_argument(
+        "--window-ms",
+        type=int,
+        default=4000,
+        help="perf_analyzer measurement window; generation above concurrency 1 uses 15 s (default: %(default)s)",
+    )
+    perf.add_argument(
+        "--soak",
+        type=float,
+        nargs="?",
+        const=600.0,
+        default=None,
+        metavar="SECONDS",
+        help="instead: a soak at concurrency 64 that checks every answer (default 600 s)",
+    )
     perf.set_defaults(run=run_perf)
 
-    demo = commands.add_parser("demo", help="stand-ins + all-MiniLM-L6-v2 -> repository -> server -> client, end to end")
+    demo = commands.add_parser(
+        "demo", help="stand-ins + all-MiniLM-L6-v2 -> repository -> server -> client, end to end"
+    )
     demo.add_argument("--workdir", type=Path, default=Path(".cache"))
     demo.set_defaults(run=run_demo)
     return root
@@ -58,8 +95,20 @@ def int_list(value: str) -> tuple[int, ...]:
 def run_perf(args: argparse.Namespace) -> None:
     from tritonhf.perf import suite
 
-    options = suite.SuiteOptions(args.output, args.workdir, args.class_concurrency, args.gen_concurrency, args.gen_models, args.device, args.window_ms, mixed_models=args.mixed_models)
-    suite.run_soak(options, args.soak) if args.soak else suite.run(options)
+    options = suite.SuiteOptions(
+        output=args.output,
+        workdir=args.workdir,
+        class_concurrency=args.class_concurrency,
+        gen_concurrency=args.gen_concurrency,
+        gen_models=args.gen_models,
+        device=args.device,
+        window_ms=args.window_ms,
+        mixed_models=args.mixed_models,
+    )
+    if args.soak:
+        suite.run_soak(options, args.soak)
+    else:
+        suite.run(options)
 
 
 def run_serve(args: argparse.Namespace) -> None:

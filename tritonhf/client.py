@@ -33,7 +33,13 @@ def client_module(protocol: str) -> ModuleType:
     return module
 
 
-def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: str = "http", parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def infer(
+    model: str,
+    prompts: Sequence[str],
+    url: str | None = None,
+    protocol: str = "http",
+    parameters: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
     """Send the prompts as one request of shape [rows, 1]; every output, by name."""
     module = client_module(protocol)
     client = module.InferenceServerClient(url or DEFAULT_URLS[protocol])
@@ -56,7 +62,9 @@ def infer(model: str, prompts: Sequence[str], url: str | None = None, protocol: 
         client.close()
 
 
-def stream(model: str, prompt: str, url: str | None = None, parameters: Mapping[str, Any] | None = None, timeout: float = 300) -> Iterator[tuple[str, int]]:
+def stream(
+    model: str, prompt: str, url: str | None = None, parameters: Mapping[str, Any] | None = None, timeout: float = 300
+) -> Iterator[tuple[str, int]]:
     """One prompt to a decoupled (streaming) model over gRPC: (piece of text, new tokens in it) as they arrive.
 
     Leaving the loop early cancels the request on the server, which frees its slot.
@@ -116,11 +124,24 @@ def table(outputs: dict[str, np.ndarray]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-m", "--model", required=True, help="model name in the repository")
-    parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several rows in one request")
+    parser.add_argument(
+        "--prompt", action="append", required=True, help="a prompt; repeat for several rows in one request"
+    )
     parser.add_argument("-i", "--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", help="server address (default: localhost:8000 for http, localhost:8001 for grpc)")
-    parser.add_argument("--param", type=parameter, action="append", default=[], metavar="KEY=VALUE", help="a request parameter, e.g. max_new_tokens=32; repeat for more")
-    parser.add_argument("--stream", action="store_true", help="stream from a <name>_stream model, printing text as it arrives; always gRPC (--url: the gRPC address)")
+    parser.add_argument(
+        "--param",
+        type=parameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a request parameter, e.g. max_new_tokens=32; repeat for more",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="stream from a <name>_stream model, printing text as it arrives; always gRPC (--url: the gRPC address)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:

@@ -8,14 +8,23 @@ from pathlib import Path
 import numpy as np
 
 from tritonhf import client
-from tritonhf.repo_builder import BuildOptions, build, link_or_copy, plan, read_manifest
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import link_or_copy, read_manifest
 from tritonhf.server import TritonServer
 from tritonhf.standins import write_standins
+from tritonhf.variants import VARIANTS
 
 PROMPTS = {
     "text-generation": ["The capital of France is", "Triton batches requests because"],
-    "text-classification": ["I loved this movie, what a wonderful story!", "The food was cold and the service was terrible."],
-    "feature-extraction": ["A man is playing a guitar.", "Someone is playing an instrument.", "The stock market fell sharply today."],
+    "text-classification": [
+        "I loved this movie, what a wonderful story!",
+        "The food was cold and the service was terrible.",
+    ],
+    "feature-extraction": [
+        "A man is playing a guitar.",
+        "Someone is playing an instrument.",
+        "The stock market fell sharply today.",
+    ],
 }
 
 
@@ -31,7 +40,8 @@ def minilm(workdir: Path) -> Path:
 
 def show_stream(name: str, prompt: str, url: str, new_tokens: int = 24) -> None:
     """A streaming model's answer, printed piece by piece as the server sends it."""
-    print(f'$ tritonhf client -m {name} --stream --prompt "{prompt}" --param max_new_tokens={new_tokens} --param return_full_text=false    # stream')
+    params = f"--param max_new_tokens={new_tokens} --param return_full_text=false"
+    print(f'$ tritonhf client -m {name} --stream --prompt "{prompt}" {params}    # stream')
     pieces = 0
     for piece, _ in client.stream(name, prompt, url, {"max_new_tokens": new_tokens, "return_full_text": False}):
         print(piece, end="|", flush=True)
@@ -54,12 +64,18 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
         print(f"\ntritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}\n")
         for name, served in read_manifest(repository).items():
             task = served["task"]
-            if served["variant"] == "stream":
+            if VARIANTS[served["variant"]].streams:
                 show_stream(name, PROMPTS[task][0], server.grpc_url)
                 continue
             protocol = "grpc" if task == "text-classification" else "http"
-            print(f"$ tritonhf client -m {name} -i {protocol} " + " ".join(f'--prompt "{p}"' for p in PROMPTS[task]) + f"    # {served['variant']}")
-            outputs = client.infer(name, PROMPTS[task], server.grpc_url if protocol == "grpc" else server.http_url, protocol)
+            print(
+                f"$ tritonhf client -m {name} -i {protocol} "
+                + " ".join(f'--prompt "{p}"' for p in PROMPTS[task])
+                + f"    # {served['variant']}"
+            )
+            outputs = client.infer(
+                name, PROMPTS[task], server.grpc_url if protocol == "grpc" else server.http_url, protocol
+            )
             print(client.table(outputs) + "\n")
             if "embedding" in outputs:
                 similarity = outputs["embedding"] @ outputs["embedding"].T

@@ -2,7 +2,8 @@
 
 Each ensemble ``<name>_<variant>`` has the Python model's external interface
 (``prompt`` -> ``label`` + ``score``, or ``embedding``). Every tensor name and
-shape below comes from the model's :class:`ExportSpec`; nothing is typed twice.
+shape below comes from the model's ExportSpec (backends/onnx_export/spec.py)
+and the task's outputs; nothing is typed twice.
 
 Batching: the tokenize step holds requests up to ``--max-queue-delay-us`` to
 form a batch and pads it to one shape (see backends/python_hf/text.py), so
@@ -20,14 +21,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tritonhf import TritonHFError, model_config
-from tritonhf.backends.onnx_export.exporters import VARIANTS, Export, Variant, export
-from tritonhf.backends.onnx_export.parity import checker
-from tritonhf.backends.onnx_export.spec import ExportError, ExportSpec, TensorDecl, spec_for
-from tritonhf.backends.python_hf.batching import StepContext
+from tritonhf import TritonHFError, cache_dir, model_config
+from tritonhf.backends.onnx_export.exporters import Export, export
+from tritonhf.backends.onnx_export.spec import ExportError, ExportSpec, spec_for
+from tritonhf.backends.python_hf.steps import StepContext
+from tritonhf.backends.python_hf.tensors import TensorSpec
 from tritonhf.backends.python_hf.text import tokenize
+from tritonhf.repository import LOCAL_WEIGHTS, link_or_copy, write_model
+from tritonhf.variants import Variant
 
-PROMPT = {"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]}
+PROMPT = TensorSpec("prompt", "bytes")
 
 
 @dataclass(frozen=True)
@@ -41,116 +44,107 @@ class Exported:
     exports: list[Export]
 
 
-def export_model(name: str, source: str, task: Any, variants: Sequence[str]) -> Exported:
+def export_model(name: str, source: str, task: Any, variants: Sequence[Variant]) -> Exported:
     """Export (or reuse from the cache) each variant of one model; any failure names the variant."""
     try:
         spec = spec_for(task.model.config, task.task)
     except ExportError as err:
         raise TritonHFError(f"{name}: {err}") from None
-    context = StepContext({"huggingface_model": source, "max_tokens": str(task.max_tokens)}, Path("."), output_names=tuple(t.name for t in spec.inputs))
+    inputs = tuple(t.name for t in spec.inputs)
+    context = StepContext(
+        {"huggingface_model": source, "max_tokens": str(task.max_tokens)}, Path(), output_names=inputs
+    )
     tokens = tokenize(context)
     exports = []
-    for variant in tqdm([VARIANTS[v] for v in variants], desc=f"exporting {name}", unit="variant"):
+    for variant in tqdm(variants, desc=f"exporting {name}", unit="variant"):
+        exporter = variant.exporter
+
+        def check(path: Path, label: str = variant.name, exporter: Any = exporter) -> list[dict]:
+            return exporter.gate(label, exporter.runner(path, spec), spec, task.model, task.max_tokens, tokens)
+
         try:
-            exports.append(export(source, spec, variant, checker(variant, spec, task.model, task.max_tokens, tokens)))
+            exports.append(export(source, spec, variant.name, exporter, check, cache_dir() / "exports"))
         except ExportError as err:
             raise TritonHFError(f"{name}: {err}") from None
     return Exported(name, source, task, spec, exports)
 
 
-def io(tensors: Sequence[TensorDecl], sizes: dict[str, int], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    return [{"name": n, "data_type": t.triton_type, "dims": t.dims(sizes)} for t, n in zip(tensors, names or [t.name for t in tensors])]
-
-
-def cpu_step(name: str, max_batch_size: int, inputs: list, outputs: list, parameters: dict[str, str], delay_us: int = 0) -> dict[str, Any]:
-    """A light Python-backend step (tokenize, postprocess): one CPU instance."""
-    return {
-        "name": name,
-        "backend": "python",
-        "max_batch_size": max_batch_size,
-        "input": inputs,
-        "output": outputs,
-        "dynamic_batching": {"max_queue_delay_microseconds": delay_us},
-        "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
-        "parameters": {key: {"string_value": value} for key, value in parameters.items()},
-    }
-
-
-def network_config(model: Exported, variant: Variant, runtime: str, options: Any) -> dict[str, Any]:
-    sizes = model.spec.sizes(model.task.model.config)
-    config: dict[str, Any] = {
-        "name": f"{model.name}_{variant.name}_model",
-        "max_batch_size": options.max_batch_size,
-        "input": io(model.spec.inputs, sizes),
-        "output": io(model.spec.outputs, sizes, [variant.output_name(t, i) for i, t in enumerate(model.spec.outputs)]),
-        "dynamic_batching": {},
-        "instance_group": [{"count": options.instances, "kind": "KIND_GPU" if options.device == "gpu" else "KIND_CPU"}],
-    }
+def network_config(model: Exported, made: Export, runtime: str, options: Any) -> model_config.Config:
+    """The network step: natively (NGC containers) or inside the Python backend (the pip-installed server)."""
+    spec, exporter = model.spec, made.exporter
+    sizes = spec.sizes(model.task.model.config)
+    name = f"{model.name}_{made.label}_model"
+    inputs = model_config.tensors(spec.inputs, sizes)
+    outputs = model_config.tensors(
+        [TensorSpec(renamed, t.dtype, t.dims) for t, renamed in zip(spec.outputs, exporter.output_names(spec))], sizes
+    )
+    placement = {"instances": options.instances, "device": options.device}
     if runtime == "native":
-        config["platform"] = variant.platform
-        if options.device == "gpu" and options.onnx_accelerator != "none" and variant.platform == "onnxruntime_onnx":
-            config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{"name": options.onnx_accelerator}]}}
-    else:
-        config["backend"] = "python"
-        config["parameters"] = {"step": {"string_value": variant.step}, "model_file": {"string_value": variant.file}}
-    return config
-
-
-def ensemble_config(model: Exported, variant: Variant, options: Any) -> dict[str, Any]:
-    spec, outputs = model.spec, [o.name for o in model.task.outputs()]
-    return {
-        "name": f"{model.name}_{variant.name}",
-        "platform": "ensemble",
-        "max_batch_size": options.max_batch_size,
-        "input": [PROMPT],
-        "output": [{"name": o.name, "data_type": o.data_type, "dims": list(o.dims)} for o in model.task.outputs()],
-        "ensemble_scheduling": {
-            "step": [
-                {"model_name": f"{model.name}_tokenize", "model_version": -1, "input_map": {"prompt": "prompt"}, "output_map": {t.name: t.name for t in spec.inputs}},
-                {
-                    "model_name": f"{model.name}_{variant.name}_model",
-                    "model_version": -1,
-                    "input_map": {t.name: t.name for t in spec.inputs},
-                    "output_map": {variant.output_name(t, i): t.name for i, t in enumerate(spec.outputs)},
-                },
-                {"model_name": f"{model.name}_postprocess", "model_version": -1, "input_map": {n: n for n in spec.postprocess_inputs}, "output_map": {o: o for o in outputs}},
-            ]
-        },
-    }
+        accelerator = (
+            options.onnx_accelerator if options.device == "gpu" and exporter.backend == "onnxruntime" else "none"
+        )
+        return model_config.native_model(
+            name,
+            exporter.platform,
+            inputs,
+            outputs,
+            max_batch_size=options.max_batch_size,
+            accelerator=accelerator,
+            **placement,
+        )
+    parameters = {"step": exporter.step, "model_file": exporter.file}
+    return model_config.python_model(
+        name, inputs, outputs, parameters, max_batch_size=options.max_batch_size, queue_delay_us=0, **placement
+    )
 
 
 def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> list[str]:
     """Write the shared steps and one network + ensemble per export; returns the ensembles' names."""
     from transformers import AutoTokenizer
 
-    from tritonhf.repo_builder import copy_backend, link_or_copy
-
     spec, task = model.spec, model.task
     sizes = spec.sizes(task.model.config)
-    tokenizer_dir = root / f"{model.name}_tokenize" / "1" / "hf_model"
-    AutoTokenizer.from_pretrained(model.source).save_pretrained(tokenizer_dir)
-    steps = [
-        cpu_step(f"{model.name}_tokenize", options.max_batch_size, [PROMPT], io(spec.inputs, sizes), {"step": "tokenize", "huggingface_model": "hf_model", "max_tokens": str(task.max_tokens)}, options.max_queue_delay_us),
-        cpu_step(
-            f"{model.name}_postprocess",
-            options.max_batch_size,
-            io([spec.tensor(n) for n in spec.postprocess_inputs], sizes),
-            [{"name": o.name, "data_type": o.data_type, "dims": list(o.dims)} for o in task.outputs()],
-            {"step": spec.postprocess, **(task.head.parameters() if spec.postprocess == "classify" else {})},
+    answers = model_config.tensors(task.outputs())
+    tokenize_step, postprocess_step = f"{model.name}_tokenize", f"{model.name}_postprocess"
+    batching = {"max_batch_size": options.max_batch_size}
+    tokenizer_parameters = {"step": "tokenize", "huggingface_model": LOCAL_WEIGHTS, "max_tokens": str(task.max_tokens)}
+    head = task.head.parameters() if spec.postprocess == "classify" else {}
+    tokenize_config = model_config.python_model(
+        tokenize_step,
+        model_config.tensors([PROMPT]),
+        model_config.tensors(spec.inputs, sizes),
+        tokenizer_parameters,
+        queue_delay_us=options.max_queue_delay_us,
+        **batching,
+    )
+    version = write_model(root, tokenize_config)
+    AutoTokenizer.from_pretrained(model.source).save_pretrained(version / LOCAL_WEIGHTS)
+    postprocess_inputs = model_config.tensors([spec.tensor(n) for n in spec.postprocess_inputs], sizes)
+    write_model(
+        root,
+        model_config.python_model(
+            postprocess_step,
+            postprocess_inputs,
+            answers,
+            {"step": spec.postprocess, **head},
+            queue_delay_us=0,
+            **batching,
         ),
-    ]
+    )
     for made in model.exports:
-        network = network_config(model, made.variant, runtime, options)
-        (root / network["name"] / "1").mkdir(parents=True)
-        link_or_copy(str(made.path), str(root / network["name"] / "1" / made.variant.file))
-        steps += [network, ensemble_config(model, made.variant, options)]
-    for config in steps:
-        version = root / config["name"] / "1"
-        version.mkdir(parents=True, exist_ok=True)  # ensembles need an (empty) version directory too
-        if config.get("backend") == "python":
-            copy_backend(version)
-        model_config.write(config, root / config["name"])
-    return [f"{model.name}_{made.variant.name}" for made in model.exports]
+        network = network_config(model, made, runtime, options)
+        link_or_copy(str(made.path), str(write_model(root, network) / made.exporter.file))
+        identity = {t.name: t.name for t in spec.inputs}
+        steps = [
+            (tokenize_step, {"prompt": "prompt"}, identity),
+            (network["name"], identity, dict(zip(made.exporter.output_names(spec), (t.name for t in spec.outputs)))),
+            (postprocess_step, {n: n for n in spec.postprocess_inputs}, {o["name"]: o["name"] for o in answers}),
+        ]
+        ensemble = model_config.ensemble(
+            f"{model.name}_{made.label}", model_config.tensors([PROMPT]), answers, steps, **batching
+        )
+        write_model(root, ensemble)
+    return [f"{model.name}_{made.label}" for made in model.exports]
 
 
 def parity_table(models: Sequence[Exported]) -> str:
@@ -166,5 +160,8 @@ def parity_table(models: Sequence[Exported]) -> str:
                     extra = f"argmax agreement {extra:.1%}"
                 elif extra != "":
                     extra = f"same argmax: {extra}"
-                lines.append(f"| {model.name} | {made.variant.name} | {row['check']} | {row['max_abs_error']:.2e} | {extra} | {made.cached} |")
+                error = row["max_abs_error"]
+                lines.append(
+                    f"| {model.name} | {made.label} | {row['check']} | {error:.2e} | {extra} | {made.cached} |"
+                )
     return "\n".join(lines)

@@ -46,7 +46,9 @@ def package_dir(name: str) -> Path | None:
 def wheel_installation() -> Installation:
     pytriton = package_dir("pytriton")
     if pytriton is None:
-        raise TritonHFError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install 'tritonhf[server]')")
+        raise TritonHFError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed (pip install 'tritonhf[server]')"
+        )
     server = pytriton / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = server / "python_backend_stubs" / version / "triton_python_backend_stub"
@@ -56,8 +58,12 @@ def wheel_installation() -> Installation:
     python_dir = backend_dir / "python"
     if not (python_dir / "triton_python_backend_stub").exists():
         backend_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=backend_dir.parent))  # built aside, renamed in: concurrent starts never see half a copy
-        shutil.copytree(server / "backends" / "python", staging / "python", ignore=shutil.ignore_patterns("__pycache__"))
+        staging = Path(
+            tempfile.mkdtemp(dir=backend_dir.parent)
+        )  # built aside, renamed in: concurrent starts never see half a copy
+        shutil.copytree(
+            server / "backends" / "python", staging / "python", ignore=shutil.ignore_patterns("__pycache__")
+        )
         shutil.copy2(stub, staging / "python" / "triton_python_backend_stub")
         try:
             staging.rename(backend_dir)
@@ -144,7 +150,9 @@ class TritonServer:
             *self.extra_args,
         ]
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True)
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.process.poll() is not None:
@@ -153,7 +161,9 @@ class TritonServer:
                 raise TritonHFError(f"tritonserver exited while loading (log: {self.log_path}):\n{errors}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TritonHFError(f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path}):\n{self.log()[-4000:]}")
+                raise TritonHFError(
+                    f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path}):\n{self.log()[-4000:]}"
+                )
             time.sleep(0.25)
         return self
 
@@ -193,7 +203,10 @@ def serve(repository: Path, http_port: int = 8000, grpc_port: int = 8001, metric
     signal.signal(signal.SIGTERM, interrupt)
     print(f"starting tritonserver on {server.repository} (log: {server.log_path})", flush=True)
     with server:
-        print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)", flush=True)
+        print(
+            f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)",
+            flush=True,
+        )
         try:
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)

@@ -1,17 +1,21 @@
-"""ONNX (fp32, graph-optimised), ONNX int8 and TorchScript exports, cached and parity-checked.
+"""How exports are made (fp32 ONNX, graph-optimised; int8 ONNX; TorchScript), cached and gated.
 
-- ``onnx``: optimum's exporter (torch's legacy ONNX exporter underneath), opset
-  18 (optimum's recommended minimum for BERT-family models; ONNX Runtime >= 1.14
-  runs it), dynamic batch and sequence axes, then ONNX Runtime's graph optimiser
-  at optimum's O2 level (fused attention, GELU and layer norm; exact fp32).
-- ``onnx-int8``: the un-optimised export, dynamically quantised by ONNX
-  Runtime's quantizer (int8 weights, activations quantised at run time; CPU).
-- ``torchscript``: ``torch.jit.trace`` of the model loaded with
+- :func:`export_onnx`: optimum's exporter (torch's legacy ONNX exporter
+  underneath), opset 18 (optimum's recommended minimum for BERT-family models;
+  ONNX Runtime >= 1.14 runs it), dynamic batch and sequence axes, then ONNX
+  Runtime's graph optimiser at optimum's O2 level (fused attention, GELU and
+  layer norm; exact fp32).
+- :func:`export_onnx_int8`: the un-optimised export, dynamically quantised by
+  ONNX Runtime's quantizer (int8 weights, activations quantised at run time; CPU).
+- :func:`export_torchscript`: ``torch.jit.trace`` of the model loaded with
   ``torchscript=True``, on dummy inputs from the same declaration.
 
-An export is cached under ``~/.cache/tritonhf/exports`` (or ``$TRITONHF_CACHE/exports``) by a key over the
-model's files, the variant, the declaration and the library versions: a
-second build with the same model and options reuses the file and its parity report.
+Which exports exist is declared once, in the variant registry
+(tritonhf/variants.py): each names its ``make`` function here, the file, how
+Triton runs it and its parity gate (parity.py). An export is cached (the
+builder passes ``~/.cache/tritonhf/exports``) by a key over the model's files,
+the variant, the declaration and the library versions: a second build with the
+same model and options reuses the file and its parity report.
 """
 
 from __future__ import annotations
@@ -24,18 +28,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from tritonhf import cache_dir
+from ..python_hf.steps import StepContext, step_factory
+from .spec import ExportError, ExportSpec
 
-from .spec import ExportError, ExportSpec, TensorDecl
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 OPSET = 18
 AUTO_MODELS = {"text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}
 
 
-def load_reference(source: str, task: str, torchscript: bool = False):  # noqa: ANN201 - a transformers model
+def load_reference(source: str, task: str, torchscript: bool = False) -> PreTrainedModel:
     import transformers
 
     return getattr(transformers, AUTO_MODELS[task]).from_pretrained(source, torchscript=torchscript).eval()
@@ -44,7 +53,9 @@ def load_reference(source: str, task: str, torchscript: bool = False):  # noqa: 
 def onnx_plain(source: str, spec: ExportSpec, workdir: Path) -> Path:
     from optimum.exporters.onnx import main_export
 
-    main_export(source, workdir, task=spec.task, opset=OPSET, library_name="transformers", do_validation=False, device="cpu")
+    main_export(
+        source, workdir, task=spec.task, opset=OPSET, library_name="transformers", do_validation=False, device="cpu"
+    )
     exported = workdir / "model.onnx"
     names = [t.name for t in spec.inputs]
     import onnx
@@ -91,7 +102,9 @@ def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> tuple:
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        ) -> tuple:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             return tuple(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[: len(spec.outputs)])
 
@@ -104,44 +117,40 @@ def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One export, and how Triton runs it natively and inside the Python backend."""
+class Gate(Protocol):
+    """A parity check (parity.py): raises ExportError unless the export computes what PyTorch computes."""
 
-    name: str
+    def __call__(
+        self, label: str, run: Runner, spec: ExportSpec, model: Any, max_tokens: int, tokenize: Any
+    ) -> list[dict]: ...
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one export is made, how Triton runs the file natively and inside the Python backend, and its gate."""
+
+    make: Callable[[str, ExportSpec, Path], Path]
     file: str  # the file name in the model's version directory (the native backends' default)
     platform: str  # native Triton platform
     backend: str  # the native backend's directory name under /opt/tritonserver/backends
-    step: str  # the generic Python model's step that runs the same file
-    exact: bool  # fp32: within 1e-4 of PyTorch; else judged by agreement
-    export: Callable[[str, ExportSpec, Path], Path]
+    step: str  # the generic Python model's step (backends/python_hf/steps.py) that runs the same file
+    gate: Gate
 
-    def output_name(self, tensor: TensorDecl, index: int) -> str:
+    def output_names(self, spec: ExportSpec) -> list[str]:
         """libtorch names outputs by position (``logits__0``); ONNX by graph name."""
-        return f"{tensor.name}__{index}" if self.platform == "pytorch_libtorch" else tensor.name
+        libtorch = self.platform == "pytorch_libtorch"
+        return [f"{t.name}__{index}" if libtorch else t.name for index, t in enumerate(spec.outputs)]
 
-    def runner(self, path: Path, spec: ExportSpec) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def runner(self, path: Path, spec: ExportSpec) -> Runner:
         """The file run in-process exactly as the Python-runtime step runs it."""
-        from tritonhf.backends.python_hf.batching import StepContext, step_factory
-
         context = StepContext(
             parameters={"model_file": path.name},
             model_dir=path.parent,
             input_names=tuple(t.name for t in spec.inputs),
-            output_names=tuple(self.output_name(t, i) for i, t in enumerate(spec.outputs)),
+            output_names=tuple(self.output_names(spec)),
         )
         run = step_factory(self.step)(context)
         return lambda batch: {t.name: out for t, out in zip(spec.outputs, run(batch).values())}
-
-
-VARIANTS = {
-    variant.name: variant
-    for variant in (
-        Variant("onnx", "model.onnx", "onnxruntime_onnx", "onnxruntime", "onnxruntime", True, export_onnx),
-        Variant("onnx-int8", "model.onnx", "onnxruntime_onnx", "onnxruntime", "onnxruntime", False, export_onnx_int8),
-        Variant("torchscript", "model.pt", "pytorch_libtorch", "pytorch", "torchscript", True, export_torchscript),
-    )
-}
 
 
 def files_digest(source: str) -> str:
@@ -149,44 +158,53 @@ def files_digest(source: str) -> str:
     root = Path(source)
     if not root.is_dir():
         return source
-    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    entries = sorted(
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
+    )
     return json.dumps(entries)
 
 
-def cache_key(source: str, variant: Variant, spec: ExportSpec) -> str:
-    versions = {name: metadata.version(name) for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")}
-    material = json.dumps([files_digest(source), variant.name, OPSET, asdict(spec), versions, Path(__file__).read_text()])
+def cache_key(source: str, label: str, spec: ExportSpec) -> str:
+    versions = {
+        name: metadata.version(name)
+        for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+    }
+    material = json.dumps([files_digest(source), label, OPSET, asdict(spec), versions, Path(__file__).read_text()])
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
 class Export:
-    variant: Variant
-    path: Path  # the exported file, named variant.file
+    label: str  # the variant's name
+    exporter: Exporter
+    path: Path  # the exported file, named exporter.file
     parity: list[dict]  # one row per checked shape or probe set
     cached: bool
 
 
-def export(source: str, spec: ExportSpec, variant: Variant, check: Callable[[Path], list[dict]]) -> Export:
-    """Export (or reuse) one variant; ``check`` gates it before it enters the cache."""
-    cache = cache_dir() / "exports"
-    entry = cache / f"{Path(source.rstrip('/')).name}-{variant.name}-{cache_key(source, variant, spec)}"
+def export(
+    source: str, spec: ExportSpec, label: str, exporter: Exporter, check: Callable[[Path], list[dict]], cache: Path
+) -> Export:
+    """Export (or reuse from ``cache``) one variant, named ``label``; ``check`` gates it before it enters the cache."""
+    entry = cache / f"{Path(source.rstrip('/')).name}-{label}-{cache_key(source, label, spec)}"
     if (entry / "parity.json").exists():
-        return Export(variant, entry / variant.file, json.loads((entry / "parity.json").read_text()), cached=True)
+        return Export(
+            label, exporter, entry / exporter.file, json.loads((entry / "parity.json").read_text()), cached=True
+        )
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         (Path(work) / "export").mkdir()
         try:
-            produced = variant.export(source, spec, Path(work) / "export")
+            produced = exporter.make(source, spec, Path(work) / "export")
         except ExportError:
             raise
-        except Exception as err:  # noqa: BLE001 - an exporter's failure, named
-            raise ExportError(f"{variant.name} export of {source} failed: {type(err).__name__}: {err}") from err
+        except Exception as err:
+            raise ExportError(f"{label} export of {source} failed: {type(err).__name__}: {err}") from err
         staged = Path(work) / "entry"
         staged.mkdir()
-        shutil.move(str(produced), staged / variant.file)
-        parity = check(staged / variant.file)
+        shutil.move(str(produced), staged / exporter.file)
+        parity = check(staged / exporter.file)
         (staged / "parity.json").write_text(json.dumps(parity, indent=1))
         shutil.rmtree(entry, ignore_errors=True)
         staged.rename(entry)
-    return Export(variant, entry / variant.file, parity, cached=False)
+    return Export(label, exporter, entry / exporter.file, parity, cached=False)

@@ -13,12 +13,11 @@ tensors.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-DYNAMIC = ("batch", "sequence")
+from ..python_hf.tensors import SEQUENCE, TensorSpec
 
 
 class ExportError(Exception):
@@ -26,34 +25,16 @@ class ExportError(Exception):
 
 
 @dataclass(frozen=True)
-class TensorDecl:
-    name: str
-    dtype: str  # numpy dtype name
-    axes: tuple[str, ...]  # "batch" and "sequence" are dynamic; other names are sizes from the model config
-
-    @property
-    def triton_type(self) -> str:
-        return {"int64": "TYPE_INT64", "float32": "TYPE_FP32"}[self.dtype]
-
-    def dims(self, sizes: Mapping[str, int]) -> list[int]:
-        """Triton dims: without the batch axis, -1 where dynamic."""
-        return [-1 if axis in DYNAMIC else sizes[axis] for axis in self.axes[1:]]
-
-    def dynamic_axes(self) -> dict[int, str]:
-        return {index: axis for index, axis in enumerate(self.axes) if axis in DYNAMIC}
-
-
-@dataclass(frozen=True)
 class ExportSpec:
     """What a task's network takes and gives, and which postprocess step turns it into the answer."""
 
     task: str
-    outputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorSpec, ...]
     postprocess: str  # the generic model's step: "classify" or "pool"
     postprocess_inputs: tuple[str, ...]  # tensors of the ensemble the postprocess step reads
-    inputs: tuple[TensorDecl, ...] = ()  # per architecture, from optimum: see spec_for
+    inputs: tuple[TensorSpec, ...] = ()  # per architecture, from optimum: see spec_for
 
-    def tensor(self, name: str) -> TensorDecl:
+    def tensor(self, name: str) -> TensorSpec:
         return {t.name: t for t in (*self.inputs, *self.outputs)}[name]
 
     @staticmethod
@@ -76,16 +57,16 @@ class ExportSpec:
 TASKS = {
     spec.task: spec
     for spec in (
-        ExportSpec("text-classification", (TensorDecl("logits", "float32", ("batch", "num_labels")),), "classify", ("logits",)),
+        ExportSpec("text-classification", (TensorSpec("logits", "float32", ("num_labels",)),), "classify", ("logits",)),
         ExportSpec(
             "feature-extraction",
-            (TensorDecl("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
+            (TensorSpec("last_hidden_state", "float32", (SEQUENCE, "hidden")),),
             "pool",
             ("last_hidden_state", "attention_mask"),
         ),
     )
 }
-OPTIMUM_AXES = {"batch_size": "batch", "sequence_length": "sequence"}
+OPTIMUM_AXES = {"sequence_length": SEQUENCE}  # optimum's names of the dynamic axes past the batch
 
 
 def spec_for(config: object, task: str) -> ExportSpec:
@@ -96,9 +77,17 @@ def spec_for(config: object, task: str) -> ExportSpec:
     if task not in TASKS:
         raise ExportError(f"no export declared for task {task!r}; declared: {', '.join(TASKS)}")
     try:
-        constructor = TasksManager.get_exporter_config_constructor(exporter="onnx", model_type=config.model_type, task=task, library_name="transformers")
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model_type=config.model_type, task=task, library_name="transformers"
+        )
     except (KeyError, ValueError):
-        raise ExportError(f"no export declared for architecture {config.model_type!r} and task {task} (optimum has no ONNX config for it)") from None
+        raise ExportError(
+            f"no export declared for architecture {config.model_type!r} and task {task}"
+            " (optimum has no ONNX config for it)"
+        ) from None
     declared = constructor(config, task=task).inputs
-    inputs = tuple(TensorDecl(name, "int64", tuple(OPTIMUM_AXES[axes[i]] for i in sorted(axes))) for name, axes in declared.items())
+    inputs = tuple(
+        TensorSpec(name, "int64", tuple(OPTIMUM_AXES[axes[i]] for i in sorted(axes) if i))
+        for name, axes in declared.items()
+    )
     return dataclasses.replace(TASKS[task], inputs=inputs)

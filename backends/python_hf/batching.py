@@ -1,4 +1,4 @@
-"""Collect -> pad -> forward -> split over one Triton batch, with no Triton import.
+"""Collect -> pad -> forward -> split over one Triton batch: the data path, with no Triton import.
 
 Triton's dynamic batcher hands ``execute`` a list of requests; each carries a
 ``prompt`` tensor of shape [rows, 1]. We run one forward pass (or one
@@ -8,17 +8,18 @@ index; it never sinks the batch.
 
 The modules of this directory are copied next to ``model.py`` into every
 generated model, so they import each other relatively and never the
-``tritonhf`` package; this one needs numpy only.
+``tritonhf`` package; this one needs numpy only. The *pad* and *forward*
+stages are the step's own (tasks.py, text.py, runtimes.py, heads.py); which
+step a model runs is steps.py's business.
 """
 
 from __future__ import annotations
 
-import importlib
+import itertools
 import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,15 @@ def decode_rows(prompt: np.ndarray | None) -> list[str]:
     return texts
 
 
-def collect(prompts: Sequence[np.ndarray | None], options: Sequence[Any] | None = None, parse: Callable[[Any], Any] | None = None) -> Collected:
-    """Decode and validate every request, and its options if the step takes any; a bad one becomes a Failure at its index."""
+def collect(
+    prompts: Sequence[np.ndarray | None],
+    options: Sequence[Any] | None = None,
+    parse: Callable[[Any], Any] | None = None,
+) -> Collected:
+    """Decode and validate every request, and its options if the step takes any.
+
+    A bad request becomes a Failure at its index.
+    """
     texts: list[str] = []
     counts: list[int] = []
     failures: dict[int, Failure] = {}
@@ -92,7 +100,9 @@ def collect(prompts: Sequence[np.ndarray | None], options: Sequence[Any] | None 
             failures[index] = Failure(str(err))
             rows = []
         except Exception as err:  # noqa: BLE001 - a reader's bug fails this request, not its batch
-            failures[index] = Failure(f"could not read the request: {type(err).__name__}: {err}".splitlines()[0], internal=True)
+            failures[index] = Failure(
+                f"could not read the request: {type(err).__name__}: {err}".splitlines()[0], internal=True
+            )
             rows = []
         texts.extend(rows)
         counts.append(len(rows))
@@ -143,59 +153,7 @@ def split(outputs: Mapping[str, np.ndarray], counts: Sequence[int]) -> list[Outp
         if len(array) != total:
             raise RuntimeError(f"output {name!r} has {len(array)} rows for {total} input rows")
     bounds = np.cumsum([0, *counts])
-    return [{name: array[start:stop] for name, array in outputs.items()} for start, stop in zip(bounds[:-1], bounds[1:])]
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """What a step is built from: its config's parameters and tensor names, where it lives, its device."""
-
-    parameters: dict[str, str]
-    model_dir: Path  # the version directory
-    device: str = "cpu"
-    input_names: tuple[str, ...] = ()
-    output_names: tuple[str, ...] = ()
-
-    def source(self, key: str = "huggingface_model") -> str:
-        """A hub id, or a directory relative to the version directory (the builder copies local models there)."""
-        value = self.parameters[key]
-        return str(self.model_dir / value) if (self.model_dir / value).is_dir() else value
-
-
-STEPS = {  # config parameter ``step`` -> (module of this directory, factory taking a StepContext)
-    "hf": ("tasks", "from_context"),
-    "tokenize": ("text", "tokenize"),
-    "onnxruntime": ("runtimes", "onnxruntime_step"),
-    "torchscript": ("runtimes", "torchscript_step"),
-    "classify": ("heads", "classify"),
-    "pool": ("heads", "pool"),
-    "baseline": ("baseline", "baseline"),
-}
-
-
-def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tuple[BatchFn | TensorFn, StepContext]:
-    """Build what a model's config says it does; the glue's ``initialize`` without Triton.
-
-    Parameters in upper case are Triton's own (EXECUTION_ENV_PATH) and are left out.
-    Modules are imported by step, so a tokenize step never imports torch.
-    """
-    parameters = {key: value["string_value"] for key, value in model_config.get("parameters", {}).items() if not key.isupper()}
-    context = StepContext(
-        parameters=parameters,
-        model_dir=model_dir,
-        device=device,
-        input_names=tuple(tensor["name"] for tensor in model_config["input"]),
-        output_names=tuple(tensor["name"] for tensor in model_config["output"]),
-    )
-    return step_factory(parameters.get("step", "hf"))(context), context
-
-
-def step_factory(step: str) -> Callable[[StepContext], BatchFn | TensorFn]:
-    """The factory a step name stands for, its module imported only now."""
-    if step not in STEPS:
-        raise ValueError(f"unknown step {step!r}; known: {', '.join(STEPS)}")
-    module, factory = STEPS[step]
-    return getattr(importlib.import_module(f".{module}", __package__), factory)
+    return [{name: array[start:stop] for name, array in outputs.items()} for start, stop in itertools.pairwise(bounds)]
 
 
 def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Callable[[str], None]) -> list[Result]:
@@ -207,7 +165,12 @@ def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Call
         return [Failure(f"inference failed: {type(err).__name__}: {err}".splitlines()[0], internal=True)] * requests
 
 
-def run_batch(forward: BatchFn, prompts: Sequence[np.ndarray | None], log_error: Callable[[str], None] = logger.error, options: Sequence[Any] | None = None) -> list[Result]:
+def run_batch(
+    forward: BatchFn,
+    prompts: Sequence[np.ndarray | None],
+    log_error: Callable[[str], None] = logger.error,
+    options: Sequence[Any] | None = None,
+) -> list[Result]:
     """One result per request, in request order: outputs, or a Failure for that request alone.
 
     ``forward`` maps a list of texts to arrays whose first axis is the text. It
@@ -221,11 +184,17 @@ def run_batch(forward: BatchFn, prompts: Sequence[np.ndarray | None], log_error:
     batch = collect(prompts, options, parse)
     if not batch.texts:
         return [batch.failures[index] for index in range(len(prompts))]
-    per_request = guarded(lambda: split(forward(batch.texts, batch.options) if parse else forward(batch.texts), batch.counts), len(prompts), log_error)
+    per_request = guarded(
+        lambda: split(forward(batch.texts, batch.options) if parse else forward(batch.texts), batch.counts),
+        len(prompts),
+        log_error,
+    )
     return [batch.failures.get(index, result) for index, result in enumerate(per_request)]
 
 
-def run_tensor_batch(forward: TensorFn, requests: Sequence[Mapping[str, np.ndarray]], log_error: Callable[[str], None] = logger.error) -> list[Result]:
+def run_tensor_batch(
+    forward: TensorFn, requests: Sequence[Mapping[str, np.ndarray]], log_error: Callable[[str], None] = logger.error
+) -> list[Result]:
     """The same for tensor inputs (the ensembles' inner steps): concatenate rows, one forward, split.
 
     Triton's dynamic batcher only batches requests whose shapes match past the

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import StepContext, TensorFn
+from .batching import TensorFn
+from .steps import StepContext
 
 
 def as_bytes(strings: Sequence[str]) -> np.ndarray:
@@ -65,7 +66,9 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.nd
 
 
 def classify(context: StepContext) -> TensorFn:
-    head = ClassificationHead(tuple(json.loads(context.parameters["labels"])), context.parameters.get("multi_label") == "true")
+    head = ClassificationHead(
+        tuple(json.loads(context.parameters["labels"])), context.parameters.get("multi_label") == "true"
+    )
     return lambda batch: head(batch["logits"])
 
 

@@ -8,6 +8,7 @@ RequestError that names it, for that request alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .batching import RequestError
+from .tensors import TensorSpec
 
 
 def scalar(name: str, value: Any) -> Any:
@@ -34,10 +36,8 @@ def as_int(name: str, value: Any) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, str) and value.strip().isascii():
-        try:
+        with contextlib.suppress(ValueError):  # not a number: the check below names it
             value = int(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(f"{name} must be an integer, got {value!r}")
     return value
@@ -74,24 +74,29 @@ def as_strings(name: str, value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Parameter:
-    """One generation parameter: its Triton input type (for clients that send tensors) and its parser."""
+    """One generation parameter: its input tensor (for clients that send tensors) and its parser."""
 
-    data_type: str
+    tensor: TensorSpec
     parse: Callable[[str, Any], Any]
-    dims: tuple[int, ...] = (1,)
 
 
 PARAMETERS = {
-    "max_new_tokens": Parameter("TYPE_INT32", as_int),
-    "min_new_tokens": Parameter("TYPE_INT32", as_int),
-    "do_sample": Parameter("TYPE_BOOL", as_bool),
-    "temperature": Parameter("TYPE_FP32", as_float),
-    "top_p": Parameter("TYPE_FP32", as_float),
-    "top_k": Parameter("TYPE_INT32", as_int),
-    "seed": Parameter("TYPE_INT64", as_int),
-    "stop": Parameter("TYPE_STRING", as_strings, dims=(-1,)),
-    "return_full_text": Parameter("TYPE_BOOL", as_bool),
+    p.tensor.name: p
+    for p in (
+        Parameter(TensorSpec("max_new_tokens", "int32", optional=True), as_int),
+        Parameter(TensorSpec("min_new_tokens", "int32", optional=True), as_int),
+        Parameter(TensorSpec("do_sample", "bool", optional=True), as_bool),
+        Parameter(TensorSpec("temperature", "float32", optional=True), as_float),
+        Parameter(TensorSpec("top_p", "float32", optional=True), as_float),
+        Parameter(TensorSpec("top_k", "int32", optional=True), as_int),
+        Parameter(TensorSpec("seed", "int64", optional=True), as_int),
+        Parameter(TensorSpec("stop", "bytes", (-1,), optional=True), as_strings),  # any number of strings: ragged
+        Parameter(TensorSpec("return_full_text", "bool", optional=True), as_bool),
+    )
 }
+OPTIONAL_INPUTS = tuple(parameter.tensor for parameter in PARAMETERS.values())
+CONFIG_NAMES = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}  # the tutorial's config names
+PER_REQUEST_ONLY = ("seed", "stop")  # no model-wide default
 MAX_STOP_STRINGS = 8
 
 
@@ -119,20 +124,50 @@ class GenerationParams:
     def updated(self, raw: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
         """These defaults overridden by a request's values, checked; RequestError names what is wrong."""
         if unknown := sorted(set(raw) - set(PARAMETERS)):
-            raise RequestError(f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}")
+            raise RequestError(
+                f"unknown generation parameter {', '.join(map(repr, unknown))}; known: {', '.join(PARAMETERS)}"
+            )
         values = {name: PARAMETERS[name].parse(name, value) for name, value in raw.items()}
         if "min_new_tokens" not in values:  # a default minimum never exceeds a requested maximum
-            values["min_new_tokens"] = max(0, min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens)))
+            values["min_new_tokens"] = max(
+                0, min(self.min_new_tokens, values.get("max_new_tokens", self.max_new_tokens))
+            )
         params = dataclasses.replace(self, **values)
         params.check(max_new_limit)
         return params
 
+    def as_config(self) -> dict[str, str]:
+        """The model-wide defaults as config.pbtxt parameters (booleans as Triton writes them)."""
+        values = {
+            CONFIG_NAMES.get(name, name): getattr(self, name) for name in PARAMETERS if name not in PER_REQUEST_ONLY
+        }
+        return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
+
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
+        """The defaults a model's config parameters give, checked; RequestError names what is wrong."""
+        raw = {
+            name: parameters[CONFIG_NAMES.get(name, name)]
+            for name in PARAMETERS
+            if CONFIG_NAMES.get(name, name) in parameters
+        }
+        return cls().updated(raw, max_new_limit)
+
     def check(self, max_new_limit: int) -> None:
         problems = [
-            (not 1 <= self.max_new_tokens <= max_new_limit, f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}"),
-            (not 0 <= self.min_new_tokens <= self.max_new_tokens, f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}"),
+            (
+                not 1 <= self.max_new_tokens <= max_new_limit,
+                f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}",
+            ),
+            (
+                not 0 <= self.min_new_tokens <= self.max_new_tokens,
+                f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
+            ),
             (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
-            (self.do_sample and self.temperature == 0, "temperature must be > 0 when do_sample is true (do_sample=false decodes greedily)"),
+            (
+                self.do_sample and self.temperature == 0,
+                "temperature must be > 0 when do_sample is true (do_sample=false decodes greedily)",
+            ),
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k < 0, f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}"),
             (self.seed is not None and not 0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),

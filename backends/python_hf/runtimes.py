@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .batching import StepContext, TensorFn
+from .batching import TensorFn
+from .steps import StepContext
 
 
 def onnxruntime_step(context: StepContext) -> TensorFn:
@@ -15,20 +16,26 @@ def onnxruntime_step(context: StepContext) -> TensorFn:
 
     gpu = context.device.startswith("cuda")
     providers = [("CUDAExecutionProvider", {"device_id": int(context.device.split(":")[1])})] if gpu else []
-    session = onnxruntime.InferenceSession(str(context.model_dir / context.parameters["model_file"]), providers=[*providers, "CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(context.model_dir / context.parameters["model_file"]), providers=[*providers, "CPUExecutionProvider"]
+    )
     inputs = [tensor.name for tensor in session.get_inputs()]
 
     def forward(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(context.output_names, session.run(list(context.output_names), {name: batch[name] for name in inputs})))
+        return dict(
+            zip(context.output_names, session.run(list(context.output_names), {name: batch[name] for name in inputs}))
+        )
 
     return forward
 
 
-def torchscript_step(context: StepContext) -> TensorFn:
+def torch_jit_step(context: StepContext) -> TensorFn:
     """Inputs by position in the config's order, outputs by position: libtorch's convention."""
     import torch
 
-    module = torch.jit.load(str(context.model_dir / context.parameters["model_file"]), map_location=context.device).eval()
+    module = torch.jit.load(
+        str(context.model_dir / context.parameters["model_file"]), map_location=context.device
+    ).eval()
 
     def forward(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():

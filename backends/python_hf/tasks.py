@@ -22,7 +22,9 @@ Semantics kept from the Triton tutorial, and what we changed (README, "Models"):
   sentence-transformers' all-MiniLM-L6-v2 does).
 Inputs longer than the model's maximum are truncated to it, not rejected.
 Encoders pad rows of similar length together (batching.length_buckets);
-generation is one forward per decoding step for the whole batch (decoding.py).
+generation is one forward per decoding step for the whole batch
+(running_batch.py), and the streaming variant's scheduler (scheduler.py)
+admits new requests at every step.
 """
 
 from __future__ import annotations
@@ -30,34 +32,29 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import transformers
+from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.utils import cached_file
 
-from .batching import BatchFn, RequestError, StepContext, length_buckets, merge
-from .decoding import Observer, Scheduler, Sequence, Stream, generate_all
-from .parameters import PARAMETERS, GenerationParams, combine
+from .batching import BatchFn, RequestError, length_buckets, merge
 from .heads import ClassificationHead, as_bytes, mean_pool
+from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, combine
+from .running_batch import generate_all
+from .scheduler import Limits, Observer, Scheduler
+from .sequence import Sequence, Stream
+from .steps import StepContext
+from .tensors import TensorSpec
 from .text import load_tokenizer
 
 
 class ConfigError(ValueError):
     """A model configuration that can't be served; raised at load time, never per request."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One Triton output: name, config data type, and dims without the batch axis."""
-
-    name: str
-    data_type: str
-    dims: tuple[int, ...]
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -88,8 +85,15 @@ class HFTask:
     task: ClassVar[str]
     auto_model: ClassVar[type]
     padding_side: ClassVar[str] = "right"
+    options: ClassVar[tuple[str, ...]] = ("forward_overhead_tokens",)  # config parameters the task reads
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", forward_overhead_tokens: str | float | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "cpu",
+        dtype: str = "auto",
+        forward_overhead_tokens: str | float | None = None,
+    ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
         self.overhead_tokens = float(forward_overhead_tokens or FORWARD_OVERHEAD_TOKENS[self.device.type])
@@ -114,8 +118,15 @@ class HFTask:
         parts = []
         with torch.inference_mode():
             for rows in length_buckets([len(ids) for ids in encoded["input_ids"]], self.overhead_tokens):
-                padded = self.tokenizer.pad({name: [encoded[name][i] for i in rows] for name in encoded}, return_tensors="pt")
-                parts.append((rows, self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()})))
+                padded = self.tokenizer.pad(
+                    {name: [encoded[name][i] for i in rows] for name in encoded}, return_tensors="pt"
+                )
+                parts.append(
+                    (
+                        rows,
+                        self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()}),
+                    )
+                )
         return merge(parts, len(texts))
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
@@ -130,48 +141,37 @@ class HFTask:
 
 
 class TextGeneration(HFTask):
-    """Causal LM generation with per-request parameters (decoding.py); config parameters give the defaults.
+    """Causal LM generation with per-request parameters; config parameters give the defaults.
 
-    ``max_length`` / ``min_length`` keep the tutorial's names for the default
-    ``max_new_tokens`` / ``min_new_tokens``. ``max_running_sequences`` and
-    ``max_running_tokens`` bound the streaming model's running batch;
-    ``max_waiting_steps`` and ``waiting_served_ratio`` say when it admits
-    (decoding.Scheduler).
+    The defaults are parameters.GenerationParams' (``max_length`` / ``min_length``
+    keep the tutorial's names for ``max_new_tokens`` / ``min_new_tokens``); the
+    streaming model's running batch is bounded and admitted by scheduler.Limits.
     """
 
     task = "text-generation"
     auto_model = transformers.AutoModelForCausalLM
     padding_side = "left"  # decoder-only: new tokens follow the last real prompt token
+    options = (
+        *(CONFIG_NAMES.get(name, name) for name in PARAMETERS if name not in PER_REQUEST_ONLY),
+        *Limits().as_config(),
+    )
 
-    def __init__(
-        self,
-        model_id: str,
-        device: str = "cpu",
-        dtype: str = "auto",
-        max_length: str | int = 16,
-        min_length: str | int = 0,
-        do_sample: str | bool = False,
-        temperature: str | float = 1.0,
-        top_p: str | float = 1.0,
-        top_k: str | int = 50,
-        return_full_text: str | bool = True,
-        max_running_sequences: str | int = 32,
-        max_running_tokens: str | int = 16384,
-        max_waiting_steps: str | int = 10,
-        waiting_served_ratio: str | float = 1.2,
-    ) -> None:
+    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", **config: str) -> None:
         super().__init__(model_id, device, dtype)
-        raw = {"max_new_tokens": max_length, "min_new_tokens": min_length, "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k, "return_full_text": return_full_text}
         try:
-            self.defaults = GenerationParams().updated(raw, self.max_tokens - 1)
+            self.defaults = GenerationParams.from_config(config, self.max_tokens - 1)
         except RequestError as err:
-            raise ConfigError(f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}") from None
-        self.max_sequences, self.max_running_tokens = int(max_running_sequences), int(max_running_tokens)
-        self.admission = {"max_waiting_steps": int(max_waiting_steps), "waiting_served_ratio": float(waiting_served_ratio)}
-        if self.max_sequences < 1 or self.max_running_tokens < self.max_tokens or min(self.admission.values()) < 0:
             raise ConfigError(
-                f"max_running_sequences must be >= 1, max_running_tokens >= the model's length ({self.max_tokens}), max_waiting_steps and waiting_served_ratio >= 0;"
-                f" got {max_running_sequences}, {max_running_tokens}, {max_waiting_steps}, {waiting_served_ratio}"
+                f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}"
+            ) from None
+        try:
+            self.limits = Limits.from_config(config)
+        except ValueError as err:
+            raise ConfigError(f"scheduling limits: {err}") from None
+        if self.limits.max_running_tokens < self.max_tokens:
+            raise ConfigError(
+                f"max_running_tokens must be >= the model's length ({self.max_tokens}),"
+                f" got {self.limits.max_running_tokens}"
             )
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
@@ -181,7 +181,7 @@ class TextGeneration(HFTask):
         accepted = inspect.signature(self.model.forward).parameters
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
 
-    # --- what decoding.RunningBatch needs (decoding.LanguageModel) ---
+    # --- what running_batch.RunningBatch needs (running_batch.LanguageModel) ---
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """One forward over a left-padded batch; positions count real tokens only, as ``generate`` does."""
@@ -199,9 +199,14 @@ class TextGeneration(HFTask):
     def decode(self, tokens: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
+    def decode_step(self, decoder: DecodeStream, token: int) -> str | None:
+        return decoder.step(self.tokenizer.backend_tokenizer, token)
+
     # --- requests ---
 
-    def parse_options(self, raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]) -> GenerationParams:
+    def parse_options(
+        self, raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
+    ) -> GenerationParams:
         """A request's generation parameters over the defaults: (request parameters, optional input tensors)."""
         return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
 
@@ -216,41 +221,42 @@ class TextGeneration(HFTask):
         return Sequence(prompt, ids[-(self.max_tokens - params.max_new_tokens) :], params, stream)
 
     def __call__(self, texts: list[str], options: list[GenerationParams] | None = None) -> dict[str, np.ndarray]:
-        """Static batching: every row of the batch decodes in one forward per step (decoding.generate_all)."""
+        """Static batching: every row of the batch decodes in one forward per step (running_batch.generate_all)."""
         rows = [self.sequence(text, params) for text, params in zip(texts, options or [self.defaults] * len(texts))]
         generate_all(self, rows)
-        return {"text": as_bytes([row.answer() for row in rows]), "new_tokens": np.array([[len(row.tokens)] for row in rows], dtype=np.int32)}
+        return {
+            "text": as_bytes([row.answer() for row in rows]),
+            "new_tokens": np.array([[len(row.tokens)] for row in rows], dtype=np.int32),
+        }
 
     def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] | None = None) -> Scheduler:
         """Continuous batching over this model, for the streaming variant."""
-        return Scheduler(self, self.max_sequences, self.max_running_tokens, observer, log_error, **self.admission)
+        return Scheduler(self, self.limits, observer, log_error)
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("text", "TYPE_STRING", (1,)), TensorSpec("new_tokens", "TYPE_INT32", (1,))]
+        return [TensorSpec("text", "bytes"), TensorSpec("new_tokens", "int32")]
 
     def optional_inputs(self) -> list[TensorSpec]:
         """Generation parameters for clients that send tensors rather than request parameters."""
-        return [TensorSpec(name, parameter.data_type, parameter.dims) for name, parameter in PARAMETERS.items()]
+        return list(OPTIONAL_INPUTS)
 
     def parameters(self) -> dict[str, str]:
-        d = self.defaults
-        values = {"max_length": d.max_new_tokens, "min_length": d.min_new_tokens, "do_sample": d.do_sample, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k, "return_full_text": d.return_full_text}
-        return {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in values.items()}
+        return self.defaults.as_config()
 
 
 class TextClassification(HFTask):
     task = "text-classification"
     auto_model = transformers.AutoModelForSequenceClassification
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", forward_overhead_tokens: str | float | None = None) -> None:
-        super().__init__(model_id, device, dtype, forward_overhead_tokens)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.head = ClassificationHead.from_config(self.model.config)
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         return self.head(self.model(**batch).logits.float().cpu().numpy())
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("label", "TYPE_STRING", (1,)), TensorSpec("score", "TYPE_FP32", (1,))]
+        return [TensorSpec("label", "bytes"), TensorSpec("score", "float32")]
 
 
 class FeatureExtraction(HFTask):
@@ -268,7 +274,7 @@ class FeatureExtraction(HFTask):
         return mean_pool(hidden, batch["attention_mask"].cpu().numpy())
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("embedding", "TYPE_FP32", (self.model.config.hidden_size,))]
+        return [TensorSpec("embedding", "float32", (self.model.config.hidden_size,))]
 
 
 TASKS: dict[str, type[HFTask]] = {cls.task: cls for cls in (TextGeneration, TextClassification, FeatureExtraction)}
@@ -278,9 +284,11 @@ def load_task(model_id: str, task: str, device: str = "cpu", dtype: str = "auto"
     """Load a model for a task by name; options are the task's own (``max_length`` for generation)."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    accepted = set(inspect.signature(TASKS[task]).parameters) - {"model_id", "device", "dtype"}
+    accepted = set(TASKS[task].options)
     if unknown := set(options) - accepted:
-        raise ConfigError(f"{task} takes no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'}")
+        raise ConfigError(
+            f"{task} takes no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'}"
+        )
     return TASKS[task](model_id, device=device, dtype=dtype, **options)
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import transformers
 
-from .batching import BatchFn, StepContext
+from .batching import BatchFn
+from .steps import StepContext
 
-MODEL_INPUTS = ("input_ids", "attention_mask")  # what every served network takes; GPT-2 would add token_type_ids to its embeddings
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+)  # what every served network takes; GPT-2 would add token_type_ids to its embeddings
 PAD_MULTIPLE = 16
 
 
@@ -17,11 +21,6 @@ def load_tokenizer(source: str, side: str = "right") -> transformers.PreTrainedT
     tokenizer.padding_side = tokenizer.truncation_side = side
     tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name in MODEL_INPUTS]
     return tokenizer
-
-
-def bucket(longest: int, limit: int) -> int:
-    """The padded length: the longest row, rounded up to a multiple of PAD_MULTIPLE, within the limit."""
-    return min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, limit)
 
 
 def tokenize(context: StepContext) -> BatchFn:
@@ -38,11 +37,13 @@ def tokenize(context: StepContext) -> BatchFn:
     tokenizer = load_tokenizer(context.source())
     limit = int(context.parameters["max_tokens"])
     names = context.output_names or MODEL_INPUTS
+    multiple = PAD_MULTIPLE if limit % PAD_MULTIPLE == 0 else None  # rounding up must not pass the model's limit
+    options = {"return_token_type_ids": "token_type_ids" in names, "return_tensors": "np"}
 
     def forward(texts: list[str]) -> dict[str, np.ndarray]:
-        encoded = tokenizer(texts, truncation=True, max_length=limit, return_token_type_ids="token_type_ids" in names)
-        length = bucket(max(len(ids) for ids in encoded["input_ids"]), limit)
-        padded = tokenizer.pad(encoded, padding="max_length", max_length=length, return_tensors="np")
+        padded = tokenizer(
+            texts, padding=True, pad_to_multiple_of=multiple, truncation=True, max_length=limit, **options
+        )
         return {name: padded[name].astype(np.int64) for name in names}
 
     return forward

@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from tritonhf.backends.python_hf.batching import run_batch
-from tritonhf.backends.python_hf.decoding import RunningBatch
+from tritonhf.backends.python_hf.running_batch import RunningBatch
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
-from tritonhf.repo_builder import VARIANTS, BuildOptions, build, plan
+from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
+from tritonhf.variants import VARIANTS
 
 from ..conftest import CLASSIFIER
 from ..helpers import PROMPTS, alone, in_process
@@ -44,7 +45,7 @@ def bench_models(request: pytest.FixtureRequest, tiny: dict[str, Path]) -> dict[
 @pytest.fixture(scope="session")
 def bench_repository(bench_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     entries = plan([], [str(bench_models[CLASSIFIER])], [], 16)
-    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("bench") / "repo", variants=VARIANTS))
+    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("bench") / "repo", variants=tuple(VARIANTS)))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +70,9 @@ def test_batched_step(benchmark: pytest.FixtureRequest, bench_repository: Path, 
 
 def test_collect_pad_split_overhead(benchmark: pytest.FixtureRequest) -> None:
     """The data path alone, with a forward that does nothing: 32 requests of 1-3 rows."""
-    prompts = [np.array([text.encode() for text in PROMPTS[: 1 + i % 3]], dtype=object).reshape(-1, 1) for i in range(32)]
+    prompts = [
+        np.array([text.encode() for text in PROMPTS[: 1 + i % 3]], dtype=object).reshape(-1, 1) for i in range(32)
+    ]
 
     def forward(texts: list[str]) -> dict[str, np.ndarray]:
         return {"n": np.zeros((len(texts), 1), dtype=np.float32)}
@@ -79,7 +82,7 @@ def test_collect_pad_split_overhead(benchmark: pytest.FixtureRequest) -> None:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("variant", ("baseline", *BATCHED))
+@pytest.mark.parametrize("variant", ["baseline", *BATCHED])
 def test_one_request_end_to_end(benchmark: pytest.FixtureRequest, bench_server: TritonServer, variant: str) -> None:
     name = served_name(variant)
     rows = [PROMPTS[3]]
@@ -100,7 +103,14 @@ def bench_generator(bench_models: dict[str, Path]) -> TextGeneration:
 def running(model: TextGeneration, rows: int) -> RunningBatch:
     """A running batch of rows that won't finish within a benchmark's rounds."""
     batch = RunningBatch(model)
-    batch.admit([model.sequence(PROMPTS[i % len(PROMPTS)], model.parse_options({"max_new_tokens": 200, "min_new_tokens": 200})) for i in range(rows)])
+    batch.admit(
+        [
+            model.sequence(
+                PROMPTS[i % len(PROMPTS)], model.parse_options({"max_new_tokens": 200, "min_new_tokens": 200})
+            )
+            for i in range(rows)
+        ]
+    )
     return batch
 
 

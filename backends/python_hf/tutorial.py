@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .batching import BatchFn, StepContext
+from .batching import BatchFn
 from .heads import as_bytes
+from .steps import StepContext
 
 ANSWERS: dict[str, Callable[[list[dict]], dict[str, np.ndarray]]] = {  # pipeline outputs -> the batched model's outputs
     "text-generation": lambda rows: {"text": as_bytes([row["generated_text"] for row in rows])},
@@ -25,7 +26,7 @@ ANSWERS: dict[str, Callable[[list[dict]], dict[str, np.ndarray]]] = {  # pipelin
 }
 
 
-def baseline(context: StepContext) -> BatchFn:
+def pipeline_step(context: StepContext) -> BatchFn:
     from transformers import pipeline
 
     task = context.parameters["task"]
@@ -35,7 +36,11 @@ def baseline(context: StepContext) -> BatchFn:
     options = {}
     if task == "text-generation":
         new_tokens = int(context.parameters["max_length"])
-        options = {"max_new_tokens": new_tokens, "min_new_tokens": int(context.parameters.get("min_length", 0)), "do_sample": False}
+        options = {
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": int(context.parameters.get("min_length", 0)),
+            "do_sample": False,
+        }
 
     def forward(texts: list[str]) -> dict[str, np.ndarray]:
         return ANSWERS[task]([pipe(text, **options)[0] for text in texts])  # one call per text, as the tutorial

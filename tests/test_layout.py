@@ -1,0 +1,104 @@
+"""The structure the README promises: every module listed where it lives, no import cycles,
+and the Triton-side model code free of the tritonhf package."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"tritonhf": ROOT / "tritonhf", "tritonhf.backends": ROOT / "backends", "tritonhf.perf": ROOT / "perf"}
+VARIANT_NAMES = ("baseline", "python", "stream", "onnx", "onnx-int8", "torchscript")
+
+
+def modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name (pyproject's package-dir remapping applied)."""
+    found = {}
+    for package, folder in PACKAGES.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            found[".".join((package, *parts))] = path
+    return found
+
+
+def imports(name: str, path: Path) -> set[str]:
+    """Every module this one imports, at any depth of its code (lazy imports count), resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            found |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_every_module_is_listed_in_the_readme_layout() -> None:
+    layout = re.search(r"## Layout\n\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
+    listed: dict[str, set[str]] = {}
+    folder = ""
+    for line in layout.splitlines():
+        entry = re.split(r"\s{2,}", line.strip())[0]
+        if not line.startswith(" "):
+            folder = entry if entry.endswith("/") else ""
+            listed.setdefault(folder, set()).update([] if folder else [entry])
+        else:
+            listed.setdefault(folder, set()).update(re.findall(r"[\w.]+\.(?:py|json)", entry))
+    for folder in ("backends/python_hf/", "backends/onnx_export/", "tritonhf/", "perf/"):
+        actual = {p.name for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".json") and p.name != "__init__.py"}
+        assert listed.get(folder) == actual, (
+            f"README Layout, {folder}: lists {sorted(listed.get(folder, ()))}, has {sorted(actual)}"
+        )
+    top = {p.name for p in ROOT.glob("*.py")} | {"Dockerfile"}
+    assert top <= listed[""], f"README Layout misses {sorted(top - listed[''])}"
+
+
+def test_no_import_cycles() -> None:
+    known = modules()
+    graph = {
+        name: {other for other in imports(name, path) if other in known and other != name}
+        for name, path in known.items()
+    }
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, "import cycle: " + " -> ".join((*trail[trail.index(name) :], name))
+        if name in done:
+            return
+        for other in graph[name]:
+            if not name.startswith(other + "."):  # a module importing its own package's __init__ is no cycle
+                visit(other, (*trail, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_the_model_code_never_imports_tritonhf() -> None:
+    """backends/python_hf is copied into every model: it stands alone, its modules import each other relatively."""
+    for path in (ROOT / "backends" / "python_hf").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] in ("tritonhf", "backends", "perf") for n in names), (
+                f"{path.name} imports {names}"
+            )
+
+
+def test_each_variant_name_is_declared_once() -> None:
+    """A variant's name, as a string literal, appears in the registry's declaration and nowhere else in the code."""
+    for name, path in modules().items():
+        literals = {node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)}
+        named = {variant for variant in VARIANT_NAMES if variant in literals}
+        if name == "tritonhf.variants":
+            assert named == set(VARIANT_NAMES)
+        else:
+            stray = named - {
+                "python",
+                "onnx",
+            }  # also Triton's Python backend (and a runtime); the onnx package (and optimum's exporter)
+            assert not stray, f"{path.relative_to(ROOT)} spells variant names {sorted(stray)}"
