@@ -75,13 +75,14 @@ class Served:
 
 
 def served_models(repository: Path) -> list[Served]:
-    """The repository's models, per model in the registry's order (the reference first)."""
+    """The repository's models, per model: the reference first, then in the registry's order."""
     manifest = read_manifest(repository)
     served = [
         Served(name, Path(info["source"]).name, info["task"], VARIANTS[info["variant"]])
         for name, info in manifest.items()
     ]
-    return sorted(served, key=lambda s: (s.base, list(VARIANTS.values()).index(s.variant)))
+    order = list(VARIANTS.values())
+    return sorted(served, key=lambda s: (s.base, not s.variant.perf.reference, order.index(s.variant)))
 
 
 def machine_facts(server_url: str) -> dict[str, str]:

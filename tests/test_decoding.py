@@ -1,4 +1,4 @@
-"""Unit tier for decoding.py: parameters, the padded running batch, sampling, the scheduler. No server."""
+"""Unit tier for generation: parameters, sequences, the padded running batch, sampling, the scheduler. No server."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def model(tiny: dict[str, Path], request: pytest.FixtureRequest) -> TextGenerati
 
 
 class Recorder(Pieces):
-    """A decoding.Stream that keeps what it is sent, with arrival times."""
+    """A sequence.Stream that keeps what it is sent, with arrival times."""
 
     def __init__(self, cancel_after: int | None = None) -> None:
         super().__init__()

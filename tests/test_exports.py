@@ -199,7 +199,7 @@ def test_unknown_variant_is_refused(tiny: dict[str, Path], tmp_path: Path) -> No
             plan([], [str(tiny[CLASSIFIER])], [], 16),
             BuildOptions(output=tmp_path / "r", variants=("python", "onnx-fp8")),
         )
-    with pytest.raises(TritonHFError, match="text-generation is served as baseline, python, stream"):
+    with pytest.raises(TritonHFError, match="text-generation is served as python, stream, baseline"):
         build(
             plan([str(tiny["gpt2"])], [], [], 16),
             dataclasses.replace(BuildOptions(output=tmp_path / "r"), variants=("onnx",)),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,3 +104,10 @@ def test_each_variant_name_is_declared_once() -> None:
                 "onnx",
             }  # also Triton's Python backend (and a runtime); the onnx package (and optimum's exporter)
             assert not stray, f"{path.relative_to(ROOT)} spells variant names {sorted(stray)}"
+
+
+def test_the_command_starts_without_torch() -> None:
+    """`tritonhf client` starts at once: the CLI imports neither torch nor transformers until a command needs them."""
+    probe = "import sys, tritonhf.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

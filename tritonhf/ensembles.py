@@ -25,12 +25,10 @@ from tritonhf import TritonHFError, cache_dir, model_config
 from tritonhf.backends.onnx_export.exporters import Export, export
 from tritonhf.backends.onnx_export.spec import ExportError, ExportSpec, spec_for
 from tritonhf.backends.python_hf.steps import StepContext
-from tritonhf.backends.python_hf.tensors import TensorSpec
+from tritonhf.backends.python_hf.tensors import PROMPT, TensorSpec
 from tritonhf.backends.python_hf.text import tokenize
 from tritonhf.repository import LOCAL_WEIGHTS, link_or_copy, write_model
-from tritonhf.variants import Variant
-
-PROMPT = TensorSpec("prompt", "bytes")
+from tritonhf.variants import VARIANTS, Variant
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
     """The network step: natively (NGC containers) or inside the Python backend (the pip-installed server)."""
     spec, exporter = model.spec, made.exporter
     sizes = spec.sizes(model.task.model.config)
-    name = f"{model.name}_{made.label}_model"
+    name = VARIANTS[made.label].network(model.name)
     inputs = model_config.tensors(spec.inputs, sizes)
     outputs = model_config.tensors(
         [TensorSpec(renamed, t.dtype, t.dims) for t, renamed in zip(spec.outputs, exporter.output_names(spec))], sizes
@@ -105,7 +103,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
     spec, task = model.spec, model.task
     sizes = spec.sizes(task.model.config)
     answers = model_config.tensors(task.outputs())
-    tokenize_step, postprocess_step = f"{model.name}_tokenize", f"{model.name}_postprocess"
+    tokenize_step, _, postprocess_step = VARIANTS[model.exports[0].label].pipeline(model.name)  # shared by the exports
     batching = {"max_batch_size": options.max_batch_size}
     tokenizer_parameters = {"step": "tokenize", "huggingface_model": LOCAL_WEIGHTS, "max_tokens": str(task.max_tokens)}
     head = task.head.parameters() if spec.postprocess == "classify" else {}
@@ -132,6 +130,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
         ),
     )
     for made in model.exports:
+        variant = VARIANTS[made.label]
         network = network_config(model, made, runtime, options)
         link_or_copy(str(made.path), str(write_model(root, network) / made.exporter.file))
         identity = {t.name: t.name for t in spec.inputs}
@@ -140,11 +139,9 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
             (network["name"], identity, dict(zip(made.exporter.output_names(spec), (t.name for t in spec.outputs)))),
             (postprocess_step, {n: n for n in spec.postprocess_inputs}, {o["name"]: o["name"] for o in answers}),
         ]
-        ensemble = model_config.ensemble(
-            f"{model.name}_{made.label}", model_config.tensors([PROMPT]), answers, steps, **batching
-        )
-        write_model(root, ensemble)
-    return [f"{model.name}_{made.label}" for made in model.exports]
+        name = variant.served_name(model.name)
+        write_model(root, model_config.ensemble(name, model_config.tensors([PROMPT]), answers, steps, **batching))
+    return [VARIANTS[made.label].served_name(model.name) for made in model.exports]
 
 
 def parity_table(models: Sequence[Exported]) -> str:

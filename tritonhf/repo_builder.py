@@ -24,9 +24,9 @@ from typing import Any
 from tqdm import tqdm
 
 from tritonhf import TritonHFError, model_config
-from tritonhf.backends.python_hf.parameters import GenerationParams
-from tritonhf.backends.python_hf.scheduler import Limits
-from tritonhf.backends.python_hf.tensors import TensorSpec
+from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
+from tritonhf.backends.python_hf.tensors import PROMPT
+from tritonhf.backends.python_hf.tutorial import OUTPUTS as TUTORIAL_OUTPUTS
 from tritonhf.repository import LOCAL_WEIGHTS, Manifest, read_manifest, replace_dir, write_manifest, write_model
 from tritonhf.variants import (
     CLASSIFICATION,
@@ -41,8 +41,6 @@ from tritonhf.variants import (
 
 TUTORIAL_GEN_MODELS = ("facebook/opt-125m", "gpt2")
 TUTORIAL_CLASS_MODELS = ("distilbert-base-uncased-finetuned-sst-2-english",)
-TUTORIAL_OUTPUTS = ("text", "label", "score")  # what the tutorial's models answer
-PROMPT = TensorSpec("prompt", "bytes")
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,7 @@ def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> model_
         **(options.limits.as_config() if generic.decoupled else {}),
     }
     optional = [] if generic.tutorial_io or not hasattr(task, "optional_inputs") else task.optional_inputs()
-    outputs = [s for s in task.outputs() if not generic.tutorial_io or s.name in TUTORIAL_OUTPUTS]
+    outputs = [s for s in task.outputs() if not generic.tutorial_io or s.name in TUTORIAL_OUTPUTS[entry.task]]
     return model_config.python_model(
         entry.name,
         model_config.tensors([PROMPT, *optional]),
@@ -307,22 +305,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> BuildOptions:
-    if (
-        min(args.max_batch_size, args.instances, args.gen_max_running, args.gen_max_running_tokens) < 1
-        or args.max_queue_delay_us < 0
-    ):
-        raise TritonHFError(
-            "--max-batch-size, --instances, --gen-max-running and --gen-max-running-tokens must be >= 1,"
-            " --max-queue-delay-us >= 0"
-        )
-    if args.gen_max_waiting_steps < 0:
-        raise TritonHFError("--gen-max-waiting-steps must be >= 0")
+    if min(args.max_batch_size, args.instances) < 1 or args.max_queue_delay_us < 0:
+        raise TritonHFError("--max-batch-size and --instances must be >= 1, --max-queue-delay-us >= 0")
     limits = dataclasses.replace(
         Limits(),
         max_running_sequences=args.gen_max_running,
         max_running_tokens=args.gen_max_running_tokens,
         max_waiting_steps=args.gen_max_waiting_steps,
     )
+    try:
+        limits.check()
+    except ValueError as err:
+        raise TritonHFError(f"--gen-max-running, --gen-max-running-tokens, --gen-max-waiting-steps: {err}") from None
     return BuildOptions(
         output=args.output,
         max_batch_size=args.max_batch_size,

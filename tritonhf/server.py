@@ -58,9 +58,8 @@ def wheel_installation() -> Installation:
     python_dir = backend_dir / "python"
     if not (python_dir / "triton_python_backend_stub").exists():
         backend_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(
-            tempfile.mkdtemp(dir=backend_dir.parent)
-        )  # built aside, renamed in: concurrent starts never see half a copy
+        # built aside, renamed in: concurrent starts never see half a copy
+        staging = Path(tempfile.mkdtemp(dir=backend_dir.parent))
         shutil.copytree(
             server / "backends" / "python", staging / "python", ignore=shutil.ignore_patterns("__pycache__")
         )

@@ -85,14 +85,6 @@ def onnx_file(make: Callable[..., Path], gate: Gate) -> Exporter:
     )
 
 
-BASELINE = Variant(
-    "baseline",
-    "the tutorial's model: transformers.pipeline once per request, unbatched (<name>_baseline), for the perf suite",
-    (GENERATION, CLASSIFICATION),
-    generic=Generic("_baseline", batched=False, step="pipeline", tutorial_io=True),
-    default=False,
-    perf=Perf(reference=True),
-)
 PYTHON = Variant(
     "python",
     "the model itself (<name>): eager PyTorch in the generic Python model, dynamically batched",
@@ -133,7 +125,15 @@ TORCHSCRIPT = Variant(
     ),
 )
 
-VARIANTS = {variant.name: variant for variant in (BASELINE, PYTHON, STREAM, ONNX, ONNX_INT8, TORCHSCRIPT)}
+BASELINE = Variant(
+    "baseline",
+    "the tutorial's model: transformers.pipeline once per request, unbatched (<name>_baseline), for the perf suite",
+    (GENERATION, CLASSIFICATION),
+    generic=Generic("_baseline", batched=False, step="pipeline", tutorial_io=True),
+    default=False,
+    perf=Perf(reference=True),
+)
+VARIANTS = {variant.name: variant for variant in (PYTHON, STREAM, ONNX, ONNX_INT8, TORCHSCRIPT, BASELINE)}
 DEFAULT_VARIANTS = tuple(name for name, variant in VARIANTS.items() if variant.default)
 
 

@@ -30,15 +30,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
-
 from ..python_hf.steps import StepContext, step_factory
+from .parity import Runner
 from .spec import ExportError, ExportSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 OPSET = 18
 AUTO_MODELS = {"text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}
@@ -164,12 +162,12 @@ def files_digest(source: str) -> str:
     return json.dumps(entries)
 
 
-def cache_key(source: str, label: str, spec: ExportSpec) -> str:
-    versions = {
-        name: metadata.version(name)
-        for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
-    }
-    material = json.dumps([files_digest(source), label, OPSET, asdict(spec), versions, Path(__file__).read_text()])
+def cache_key(source: str, label: str, exporter: Exporter, spec: ExportSpec) -> str:
+    """Over the model's files, the variant's declaration, this module's code and the library versions."""
+    libraries = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+    versions = {name: metadata.version(name) for name in libraries}
+    declared = [label, exporter.make.__qualname__, exporter.file, exporter.step, repr(exporter.gate)]
+    material = json.dumps([files_digest(source), declared, OPSET, asdict(spec), versions, Path(__file__).read_text()])
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
 
@@ -186,7 +184,7 @@ def export(
     source: str, spec: ExportSpec, label: str, exporter: Exporter, check: Callable[[Path], list[dict]], cache: Path
 ) -> Export:
     """Export (or reuse from ``cache``) one variant, named ``label``; ``check`` gates it before it enters the cache."""
-    entry = cache / f"{Path(source.rstrip('/')).name}-{label}-{cache_key(source, label, spec)}"
+    entry = cache / f"{Path(source.rstrip('/')).name}-{label}-{cache_key(source, label, exporter, spec)}"
     if (entry / "parity.json").exists():
         return Export(
             label, exporter, entry / exporter.file, json.loads((entry / "parity.json").read_text()), cached=True

@@ -50,9 +50,6 @@ class ExportSpec:
         tensors = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         return {t.name: tensors[t.name] for t in self.inputs}
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t.name: t.dynamic_axes() for t in (*self.inputs, *self.outputs)}
-
 
 TASKS = {
     spec.task: spec

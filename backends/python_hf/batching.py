@@ -1,8 +1,8 @@
 """Collect -> pad -> forward -> split over one Triton batch: the data path, with no Triton import.
 
 Triton's dynamic batcher hands ``execute`` a list of requests; each carries a
-``prompt`` tensor of shape [rows, 1]. We run one forward pass (or one
-``generate``) over every valid row of every request, then give each request
+``prompt`` tensor of shape [rows, 1]. We run one padded forward (generation:
+one forward per decoding step) over every valid row of every request, then give each request
 exactly its own rows back. A bad request becomes a :class:`Failure` at its own
 index; it never sinks the batch.
 

@@ -124,9 +124,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from None
         self.text_input = "prompt" in self.context.input_names
         self.options = [name for name in self.context.input_names if name != "prompt"] if self.text_input else []
-        self.batched = (
-            config.get("max_batch_size", 0) > 0
-        )  # unbatched (the baseline, streams): tensors lack the batch axis
+        # unbatched models (the baseline, streams): their tensors lack the batch axis
+        self.batched = config.get("max_batch_size", 0) > 0
         self.scheduler = None
         if config.get("model_transaction_policy", {}).get("decoupled"):
             self.scheduler = self.forward.scheduler(

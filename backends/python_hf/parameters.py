@@ -177,6 +177,34 @@ class GenerationParams:
             raise RequestError("; ".join(messages))
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How big a stream's running batch may grow, and when it admits (TGI's rule: scheduler.Scheduler)."""
+
+    max_running_sequences: int = 32  # rows in the running batch
+    max_running_tokens: int = 16384  # rows x longest (prompt + max_new_tokens): the KV cache's size in tokens
+    max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
+    waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
+
+    def check(self) -> Limits:
+        """These limits, or ValueError naming what is out of range."""
+        if min(self.max_running_sequences, self.max_running_tokens) < 1:
+            raise ValueError(f"max_running_sequences and max_running_tokens must be >= 1; got {self}")
+        if min(self.max_waiting_steps, self.waiting_served_ratio) < 0:
+            raise ValueError(f"max_waiting_steps and waiting_served_ratio must be >= 0; got {self}")
+        return self
+
+    def as_config(self) -> dict[str, str]:
+        return {key: str(value) for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, parameters: Mapping[str, str]) -> Limits:
+        """The limits in a model's config parameters (the rest default), checked."""
+        defaults = cls()
+        names = [field.name for field in dataclasses.fields(cls) if field.name in parameters]
+        return cls(**{name: type(getattr(defaults, name))(parameters[name]) for name in names}).check()
+
+
 def combine(parameters: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """A request's options from its parameters and its optional input tensors; one name, one place."""
     if both := sorted(set(parameters) & set(tensors)):

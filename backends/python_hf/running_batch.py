@@ -112,7 +112,11 @@ class RunningBatch:
         tokens = choose(logits, rows, self.model.eos)
         for row, token in zip(rows, tokens):
             row.add(token, self.model.eos)
-            row.extend(self.model.decode_step(row.decoder, token))
+            if row.decoder is not None:
+                try:
+                    row.extend(self.model.decode_step(row.decoder, token))
+                except Exception:  # noqa: BLE001 - DecodeStream can refuse odd decoders: this row's text then comes whole at its end
+                    row.decoder = None
         if ended := [row for row in rows if row.finish in ("eos", "length")]:
             for row, text in zip(ended, self.model.decode([row.tokens for row in ended])):
                 row.complete(text)
@@ -131,7 +135,7 @@ class RunningBatch:
         mask = self.mask[index]
         start = int(mask.any(0).nonzero()[0])
         self.mask, self.last, self.rows = mask[:, start:], self.last[index], [self.rows[i] for i in keep]
-        if start:  # the Cache API crops on the right only; the unused columns are on the left
+        if start:  # the Cache API crops on the right only; the unused columns are on the left (a view, no copy)
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 

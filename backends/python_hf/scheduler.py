@@ -3,56 +3,29 @@
 No Triton import. The streaming ``<name>_stream`` model hands each request to a
 :class:`Scheduler` (the in-flight batching of vLLM, TGI and TensorRT-LLM); the
 static ``<name>`` model runs running_batch.generate_all over each dynamic
-batch instead. :class:`Limits` holds the scheduler's knobs and their defaults,
-written into and read back from the model's config parameters.
+batch instead. Its knobs and their defaults are parameters.Limits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .batching import RequestError, decode_rows
+from .parameters import Limits
 from .running_batch import LanguageModel, RunningBatch
 from .sequence import Sequence, Stream
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """How big the running batch may grow, and when it admits (TGI's rule, see :class:`Scheduler`)."""
-
-    max_running_sequences: int = 32  # rows in the running batch
-    max_running_tokens: int = 16384  # rows x longest (prompt + max_new_tokens): the KV cache's size in tokens
-    max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
-    waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
-
-    def as_config(self) -> dict[str, str]:
-        return {key: str(value) for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_config(cls, parameters: Mapping[str, str]) -> Limits:
-        """The limits in a model's config parameters (the rest default); ValueError if one is out of range."""
-        fields = {field.name: field for field in dataclasses.fields(cls)}
-        kinds = {"int": int, "float": float}
-        limits = cls(**{key: kinds[fields[key].type](value) for key, value in parameters.items() if key in fields})
-        if limits.max_running_sequences < 1 or min(limits.max_waiting_steps, limits.waiting_served_ratio) < 0:
-            raise ValueError(
-                f"max_running_sequences must be >= 1, max_waiting_steps and waiting_served_ratio >= 0; got {limits}"
-            )
-        return limits
 
 
 class Observer(Protocol):

@@ -52,7 +52,7 @@ class Sequence:
     responses: int = 0
     arrived: float = field(default_factory=time.monotonic)
     last_sent: float = 0.0
-    decoder: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
+    decoder: DecodeStream | None = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     sampler: tuple[LogitsProcessorList, torch.Generator] | None = None  # made at the first sampled token
 
     @property

@@ -6,7 +6,7 @@ model for its ``task``). The factory gets a :class:`StepContext` and returns
 the step's forward: texts -> arrays for a step whose input is ``prompt``,
 arrays -> arrays for the ensembles' inner steps. Modules are imported by step,
 so a tokenize step never imports torch. The builder runs the same factories
-in-process for its parity checks (backends/onnx_export/parity.py).
+in-process for its parity checks (backends/onnx_export/exporters.Exporter.runner).
 """
 
 from __future__ import annotations

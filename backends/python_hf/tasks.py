@@ -44,9 +44,9 @@ from transformers.utils import cached_file
 
 from .batching import BatchFn, RequestError, length_buckets, merge
 from .heads import ClassificationHead, as_bytes, mean_pool
-from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, combine
+from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, Limits, combine
 from .running_batch import generate_all
-from .scheduler import Limits, Observer, Scheduler
+from .scheduler import Observer, Scheduler
 from .sequence import Sequence, Stream
 from .steps import StepContext
 from .tensors import TensorSpec
@@ -164,6 +164,8 @@ class TextGeneration(HFTask):
             raise ConfigError(
                 f"generation defaults (max_length = max_new_tokens, min_length = min_new_tokens): {err}"
             ) from None
+        if not self.tokenizer.is_fast:  # streaming text comes from tokenizers' DecodeStream
+            raise ConfigError(f"{model_id}: generation needs a fast (tokenizers) tokenizer")
         try:
             self.limits = Limits.from_config(config)
         except ValueError as err:
@@ -197,7 +199,9 @@ class TextGeneration(HFTask):
         return DynamicCache()
 
     def decode(self, tokens: list[list[int]]) -> list[str]:
-        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        """Whole completions. Without the legacy space clean-up, as DecodeStream decodes: the streamed
+        pieces always add up to the final text (the clean-up is off by default in transformers)."""
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def decode_step(self, decoder: DecodeStream, token: int) -> str | None:
         return decoder.step(self.tokenizer.backend_tokenizer, token)

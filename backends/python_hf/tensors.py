@@ -3,8 +3,7 @@
 The tasks declare their outputs with it, the generation parameters their
 optional inputs, and the export declarations (backends/onnx_export/spec.py)
 their network's inputs and outputs. The builder turns it into config.pbtxt
-(tritonhf/model_config.py) and the ONNX exporter into dynamic axes; nothing
-else spells a tensor's type or shape.
+(tritonhf/model_config.py); nothing else spells a tensor's type or shape.
 """
 
 from __future__ import annotations
@@ -48,6 +47,5 @@ class TensorSpec:
         sizes = sizes or {}
         return [-1 if dim == SEQUENCE else sizes[dim] if isinstance(dim, str) else dim for dim in self.dims]
 
-    def dynamic_axes(self) -> dict[int, str]:
-        """ONNX export's dynamic axes: the batch, then every ``sequence`` dim."""
-        return {0: "batch", **{index + 1: dim for index, dim in enumerate(self.dims) if dim == SEQUENCE}}
+
+PROMPT = TensorSpec("prompt", "bytes")  # the tutorial's input: one text a row

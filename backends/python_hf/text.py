@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import transformers
 
@@ -37,7 +39,7 @@ def tokenize(context: StepContext) -> BatchFn:
     tokenizer = load_tokenizer(context.source())
     limit = int(context.parameters["max_tokens"])
     names = context.output_names or MODEL_INPUTS
-    multiple = PAD_MULTIPLE if limit % PAD_MULTIPLE == 0 else None  # rounding up must not pass the model's limit
+    multiple = math.gcd(PAD_MULTIPLE, limit)  # 16, unless rounding up to 16 could pass the model's limit
     options = {"return_token_type_ids": "token_type_ids" in names, "return_tensors": "np"}
 
     def forward(texts: list[str]) -> dict[str, np.ndarray]:

@@ -15,7 +15,10 @@ import numpy as np
 
 from .batching import BatchFn
 from .heads import as_bytes
+from .parameters import GenerationParams
 from .steps import StepContext
+
+UNLIMITED = 1 << 30  # the pipeline truncates nothing: whatever the config asks for
 
 ANSWERS: dict[str, Callable[[list[dict]], dict[str, np.ndarray]]] = {  # pipeline outputs -> the batched model's outputs
     "text-generation": lambda rows: {"text": as_bytes([row["generated_text"] for row in rows])},
@@ -24,6 +27,7 @@ ANSWERS: dict[str, Callable[[list[dict]], dict[str, np.ndarray]]] = {  # pipelin
         "score": np.array([[row["score"]] for row in rows], dtype=np.float32),
     },
 }
+OUTPUTS = {"text-generation": ("text",), "text-classification": ("label", "score")}  # the tutorial's interface
 
 
 def pipeline_step(context: StepContext) -> BatchFn:
@@ -34,11 +38,11 @@ def pipeline_step(context: StepContext) -> BatchFn:
         raise ValueError(f"the tutorial's baseline covers {', '.join(ANSWERS)}, not {task}")
     pipe = pipeline(task, model=context.source(), device=context.device)
     options = {}
-    if task == "text-generation":
-        new_tokens = int(context.parameters["max_length"])
+    if task == "text-generation":  # greedy, as many new tokens as the batched model makes
+        defaults = GenerationParams.from_config(context.parameters, UNLIMITED)
         options = {
-            "max_new_tokens": new_tokens,
-            "min_new_tokens": int(context.parameters.get("min_length", 0)),
+            "max_new_tokens": defaults.max_new_tokens,
+            "min_new_tokens": defaults.min_new_tokens,
             "do_sample": False,
         }
 
