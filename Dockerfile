@@ -32,4 +32,7 @@ RUN python3 repo_builder.py --output /models --device "$DEVICE" \
 ENV HF_HUB_OFFLINE=1
 
 EXPOSE 8000 8001 8002
-CMD ["tritonserver", "--model-repository=/models"]
+# tritonhf serve runs the tritonserver on PATH under its supervisor: a model whose backend process dies is
+# reloaded, readiness is false meanwhile, SIGTERM drains. The container opens the ports to the network.
+STOPSIGNAL SIGTERM
+CMD ["tritonhf", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--grace", "30"]

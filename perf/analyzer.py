@@ -89,7 +89,10 @@ def parse(csv_path: Path) -> dict[str, float]:
 def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50) -> dict[str, float]:
     """One measurement; if it won't stabilise (a shared, noisy machine), one retry with a wider band, flagged."""
     for attempt in (options, dataclasses.replace(options, stability_percent=relaxed_percent)):
-        result = subprocess.run(attempt.argv(), env=env, capture_output=True, text=True, timeout=900)
+        try:
+            result = subprocess.run(attempt.argv(), env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired as err:
+            raise PerfAnalyzerError(f"perf_analyzer for {options.model} ran past {err.timeout:.0f} s") from err
         attempt.csv_path.with_suffix(".log").write_text(result.stdout + result.stderr)
         if result.returncode == 0 and attempt.csv_path.exists():
             return {**parse(attempt.csv_path), "stability_percent": attempt.stability_percent}

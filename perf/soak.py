@@ -1,17 +1,26 @@
-"""``tritonhf perf --soak``: a long run at high concurrency where every answer is checked.
+"""``tritonhf perf --soak``: a long run at high concurrency where every request is accounted for.
 
 perf_analyzer counts responses but never reads them, so the soak uses its own
 asynchronous gRPC client: it keeps ``concurrency`` requests in flight for
 ``seconds``, checks each answer against that prompt's answer sent alone before
-the run (same label, score within 1e-4), and samples the resident memory of
-the server and its model processes. It passes when no request failed or went
-unanswered and memory settled: the last third of the run grew less than 5%
-over the middle third.
+the run (same label, score within 1e-4), counts every refusal by its status
+code (a refused client waits ``RETRY_AFTER_S`` before its next request), and
+samples the resident memory of the server and its model processes.
+With ``kill_at`` it kills the model's backend process that many seconds in (what
+the OOM killer does), under ``tritonhf serve``'s supervisor, and records the
+readiness the server answered meanwhile and when the model served again.
+
+It passes when every request was answered correctly or refused with a code the
+situation allows (UNAVAILABLE for a full queue; around a kill, Triton's codes
+for a model that is down or reloading), none went unanswered or wrong, and
+memory settled: the last third of the run grew less than 5% over the middle third.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,16 +47,30 @@ def process_tree_rss_mb(pid: int) -> float:
     return total
 
 
+RETRY_AFTER_S = 0.25  # a refused request's client waits this long before its next request
+REFUSALS = {"StatusCode.UNAVAILABLE"}  # a full queue: the client may retry elsewhere
+DOWN = {"StatusCode.NOT_FOUND", "StatusCode.INTERNAL"}  # a model being reloaded; a request inside the killed process
+
+
 @dataclass
 class SoakReport:
     model: str
     concurrency: int
     seconds: float
     sent: int = 0
-    answered: int = 0
+    answered: int = 0  # correct answers
     wrong: int = 0
-    errors: list[str] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)  # status code -> count
+    messages: list[str] = field(default_factory=list)  # the first refusal of each kind
+    latency_ms: list[float] = field(default_factory=list)  # of the correct answers
     rss_mb: list[float] = field(default_factory=list)
+    killed_at: float | None = None  # seconds into the run
+    events: list[tuple[float, str]] = field(default_factory=list)  # (seconds into the run, supervisor event)
+    readiness: list[tuple[float, bool, bool]] = field(default_factory=list)  # (s, model ready, server ready) changes
+
+    @property
+    def unanswered(self) -> int:
+        return self.sent - self.answered - self.wrong - sum(self.refused.values())
 
     @property
     def memory_settled(self) -> bool:
@@ -57,22 +80,50 @@ class SoakReport:
 
     @property
     def passed(self) -> bool:
-        return not self.errors and self.wrong == 0 and self.sent == self.answered and self.memory_settled
+        allowed = REFUSALS | (DOWN if self.killed_at is not None else set())
+        return not self.wrong and not self.unanswered and set(self.refused) <= allowed and self.memory_settled
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latency_ms) or [float("nan")]
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
     def summary(self) -> str:
-        return (
-            f"soak {self.model}: {self.sent} sent, {self.answered} answered, {self.wrong} wrong, "
-            f"{len(self.errors)} errors in {self.seconds:.0f} s "
-            f"at concurrency {self.concurrency} ({self.answered / self.seconds:.1f} req/s); "
-            f"server RSS {self.rss_mb[0]:.0f} -> {max(self.rss_mb):.0f} MB peak, "
-            f"{self.rss_mb[-1]:.0f} MB at the end, settled: {self.memory_settled} -> "
-            f"{'PASS' if self.passed else 'FAIL'}"
+        refused = ", ".join(
+            f"{count} {code.removeprefix('StatusCode.')}" for code, count in sorted(self.refused.items())
         )
+        counts = (
+            f"soak {self.model}: {self.sent} sent in {self.seconds:.0f} s at concurrency {self.concurrency}:"
+            f" {self.answered} answered correctly ({self.answered / self.seconds:.1f} req/s), {self.wrong} wrong,"
+            f" refused: {refused or 'none'}, unanswered: {self.unanswered}"
+        )
+        resources = (
+            f"  answered latency p50 {self.percentile(0.5):.0f} ms, p99 {self.percentile(0.99):.0f} ms;"
+            f" server RSS {self.rss_mb[0]:.0f} -> {self.rss_mb[-1]:.0f} MB (peak {max(self.rss_mb):.0f}),"
+            f" settled: {self.memory_settled}"
+        )
+        lines = [counts, resources]
+        if self.killed_at is not None:
+            events = "; ".join(f"{what} at +{t - self.killed_at:.2f} s" for t, what in self.events)
+            ready = ", ".join(f"+{t - self.killed_at:.2f} s: model {m}, server {s}" for t, m, s in self.readiness)
+            lines += [
+                f"  killed the model's process at {self.killed_at:.1f} s; supervisor: {events}",
+                f"  readiness: {ready}",
+            ]
+        lines += [f"  first refusals: {self.messages}"] if self.messages else []
+        return "\n".join([*lines, "PASS" if self.passed else "FAIL"])
 
 
 def soak(
-    server: TritonServer, model: str, prompts: list[str], concurrency: int = 64, seconds: float = 300.0
+    server: TritonServer,
+    model: str,
+    prompts: list[str],
+    concurrency: int = 64,
+    seconds: float = 300.0,
+    kill_at: float | None = None,
 ) -> SoakReport:
+    """Keep ``concurrency`` requests in flight; with ``kill_at``, kill the model's process then (supervised)."""
+    from tritonhf.supervisor import Supervisor, stubs
+
     client = grpcclient.InferenceServerClient(server.grpc_url)
 
     def request(text: str) -> list[grpcclient.InferInput]:
@@ -83,37 +134,66 @@ def soak(
     expected = {text: client.infer(model, request(text)) for text in prompts}
     expected = {text: (r.as_numpy("label")[0, 0], float(r.as_numpy("score")[0, 0])) for text, r in expected.items()}
     report = SoakReport(model, concurrency, seconds)
-    lock, slots, stop = threading.Lock(), threading.Semaphore(concurrency), time.monotonic() + seconds
+    lock, slots = threading.Lock(), threading.Semaphore(concurrency)
+    begin = time.monotonic()
+    stop = begin + seconds
 
-    def done(text: str, result: grpcclient.InferResult | None, error: Exception | None) -> None:
+    def done(text: str, sent: float, result: grpcclient.InferResult | None, error: Exception | None) -> None:
         with lock:
-            report.answered += 1
             if error is not None:
-                report.errors.append(str(error))
+                code = str(error.status()) if hasattr(error, "status") else type(error).__name__
+                if code not in report.refused:
+                    report.messages.append(f"{code}: {error}"[:200])
+                report.refused[code] = report.refused.get(code, 0) + 1
             elif (
                 result.as_numpy("label")[0, 0] != expected[text][0]
                 or abs(float(result.as_numpy("score")[0, 0]) - expected[text][1]) > 1e-4
             ):
                 report.wrong += 1
-        slots.release()
+            else:
+                report.answered += 1
+                report.latency_ms.append((time.monotonic() - sent) * 1000)
+        if error is None:
+            slots.release()
+        else:  # a refused client backs off before it tries again, as a client with retries does
+            threading.Timer(RETRY_AFTER_S, slots.release).start()
 
-    next_sample, i = time.monotonic(), 0
-    while time.monotonic() < stop:
-        if time.monotonic() >= next_sample:
-            report.rss_mb.append(process_tree_rss_mb(server.process.pid))
-            next_sample += 5
-        if slots.acquire(timeout=0.5):
-            text = prompts[i % len(prompts)]
-            client.async_infer(
-                model, request(text), callback=lambda result, error, text=text: done(text, result, error)
-            )
-            report.sent, i = report.sent + 1, i + 1
-    for _ in range(concurrency):  # wait for the last requests in flight
-        slots.acquire(timeout=120)
+    def watch() -> None:
+        while time.monotonic() < stop:
+            state = (time.monotonic() - begin, server.ready(model), server.ready())
+            if not report.readiness or report.readiness[-1][1:] != state[1:]:
+                report.readiness.append(state)
+            time.sleep(0.02)
+
+    supervisor = Supervisor(server, on_event=lambda m, what: report.events.append((time.monotonic() - begin, what)))
+    watcher = threading.Thread(target=watch, daemon=True)
+    with supervisor:
+        watcher.start()
+        next_sample, i = time.monotonic(), 0
+        while time.monotonic() < stop:
+            now = time.monotonic()
+            if now >= next_sample:
+                report.rss_mb.append(process_tree_rss_mb(server.process.pid))
+                next_sample += 5
+            if kill_at is not None and report.killed_at is None and now - begin >= kill_at:
+                [victim] = [stub for stub in stubs(server.process.pid) if stub.model == model][:1]
+                os.kill(victim.pid, signal.SIGKILL)
+                report.killed_at = time.monotonic() - begin
+            if slots.acquire(timeout=0.5):
+                text = prompts[i % len(prompts)]
+                sent = time.monotonic()
+                callback = lambda result, error, text=text, sent=sent: done(text, sent, result, error)  # noqa: E731 - bound per request
+                client.async_infer(model, request(text), callback=callback, client_timeout=120)
+                report.sent, i = report.sent + 1, i + 1
+        for _ in range(concurrency):  # wait for the last requests in flight
+            slots.acquire(timeout=150)
+        watcher.join(timeout=5)
     report.rss_mb.append(process_tree_rss_mb(server.process.pid))
     client.close()
     return report
 
 
 def write(report: SoakReport, path: Path) -> None:
-    path.write_text(json.dumps({**asdict(report), "errors": report.errors[:20], "passed": report.passed}, indent=1))
+    body = {**asdict(report), "latency_ms": None, "passed": report.passed, "unanswered": report.unanswered}
+    body.update(p50_ms=report.percentile(0.5), p99_ms=report.percentile(0.99))
+    path.write_text(json.dumps(body, indent=1))

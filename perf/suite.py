@@ -269,8 +269,9 @@ TARGETS = (
 )
 
 
-def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64) -> Path:
-    """Soak the python variant of the DistilBERT stand-in; results/<timestamp>/soak.json."""
+def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64, kill_at: float | None = None) -> Path:
+    """Soak the python variant of the DistilBERT stand-in (default queue policy), supervised, optionally killing
+    its process ``kill_at`` seconds in; results/<timestamp>/soak.json."""
     from tritonhf.perf.soak import soak, write
 
     results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S-soak")
@@ -281,7 +282,7 @@ def run_soak(options: SuiteOptions, seconds: float, concurrency: int = 64) -> Pa
         BuildOptions(output=options.workdir / "soak_repository", variants=(PYTHON.name,), device=options.device),
     )
     with TritonServer(repository, log_path=results / "tritonserver.log") as server:
-        report = soak(server, CLASSIFIER, json.loads(PROMPTS.read_text())["prompts"], concurrency, seconds)
+        report = soak(server, CLASSIFIER, json.loads(PROMPTS.read_text())["prompts"], concurrency, seconds, kill_at)
     write(report, results / "soak.json")
     print(report.summary())
     if not report.passed:

@@ -11,11 +11,13 @@ import torch
 from tritonhf.backends.python_hf.batching import (
     Failure,
     RequestError,
+    attempt,
     collect,
     decode_rows,
     length_buckets,
     merge,
     run_batch,
+    run_tensor_batch,
     split,
 )
 from tritonhf.backends.python_hf.tasks import ConfigError, load_task
@@ -94,6 +96,22 @@ def test_run_batch_isolates_a_bad_request() -> None:
         [b"C", b"D", b"E"],
         [b"F"],
     ]
+
+
+def test_a_request_that_cannot_be_read_fails_alone() -> None:
+    """Reading a request (its tensors, its parameters) happens inside its own guard: the batch goes on."""
+
+    def unreadable() -> np.ndarray:
+        raise KeyError("parameters")
+
+    read = [attempt(lambda: prompt("a")), attempt(unreadable), attempt(lambda: prompt("b"))]
+    results = run_batch(echo, read)
+    assert results[1] == Failure("could not read the request: KeyError: 'parameters'")
+    assert [results[0]["text"][:, 0].tolist(), results[2]["text"][:, 0].tolist()] == [[b"A"], [b"B"]]
+    tensors = [{"x": np.ones((2, 3))}, attempt(unreadable), {"x": np.zeros((1, 3))}]
+    answered = run_tensor_batch(lambda batch: {"sum": batch["x"].sum(-1)}, tensors)
+    assert answered[0]["sum"].tolist() == [3.0, 3.0] and answered[2]["sum"].tolist() == [0.0]
+    assert answered[1] == Failure("could not read the request: KeyError: 'parameters'")
 
 
 def test_run_batch_turns_a_failed_forward_into_internal_errors() -> None:

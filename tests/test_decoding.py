@@ -207,6 +207,14 @@ def test_sampling_filters_narrow_to_greedy(model: TextGeneration) -> None:
         ), narrow
 
 
+def test_extreme_temperatures_sample_without_failing_the_batch(model: TextGeneration) -> None:
+    """1e-40 overflows unshifted logits to inf (NaN probabilities); it must act as greedy, its neighbours unharmed."""
+    greedy = model([PROMPTS[6]], [model.parse_options({"max_new_tokens": 10})])["text"][0, 0]
+    options = [{"do_sample": True, "temperature": t, "max_new_tokens": 10, "seed": 1} for t in (1e-40, 1e30, 1.0)]
+    out = model([PROMPTS[6]] * 3, [model.parse_options(o) for o in options])["text"][:, 0]
+    assert out[0] == greedy and all(isinstance(text, bytes) for text in out)
+
+
 # --- continuous batching -------------------------------------------------------------------
 
 
@@ -348,4 +356,4 @@ def test_requests_after_close_get_an_error(model: TextGeneration) -> None:
         pass
     late = Recorder()
     scheduler.submit(model.sequence(PROMPTS[0], model.defaults, late))
-    assert late.done.is_set() and late.error == ("the model is unloading", "internal")
+    assert late.done.is_set() and late.error == ("the model is unloading", "unavailable")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -113,3 +114,9 @@ def test_the_docker_build_context_installs_and_runs(tmp_path: Path) -> None:
     )
     assert imported.returncode == 0, imported.stderr
     assert all(Path(path).is_relative_to(target) for path in imported.stdout.split()), imported.stdout
+
+
+def test_the_container_runs_the_supervisor() -> None:
+    """The image heals and drains as `tritonhf serve` does: it is the entry point, bound to every interface."""
+    [(_, command)] = instructions("CMD")
+    assert json.loads(command)[:2] == ["tritonhf", "serve"] and "0.0.0.0" in json.loads(command)

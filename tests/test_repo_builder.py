@@ -143,7 +143,14 @@ def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Pat
     build(plan([], [str(tiny[CLASSIFIER])], [], 16), dataclasses.replace(options, variants=("python",)))
     config = model_config.read(tmp_path / "repo" / CLASSIFIER / "config.pbtxt")
     assert config["max_batch_size"] == 64
-    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": "500"}
+    assert config["dynamic_batching"] == {
+        "max_queue_delay_microseconds": "500",
+        "default_queue_policy": {
+            "max_queue_size": 64,
+            "default_timeout_microseconds": "10000000",
+            "allow_timeout_override": True,  # timeout_action REJECT is the enum's 0: proto3 leaves it out
+        },
+    }
     assert config["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}]
     assert config["parameters"]["dtype"] == {"string_value": "float16"}
 

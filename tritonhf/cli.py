@@ -22,6 +22,20 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start tritonserver on a repository and wait for Ctrl-C")
     serve.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     serve.add_argument("--http-port", type=int, default=8000, help="gRPC and metrics take the next two ports")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; 0.0.0.0 opens the server to the network (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--max-restarts",
+        type=int,
+        default=5,
+        help="restarts of a crashed model within 10 minutes before it is left unloaded (default: %(default)s)",
+    )
     serve.set_defaults(run=run_serve)
 
     query = commands.add_parser("client", help="query a served model (same as client.py)")
@@ -76,7 +90,13 @@ def parser() -> argparse.ArgumentParser:
         const=600.0,
         default=None,
         metavar="SECONDS",
-        help="instead: a soak at concurrency 64 that checks every answer (default 600 s)",
+        help="instead: a soak that accounts for every request, supervised (default 600 s)",
+    )
+    perf.add_argument(
+        "--concurrency", type=int, default=64, help="the soak's requests in flight (default: %(default)s)"
+    )
+    perf.add_argument(
+        "--kill-at", type=float, default=None, metavar="SECONDS", help="the soak kills the model's process then"
     )
     perf.set_defaults(run=run_perf)
 
@@ -106,15 +126,15 @@ def run_perf(args: argparse.Namespace) -> None:
         mixed_models=args.mixed_models,
     )
     if args.soak:
-        suite.run_soak(options, args.soak)
+        suite.run_soak(options, args.soak, args.concurrency, args.kill_at)
     else:
         suite.run(options)
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from tritonhf.server import serve
+    from tritonhf.supervisor import serve
 
-    serve(args.model_repository, args.http_port, args.http_port + 1, args.http_port + 2)
+    serve(args.model_repository, args.http_port, args.host, args.grace, args.max_restarts)
 
 
 def run_standins(args: argparse.Namespace) -> None:

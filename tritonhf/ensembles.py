@@ -76,7 +76,7 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
     outputs = model_config.tensors(
         [TensorSpec(renamed, t.dtype, t.dims) for t, renamed in zip(spec.outputs, exporter.output_names(spec))], sizes
     )
-    placement = {"instances": options.instances, "device": options.device}
+    placement = {"instances": options.instances, "device": options.device, "queue": options.queue}
     if runtime == "native":
         accelerator = (
             options.onnx_accelerator if options.device == "gpu" and exporter.backend == "onnxruntime" else "none"
@@ -105,6 +105,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
     answers = model_config.tensors(task.outputs())
     tokenize_step, _, postprocess_step = VARIANTS[model.exports[0].label].pipeline(model.name)  # shared by the exports
     batching = {"max_batch_size": options.max_batch_size}
+    queue = {"queue": options.queue}
     tokenizer_parameters = {"step": "tokenize", "huggingface_model": LOCAL_WEIGHTS, "max_tokens": str(task.max_tokens)}
     head = task.head.parameters() if spec.postprocess == "classify" else {}
     tokenize_config = model_config.python_model(
@@ -114,6 +115,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
         tokenizer_parameters,
         queue_delay_us=options.max_queue_delay_us,
         **batching,
+        **queue,
     )
     version = write_model(root, tokenize_config)
     AutoTokenizer.from_pretrained(model.source).save_pretrained(version / LOCAL_WEIGHTS)
@@ -127,6 +129,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
             {"step": spec.postprocess, **head},
             queue_delay_us=0,
             **batching,
+            **queue,
         ),
     )
     for made in model.exports:

@@ -10,6 +10,7 @@ here, not in the server.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,28 @@ from tritonclient.grpc import model_config_pb2
 from tritonhf.backends.python_hf.tensors import TensorSpec
 
 Config = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """A batched model's bounded queue (Triton's ``default_queue_policy``).
+
+    Beyond ``max_size`` waiting requests a new one is refused at once, and a request
+    that waited ``timeout_us`` is refused then (REJECT); both answer UNAVAILABLE, so a
+    client or a load balancer can retry elsewhere instead of queueing without end.
+    A client may ask for its own timeout (``allow_timeout_override``). 0 switches a bound off.
+    """
+
+    max_size: int = 64
+    timeout_us: int = 10_000_000
+
+    def config(self) -> Config:
+        return {
+            "max_queue_size": self.max_size,
+            "default_timeout_microseconds": self.timeout_us,
+            "allow_timeout_override": True,
+            "timeout_action": "REJECT",
+        }
 
 
 def tensors(specs: Sequence[TensorSpec], sizes: Mapping[str, int] | None = None) -> list[Config]:
@@ -40,6 +63,13 @@ def string_parameters(parameters: Mapping[str, str]) -> Config:
     return {key: {"string_value": value} for key, value in parameters.items()}
 
 
+def dynamic_batching(queue_delay_us: int, queue: QueuePolicy | None) -> Config:
+    batching: Config = {"max_queue_delay_microseconds": queue_delay_us}
+    if queue is not None:
+        batching["default_queue_policy"] = queue.config()
+    return batching
+
+
 def python_model(
     name: str,
     inputs: list[Config],
@@ -48,11 +78,12 @@ def python_model(
     *,
     max_batch_size: int,
     queue_delay_us: int | None = None,
+    queue: QueuePolicy | None = None,
     instances: int = 1,
     device: str = "cpu",
     decoupled: bool = False,
 ) -> Config:
-    """A model run by the generic Python model; ``queue_delay_us`` None: no dynamic batching."""
+    """A model run by the generic Python model; ``queue_delay_us`` None: no dynamic batching (nor its queue)."""
     config: Config = {
         "name": name,
         "backend": "python",
@@ -63,7 +94,7 @@ def python_model(
         "parameters": string_parameters(parameters),
     }
     if queue_delay_us is not None:
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": queue_delay_us}
+        config["dynamic_batching"] = dynamic_batching(queue_delay_us, queue)
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
     return config
@@ -79,6 +110,7 @@ def native_model(
     instances: int,
     device: str,
     accelerator: str = "none",
+    queue: QueuePolicy | None = None,
 ) -> Config:
     """A network run by one of Triton's own backends (onnxruntime, libtorch), dynamically batched at once."""
     config: Config = {
@@ -87,7 +119,7 @@ def native_model(
         "max_batch_size": max_batch_size,
         "input": inputs,
         "output": outputs,
-        "dynamic_batching": {},
+        "dynamic_batching": dynamic_batching(0, queue),
         "instance_group": instance_group(instances, device),
     }
     if accelerator != "none":

@@ -55,6 +55,7 @@ class BuildOptions:
     runtime: str = "auto"  # for the exported networks: native, python, or auto (native if the server has the backend)
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
     limits: Limits = field(default_factory=Limits)  # streaming models: the running batch's bounds and admission
+    queue: model_config.QueuePolicy = field(default_factory=model_config.QueuePolicy)  # every batched model
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> model_
         parameters,
         max_batch_size=options.max_batch_size if generic.batched else 0,
         queue_delay_us=options.max_queue_delay_us if generic.batched else None,
+        queue=options.queue,
         instances=options.instances,
         device=options.device,
         decoupled=generic.decoupled,
@@ -256,6 +258,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_queue_delay_us,
         help="how long the dynamic batcher may wait to fill a batch (default: %(default)s)",
     )
+    add(
+        "--max-queue-size",
+        type=int,
+        default=defaults.queue.max_size,
+        help="batched models: requests that may wait; more are refused at once with UNAVAILABLE; 0: unbounded"
+        " (default: %(default)s)",
+    )
+    add(
+        "--queue-timeout-ms",
+        type=int,
+        default=defaults.queue.timeout_us // 1000,
+        help="batched models: a request waiting longer is refused with UNAVAILABLE (a client may ask for its own"
+        " timeout); 0: none (default: %(default)s)",
+    )
     add("--instances", type=int, default=defaults.instances, help="model instances (default: %(default)s)")
     add("--device", choices=("cpu", "gpu"), default=defaults.device, help="instance_group kind (default: %(default)s)")
     add(
@@ -297,6 +313,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (default: %(default)s)",
     )
     add(
+        "--gen-max-waiting",
+        type=int,
+        default=limits.max_waiting_sequences,
+        help="streaming models: requests that may wait for a slot; more are refused at once with UNAVAILABLE"
+        " (default: %(default)s)",
+    )
+    add(
         "--onnx-accelerator",
         choices=("none", "tensorrt"),
         default=defaults.onnx_accelerator,
@@ -305,18 +328,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> BuildOptions:
-    if min(args.max_batch_size, args.instances) < 1 or args.max_queue_delay_us < 0:
-        raise TritonHFError("--max-batch-size and --instances must be >= 1, --max-queue-delay-us >= 0")
+    if min(args.max_batch_size, args.instances) < 1 or min(args.max_queue_delay_us, args.max_queue_size) < 0:
+        raise TritonHFError(
+            "--max-batch-size and --instances must be >= 1; --max-queue-delay-us, --max-queue-size >= 0"
+        )
+    if args.queue_timeout_ms < 0:
+        raise TritonHFError("--queue-timeout-ms must be >= 0")
     limits = dataclasses.replace(
         Limits(),
         max_running_sequences=args.gen_max_running,
         max_running_tokens=args.gen_max_running_tokens,
         max_waiting_steps=args.gen_max_waiting_steps,
+        max_waiting_sequences=args.gen_max_waiting,
     )
     try:
         limits.check()
     except ValueError as err:
-        raise TritonHFError(f"--gen-max-running, --gen-max-running-tokens, --gen-max-waiting-steps: {err}") from None
+        raise TritonHFError(f"--gen-max-running, --gen-max-running-tokens, --gen-max-waiting(-steps): {err}") from None
     return BuildOptions(
         output=args.output,
         max_batch_size=args.max_batch_size,
@@ -328,6 +356,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         runtime=args.runtime,
         onnx_accelerator=args.onnx_accelerator,
         limits=limits,
+        queue=model_config.QueuePolicy(args.max_queue_size, args.queue_timeout_ms * 1000),
     )
 
 

@@ -55,7 +55,12 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
         target.rename(old)
-    new.rename(target)
+    try:
+        new.rename(target)
+    except OSError:
+        if old.exists():  # the swap failed half-way: the previous repository goes back in place
+            old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

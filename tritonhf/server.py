@@ -10,9 +10,11 @@ so every start here has a timeout and shows the server log when it fires.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -102,8 +104,18 @@ def model_errors(log: str) -> list[str]:
     return [line for line in lines if not any(text in line for text in HARMLESS)]
 
 
+CONTROL_HEADER = "tritonhf-control-key"  # the model repository API (load/unload) answers only with it
+
+
 class TritonServer:
-    """A running tritonserver, as a context manager; ports are free ones unless given."""
+    """A running tritonserver, as a context manager; ports are free ones unless given.
+
+    Models are under explicit control: every model of the repository is loaded at
+    start, and the repository API (load, unload, index) is restricted to holders of
+    a key made anew at every start (``control_key``): the supervisor (supervisor.py)
+    holds it, clients don't. The endpoints bind ``host`` (127.0.0.1 unless opened).
+    On stop, in-flight requests get ``grace`` seconds (Triton's exit timeout).
+    """
 
     def __init__(
         self,
@@ -113,26 +125,39 @@ class TritonServer:
         metrics_port: int | None = None,
         log_path: Path | None = None,
         extra_args: tuple[str, ...] = (),
+        host: str = "127.0.0.1",
+        grace: float = 30.0,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.host, self.grace = host, grace
+        self.control_key = secrets.token_urlsafe(24)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        if log_path is None:
+            descriptor, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(descriptor)  # the server's own handle is opened at start
+            log_path = Path(name)
+        self.log_path = log_path
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def local_host(self) -> str:
+        """Where this machine reaches the server: the bound address, or loopback when bound to all."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self.local_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self.local_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -145,6 +170,12 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
+            *(f"--{endpoint}-address={self.host}" for endpoint in ("http", "grpc", "metrics")),
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self.control_key}",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self.control_key}",
+            f"--exit-timeout-secs={max(1, round(self.grace))}",
             *([f"--backend-directory={install.backend_dir}"] if install.backend_dir else []),
             *self.extra_args,
         ]
@@ -152,37 +183,66 @@ class TritonServer:
             self.process = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True
             )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C, SIGTERM or a timeout while loading: never leave a server behind
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.process.poll() is not None:
                 errors = "\n".join(model_errors(self.log())) or self.log()[-4000:]
-                self.process = None
                 raise TritonHFError(f"tritonserver exited while loading (log: {self.log_path}):\n{errors}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise TritonHFError(
                     f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path}):\n{self.log()[-4000:]}"
                 )
             time.sleep(0.25)
-        return self
 
-    def ready(self) -> bool:
+    def ready(self, model: str | None = None) -> bool:
+        """The server's readiness (every loaded model ready), or one model's: what Kubernetes probes."""
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM lets the server unload its models; its stub processes go with it."""
+    def control(self, action: str, model: str | None = None) -> bytes:
+        """The model repository API, with the key: ``load`` / ``unload`` a model, or ``index`` the repository.
+
+        Returns the body; TritonHFError with Triton's message if it refuses.
+        """
+        path = f"/v2/repository/models/{model}/{action}" if model else f"/v2/repository/{action}"
+        request = urllib.request.Request(
+            f"http://{self.http_url}{path}", data=b"{}", method="POST", headers={CONTROL_HEADER: self.control_key}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=max(self.grace, 600)) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            raise TritonHFError(f"{action} {model or ''}: {err.read().decode(errors='replace')}") from None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM lets the server drain and unload its models; then nothing of its process group may live on.
+
+        The server leads its own session (its stub processes share its process group), so a
+        stub it could not stop is killed with the group, and a server past ``timeout`` too
+        (default: the grace period, plus time to unload the models).
+        """
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
+        timeout = self.grace + 30 if timeout is None else timeout
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # past the grace period: killed below
             self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        self.process.wait()
         self.process = None
 
     def __enter__(self) -> TritonServer:
@@ -190,25 +250,3 @@ class TritonServer:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
-
-
-def interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def serve(repository: Path, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002) -> None:
-    """``tritonhf serve``: start, print the endpoints, and stop cleanly on Ctrl-C or SIGTERM."""
-    server = TritonServer(repository, http_port, grpc_port, metrics_port)
-    signal.signal(signal.SIGTERM, interrupt)
-    print(f"starting tritonserver on {server.repository} (log: {server.log_path})", flush=True)
-    with server:
-        print(
-            f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}  (Ctrl-C stops)",
-            flush=True,
-        )
-        try:
-            while server.process is not None and server.process.poll() is None:
-                time.sleep(0.5)
-            raise TritonHFError(f"tritonserver exited (log: {server.log_path}):\n{server.log()[-4000:]}")
-        except KeyboardInterrupt:
-            print("stopping tritonserver", flush=True)

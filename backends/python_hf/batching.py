@@ -20,11 +20,12 @@ import logging
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 Outputs = dict[str, np.ndarray]
 BatchFn = Callable[[list[str]], Mapping[str, np.ndarray]]  # texts -> arrays, one row per text
 TensorFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]  # arrays -> arrays, row for row
@@ -78,14 +79,23 @@ def decode_rows(prompt: np.ndarray | None) -> list[str]:
     return texts
 
 
+def attempt(read: Callable[[], T]) -> T | Failure:
+    """One request's read (its tensors, its parameters), or the Failure that answers it: a request that
+    can't even be read fails alone, as INVALID_ARG, and never sinks its batch."""
+    try:
+        return read()
+    except Exception as err:  # noqa: BLE001 - whatever a malformed request makes the reader raise
+        return Failure(f"could not read the request: {type(err).__name__}: {err}".splitlines()[0])
+
+
 def collect(
-    prompts: Sequence[np.ndarray | None],
+    prompts: Sequence[np.ndarray | Failure | None],
     options: Sequence[Any] | None = None,
     parse: Callable[[Any], Any] | None = None,
 ) -> Collected:
     """Decode and validate every request, and its options if the step takes any.
 
-    A bad request becomes a Failure at its index.
+    A bad request becomes a Failure at its index; so does one that could not be read (a Failure already).
     """
     texts: list[str] = []
     counts: list[int] = []
@@ -93,6 +103,8 @@ def collect(
     parsed: list[Any] = []
     for index, prompt in enumerate(prompts):
         try:
+            if isinstance(prompt, Failure):
+                raise RequestError(prompt.message)
             rows = decode_rows(prompt)
             if parse:
                 parsed.extend([parse(options[index] if options else {})] * len(rows))
@@ -167,7 +179,7 @@ def guarded(compute: Callable[[], list[Outputs]], requests: int, log_error: Call
 
 def run_batch(
     forward: BatchFn,
-    prompts: Sequence[np.ndarray | None],
+    prompts: Sequence[np.ndarray | Failure | None],
     log_error: Callable[[str], None] = logger.error,
     options: Sequence[Any] | None = None,
 ) -> list[Result]:
@@ -193,17 +205,24 @@ def run_batch(
 
 
 def run_tensor_batch(
-    forward: TensorFn, requests: Sequence[Mapping[str, np.ndarray]], log_error: Callable[[str], None] = logger.error
+    forward: TensorFn,
+    requests: Sequence[Mapping[str, np.ndarray] | Failure],
+    log_error: Callable[[str], None] = logger.error,
 ) -> list[Result]:
     """The same for tensor inputs (the ensembles' inner steps): concatenate rows, one forward, split.
 
     Triton's dynamic batcher only batches requests whose shapes match past the
     batch axis, so the rows concatenate; if they did not, the batch fails as a whole.
+    A request that could not be read keeps its Failure; the others run.
     """
-    counts = [len(next(iter(request.values()))) for request in requests]
-    names = list(requests[0])
+    readable = [request for request in requests if not isinstance(request, Failure)]
+    if not readable:
+        return list(requests)
+    counts = [len(next(iter(request.values()))) for request in readable]
+    names = list(readable[0])
 
     def compute() -> list[Outputs]:
-        return split(forward({name: np.concatenate([request[name] for request in requests]) for name in names}), counts)
+        return split(forward({name: np.concatenate([request[name] for request in readable]) for name in names}), counts)
 
-    return guarded(compute, len(requests), log_error)
+    answers = iter(guarded(compute, len(readable), log_error))
+    return [request if isinstance(request, Failure) else next(answers) for request in requests]

@@ -12,15 +12,17 @@ scheduler and streams its pieces through the request's response sender.
 """
 
 import json
+import traceback
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .batching import Failure, Result, run_batch, run_tensor_batch
+from .batching import Failure, Result, attempt, run_batch, run_tensor_batch
 from .steps import load_step
 
-ERRORS = {"invalid": "INVALID_ARG", "internal": "INTERNAL", "cancelled": "CANCELLED"}  # pb_utils.TritonError codes
+# pb_utils.TritonError codes by what went wrong
+ERRORS = {"invalid": "INVALID_ARG", "internal": "INTERNAL", "cancelled": "CANCELLED", "unavailable": "UNAVAILABLE"}
 SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -120,8 +122,9 @@ class TritonPythonModel:
             self.forward, self.context = load_step(
                 config, Path(args["model_repository"]) / args["model_version"], device
             )
-        except Exception as err:  # noqa: BLE001 - any load failure fails the model with its reason
-            raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from None
+        except Exception as err:  # any load failure fails the model with its reason (and is logged)
+            pb_utils.Logger.log_error(traceback.format_exc())  # the server log keeps the whole story
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from err
         self.text_input = "prompt" in self.context.input_names
         self.options = [name for name in self.context.input_names if name != "prompt"] if self.text_input else []
         # unbatched models (the baseline, streams): their tensors lack the batch axis
@@ -137,29 +140,34 @@ class TritonPythonModel:
             + (", streaming" if self.scheduler else "")
         )
 
+    def read_text(self, request: "pb_utils.InferenceRequest") -> tuple[np.ndarray | None, tuple[dict, dict]]:
+        """A request's prompt, as [rows, 1], and its options (request parameters, optional input tensors)."""
+        prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
+        prompt = None if prompt is None else prompt.as_numpy() if self.batched else prompt.as_numpy().reshape(-1, 1)
+        return prompt, request_options(request, self.options)
+
+    def read_tensors(self, request: "pb_utils.InferenceRequest") -> dict[str, np.ndarray]:
+        return {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.context.input_names}
+
     def execute(self, requests: list) -> list | None:
+        """Every request is read inside its own guard (batching.attempt): one that can't be read fails alone."""
         if self.scheduler:
             for request in requests:
-                prompt = pb_utils.get_input_tensor_by_name(request, "prompt")
-                self.scheduler.start(
-                    None if prompt is None else prompt.as_numpy(),
-                    request_options(request, self.options),
-                    ResponseStream(request),
-                )
+                stream = ResponseStream(request)
+                read = attempt(lambda request=request: self.read_text(request))
+                if isinstance(read, Failure):
+                    stream.fail(read.message, "invalid")
+                else:
+                    self.scheduler.start(*read, stream)
             return None
         if self.text_input:
-            prompts = [pb_utils.get_input_tensor_by_name(request, "prompt") for request in requests]
-            prompts = [
-                None if p is None else p.as_numpy() if self.batched else p.as_numpy().reshape(-1, 1) for p in prompts
-            ]
-            options = [request_options(request, self.options) for request in requests]
+            reads = [attempt(lambda request=request: self.read_text(request)) for request in requests]
+            prompts = [read if isinstance(read, Failure) else read[0] for read in reads]
+            options = [({}, {}) if isinstance(read, Failure) else read[1] for read in reads]
             results = run_batch(self.forward, prompts, pb_utils.Logger.log_error, options)
         else:
-            tensors = [
-                {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.context.input_names}
-                for request in requests
-            ]
-            results = run_tensor_batch(self.forward, tensors, pb_utils.Logger.log_error)
+            reads = [attempt(lambda request=request: self.read_tensors(request)) for request in requests]
+            results = run_tensor_batch(self.forward, reads, pb_utils.Logger.log_error)
         if not self.batched:
             results = [r if isinstance(r, Failure) else {name: array[0] for name, array in r.items()} for r in results]
         return [to_response(result) for result in results]

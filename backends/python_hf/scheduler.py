@@ -104,11 +104,15 @@ class Scheduler:
                 f" exceeds this model's max_running_tokens ({self.limits.max_running_tokens})"
             )
         with self.wake:
-            if not self.closing:
+            if self.closing:
+                refusal = "the model is unloading"
+            elif len(self.waiting) >= self.limits.max_waiting_sequences:
+                refusal = f"overloaded: {len(self.waiting)} requests already wait for a slot; try again later"
+            else:
                 self.waiting.append(row)
                 self.wake.notify()
                 return
-        self.fail(row, "the model is unloading", "internal")
+        self.fail(row, refusal, "unavailable")
 
     def close(self) -> None:
         """Stop after the current step; every request not yet answered gets an error."""
@@ -146,7 +150,7 @@ class Scheduler:
                 self.serve(new)
             self.report("occupancy", len(self.batch.rows), len(self.waiting))
         for row in self.batch.rows:
-            self.fail(row, "the model is unloading", "internal")
+            self.fail(row, "the model is unloading", "unavailable")
 
     def next_admissions(self) -> list[Sequence] | None:
         """Wait for work; the requests to admit now (None: closing, and everyone waiting has had its error)."""
@@ -159,7 +163,7 @@ class Scheduler:
                 leftover, candidates = None, self.admissible()
         if leftover is not None:
             for row in leftover:
-                self.fail(row, "the model is unloading", "internal")
+                self.fail(row, "the model is unloading", "unavailable")
             return None
         return [row for row in candidates if not self.cancelled(row)]  # outside the lock: it asks the server
 
@@ -213,8 +217,9 @@ class Scheduler:
             text, new_tokens = piece
             try:
                 row.stream.send(text, new_tokens, final=row.finish is not None)
-            except Exception as err:  # noqa: BLE001 - a client that went away
-                self.fail(row, f"could not send: {err}", "cancelled")
+            except Exception as err:  # noqa: BLE001 - this row fails; the others go on
+                if not self.cancelled(row):  # a client that went away is cancelled; anything else is our failure
+                    self.fail(row, f"could not send: {err}", "internal")
                 continue
             row.closed = row.finish is not None
             if row.responses == 1:

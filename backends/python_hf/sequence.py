@@ -127,7 +127,9 @@ class Sequence:
                 generator.manual_seed(self.params.seed)
             self.sampler = (warpers, generator)
         warpers, generator = self.sampler
-        scores = warpers(None, logits[None])  # these warpers never read the input ids
+        # Shifted so that the best token's logit is 0: dividing by any temperature > 0 then gives finite or -inf
+        # scores with one 0 among them, never NaN (1e-40 would overflow unshifted logits to inf, inf - inf = NaN).
+        scores = warpers(None, (logits - logits.max())[None])  # these warpers never read the input ids
         return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 

@@ -1,0 +1,260 @@
+"""Faults against a real tritonserver: a killed model process heals, overload is refused fast, the control
+plane is locked, shutdown drains. Tiny models, so that the faults, not the models, take the time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from tritonhf.backends.python_hf.parameters import Limits
+from tritonhf.model_config import QueuePolicy
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.server import TritonServer
+from tritonhf.supervisor import Supervisor, stubs
+
+from .conftest import CLASSIFIER, GEN_MAX_LEN
+from .helpers import PROMPTS, Streamed, alone, burst, bytes_input, metric, until
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+ENSEMBLE, NETWORK = f"{CLASSIFIER}_onnx", f"{CLASSIFIER}_onnx_model"
+HEAL_BOUND_S = 60  # a tiny model reloads in 2-7 s on 2 CPU cores; the bound leaves room for a loaded CI machine
+QUEUE = 4  # small, so that a burst overflows it
+
+
+@pytest.fixture(scope="module")
+def fault_repository(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    options = BuildOptions(
+        output=tmp_path_factory.mktemp("faults") / "repo",
+        variants=("python", "stream", "onnx"),
+        queue=QueuePolicy(max_size=QUEUE, timeout_us=30_000_000),
+        limits=Limits(max_waiting_sequences=64),
+    )
+    return build(plan([str(tiny["gpt2"])], [str(tiny[CLASSIFIER])], [], GEN_MAX_LEN), options)
+
+
+@pytest.fixture(scope="module")
+def supervised(fault_repository: Path) -> Iterator[tuple[TritonServer, Supervisor, list[tuple[str, str]]]]:
+    events: list[tuple[str, str]] = []
+    with (
+        TritonServer(fault_repository, grace=10) as server,
+        Supervisor(server, backoff=0.2, on_event=lambda model, what: events.append((model, what))) as supervisor,
+    ):
+        yield server, supervisor, events
+
+
+def in_group(group: int) -> list[int]:
+    """The live processes of a process group."""
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def kill(server: TritonServer, model: str) -> int:
+    [stub] = [stub for stub in stubs(server.process.pid) if stub.model == model]
+    os.kill(stub.pid, signal.SIGKILL)
+    return stub.pid
+
+
+class Load:
+    """Requests in a loop on threads of their own, each answer or error kept with its time; readiness sampled."""
+
+    def __init__(self, server: TritonServer, models: dict[str, tuple[str, str]], watch: str) -> None:
+        """``models``: model -> (prompt to send, output to keep)."""
+        self.server, self.stopping = server, threading.Event()
+        self.results: dict[str, list[tuple[float, object]]] = {model: [] for model in models}
+        self.readiness: list[tuple[float, bool, bool]] = []
+        self.threads = [threading.Thread(target=self.send, args=(m, *sent)) for m, sent in models.items()]
+        self.threads.append(threading.Thread(target=self.sample, args=(watch,)))
+        for thread in self.threads:
+            thread.start()
+
+    def send(self, model: str, prompt: str, output: str) -> None:
+        client = grpcclient.InferenceServerClient(self.server.grpc_url)
+        while not self.stopping.is_set():
+            try:
+                answer = client.infer(model, [bytes_input([prompt])], client_timeout=60)
+                self.results[model].append((time.monotonic(), answer.as_numpy(output).tolist()))
+            except InferenceServerException as err:
+                self.results[model].append((time.monotonic(), err))
+                time.sleep(0.01)
+        client.close()
+
+    def sample(self, model: str) -> None:
+        while not self.stopping.is_set():
+            state = (time.monotonic(), self.server.ready(model), self.server.ready())
+            if not self.readiness or self.readiness[-1][1:] != state[1:]:
+                self.readiness.append(state)
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def assert_heals(server: TritonServer, load: Load, model: str, killed_at: float, expected: object) -> None:
+    """Served correctly again within the bound; not ready in between; every failure said clearly why."""
+    until(
+        lambda: (
+            any(t > killed_at and r == expected for t, r in load.results[model][-3:])
+            and load.readiness[-1][1:] == (True, True)
+            and time.monotonic() - killed_at > 0.5
+        ),
+        timeout=HEAL_BOUND_S,
+        what=f"{model} to serve again",
+    )
+    load.stop()
+    assert any(not ready for _, ready, _ in load.readiness), "the model never answered not-ready while down"
+    assert any(not ready for _, _, ready in load.readiness), (
+        "the server never answered not-ready while a model was down"
+    )
+    after = [r for t, r in load.results[model] if t > killed_at]
+    errors = [r for r in after if isinstance(r, InferenceServerException)]
+    assert all(r == expected for r in after if not isinstance(r, InferenceServerException)), "a wrong answer"
+    clear = ("is not healthy", "has no available versions", "is not ready")
+    assert all(any(text in err.message() for text in clear) for err in errors), [e.message() for e in errors]
+
+
+def test_a_killed_model_heals_under_load(supervised: tuple) -> None:
+    server, _, events = supervised
+    expected = alone(server, CLASSIFIER, [PROMPTS[3]])["label"].tolist()
+    other = alone(server, "gpt2", [PROMPTS[1]])["text"].tolist()
+    load = Load(server, {CLASSIFIER: (PROMPTS[3], "label"), "gpt2": (PROMPTS[1], "text")}, watch=CLASSIFIER)
+    until(lambda: len(load.results[CLASSIFIER]) > 3, what="load to start")
+    killed_at = time.monotonic()
+    kill(server, CLASSIFIER)
+    assert_heals(server, load, CLASSIFIER, killed_at, expected)
+    assert [r for _, r in load.results["gpt2"]] == [other] * len(load.results["gpt2"]), "the other model noticed"
+    assert (CLASSIFIER, "died") in events and (CLASSIFIER, "serving") in events
+
+
+def test_an_ensemble_whose_network_died_comes_back(supervised: tuple) -> None:
+    server, _, events = supervised
+    expected = alone(server, ENSEMBLE, [PROMPTS[2]])["label"].tolist()
+    load = Load(server, {ENSEMBLE: (PROMPTS[2], "label")}, watch=ENSEMBLE)
+    until(lambda: len(load.results[ENSEMBLE]) > 3, what="load to start")
+    killed_at = time.monotonic()
+    kill(server, NETWORK)
+    assert_heals(server, load, ENSEMBLE, killed_at, expected)
+    assert (NETWORK, "serving") in events
+
+
+def test_a_crash_loop_backs_off_and_gives_up(supervised: tuple) -> None:
+    server, supervisor, events = supervised
+    supervisor.max_restarts = 1
+    try:
+        kill(server, "gpt2")
+        until(lambda: ("gpt2", "serving") in events, timeout=HEAL_BOUND_S, what="the first restart")
+        until(lambda: any(s.model == "gpt2" for s in stubs(server.process.pid)), what="the new process")
+        kill(server, "gpt2")
+        until(lambda: ("gpt2", "gave up") in events, timeout=HEAL_BOUND_S, what="the supervisor to give up")
+        time.sleep(1)
+        assert not server.ready("gpt2") and not any(s.model == "gpt2" for s in stubs(server.process.pid))
+    finally:
+        supervisor.max_restarts = 5
+        supervisor.health.pop("gpt2", None)
+        server.control("load", "gpt2")
+    assert server.ready("gpt2") and server.ready()
+
+
+def test_the_control_plane_needs_the_key(supervised: tuple) -> None:
+    server, _, _ = supervised
+    unload = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/gpt2/unload", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(unload, timeout=10)
+    assert refused.value.code == 403
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.unload_model("gpt2")
+    assert server.ready("gpt2"), "nothing was unloaded"
+    assert server.host == "127.0.0.1", "bound to loopback unless opened with --host"
+
+
+def test_overload_is_refused_at_once_and_only_that(supervised: tuple) -> None:
+    """A burst far over the queue bound: every request is answered correctly or refused UNAVAILABLE; none hangs."""
+    server, _, _ = supervised
+    expected = {p: alone(server, CLASSIFIER, [p])["label"].tolist() for p in PROMPTS}
+    rss = psutil.Process(server.process.pid).memory_info().rss
+    requests = [[bytes_input([PROMPTS[i % len(PROMPTS)]])] for i in range(256)]
+    started = time.monotonic()
+    results = burst(server, CLASSIFIER, requests)
+    assert time.monotonic() - started < 120
+    refused = [r for r in results if isinstance(r, InferenceServerException)]
+    answered = [(i, r) for i, r in enumerate(results) if not isinstance(r, InferenceServerException)]
+    assert refused and answered, (len(refused), len(answered))
+    assert {(e.status(), "Exceeds maximum queue size" in e.message()) for e in refused} == {
+        ("StatusCode.UNAVAILABLE", True)
+    }
+    assert all(r["label"].tolist() == expected[PROMPTS[i % len(PROMPTS)]] for i, r in answered)
+    assert psutil.Process(server.process.pid).memory_info().rss < rss + 200 * 2**20
+    assert server.ready()
+
+
+def test_sigterm_drains_in_flight_requests(fault_repository: Path) -> None:
+    """Requests and a stream in flight at SIGTERM: each gets its answer or a clear error; the server exits in time.
+
+    Triton 2.51 holds its exit while a client keeps a gRPC stream open after its final answer, up to the
+    grace period; so the stream's client closes its stream once answered, as a client does.
+    """
+    server = TritonServer(fault_repository, grace=20).start()
+    answers: list = []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    for prompt in PROMPTS[:8]:
+        client.async_infer(
+            "gpt2", [bytes_input([prompt])], callback=lambda result, error: answers.append(error or result)
+        )
+    stream = Streamed(server, "gpt2_stream", PROMPTS[0], {"max_new_tokens": 200, "min_new_tokens": 200})
+    until(lambda: stream.pieces, what="the stream to start")
+    group = server.process.pid  # the server leads its process group; its model processes share it
+    stopping = threading.Thread(target=server.stop)
+    started = time.monotonic()
+    stopping.start()
+    stream.wait()
+    until(lambda: len(answers) == 8, timeout=60, what="every request to be answered")
+    stopping.join(timeout=server.grace + 60)
+    assert not stopping.is_alive() and time.monotonic() - started < server.grace + 30
+    assert stream.error is None and stream.tokens == 200, "the stream in flight was finished, not cut"
+    for answer in answers:
+        assert isinstance(answer, InferenceServerException) or answer.as_numpy("text") is not None
+        if isinstance(answer, InferenceServerException):  # refused by the bounded queue, or by the stopping server
+            assert answer.status() == "StatusCode.UNAVAILABLE", answer.message()
+    assert not in_group(group), "a server or model process outlived the stop"
+
+
+def test_48_cancelled_streams_free_their_slots(server: TritonServer) -> None:
+    streams = [
+        Streamed(server, "gpt2_stream", PROMPTS[i % 16], {"max_new_tokens": 60, "min_new_tokens": 60})
+        for i in range(48)
+    ]
+    until(lambda: sum(bool(s.pieces) for s in streams) >= 16, timeout=120, what="streams to be answering")
+    for stream in streams:
+        stream.cancel()
+    until(
+        lambda: (
+            metric(server, "tritonhf_running_sequences", "gpt2_stream") == 0
+            and metric(server, "tritonhf_queued_sequences", "gpt2_stream") == 0
+        ),
+        timeout=120,
+        what="the gauges to drop to 0",
+    )
+    fresh = Streamed(server, "gpt2_stream", PROMPTS[4], {"max_new_tokens": 5, "return_full_text": False}).wait()
+    assert fresh.tokens == 5
+    [static] = burst(server, "gpt2", [[bytes_input([PROMPTS[4]])]], [{"max_new_tokens": 5, "return_full_text": False}])
+    assert fresh.text == static["text"][0, 0].decode()
+    assert server.ready()
