@@ -35,4 +35,5 @@ EXPOSE 8000 8001 8002
 # tritonhf serve runs the tritonserver on PATH under its supervisor: a model whose backend process dies is
 # reloaded, readiness is false meanwhile, SIGTERM drains. The container opens the ports to the network.
 STOPSIGNAL SIGTERM
-CMD ["tritonhf", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--grace", "30"]
+# --grace 25: drains within Kubernetes' default 30 s termination grace period (docker stop: use -t 30).
+CMD ["tritonhf", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--grace", "25"]

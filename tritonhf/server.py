@@ -141,6 +141,7 @@ class TritonServer:
         self.log_path = log_path
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
+        self.forced = False  # the last stop had to kill a server that would not exit in time
 
     @property
     def local_host(self) -> str:
@@ -211,7 +212,7 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def control(self, action: str, model: str | None = None) -> bytes:
+    def control(self, action: str, model: str | None = None, timeout: float = 600.0) -> bytes:
         """The model repository API, with the key: ``load`` / ``unload`` a model, or ``index`` the repository.
 
         Returns the body; TritonHFError with Triton's message if it refuses.
@@ -221,10 +222,12 @@ class TritonServer:
             f"http://{self.http_url}{path}", data=b"{}", method="POST", headers={CONTROL_HEADER: self.control_key}
         )
         try:
-            with urllib.request.urlopen(request, timeout=max(self.grace, 600)) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # a full-size load takes a while
                 return response.read()
         except urllib.error.HTTPError as err:
             raise TritonHFError(f"{action} {model or ''}: {err.read().decode(errors='replace')}") from None
+        except OSError as err:  # refused, reset, timed out: the server is going or gone
+            raise TritonHFError(f"{action} {model or ''}: {err}") from err
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM lets the server drain and unload its models; then nothing of its process group may live on.
@@ -238,12 +241,16 @@ class TritonServer:
         timeout = self.grace + 30 if timeout is None else timeout
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):  # past the grace period: killed below
-            self.process.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self.process = None
+        try:
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.forced = True  # past the grace period: killed below
+        finally:  # whatever interrupts the wait, nothing of the group lives on
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            self.process = None
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

@@ -16,7 +16,7 @@ status /proc still holds. When one dies, the supervisor
    use it (they went down with it), then readiness is true again;
 3. logs each step with the model's name and the cause (signal or exit code).
 
-A model that keeps dying backs off (1, 2, 4, ... s) and, after ``max_restarts``
+A model that keeps dying backs off (0, 1, 2, 4, ... s) and, after ``max_restarts``
 restarts within ``window`` seconds, is left unloaded with the reason in the log.
 """
 
@@ -123,18 +123,24 @@ class Supervisor:
         """Stop watching; then unload the models whose stub died, so that the server's shutdown need not wait
         its whole grace period on them (Triton waits for a dead stub until its exit timeout)."""
         self.stop()
-        for model in sorted({stub.model for stub in self.dead()}):
+        try:
+            dead = sorted({stub.model for stub in self.dead()})
+        except psutil.Error:  # the server itself is gone: serve() says so
+            return
+        for model in dead:
             try:
-                self.server.control("unload", model)
+                self.server.control("unload", model, timeout=self.server.grace)
             except TritonHFError as err:
                 logger.warning("model %s: unload before shutdown failed: %s", model, err)
 
     def stop(self) -> None:
         """Stop watching, and let a reload under way finish (a server stopped mid-load waits its whole grace)."""
         self.stopping.set()
-        for thread in [self.thread, *self.healers]:
-            if thread.is_alive():
-                thread.join(timeout=self.server.grace + 60)
+        deadline = time.monotonic() + self.server.grace + 60
+        if self.thread.is_alive():  # first the watch, so that no healer starts after the list below
+            self.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for healer in self.healers:
+            healer.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def run(self) -> None:
         while not self.stopping.wait(self.poll):
@@ -147,10 +153,10 @@ class Supervisor:
 
     def dead(self) -> list[Stub]:
         """The stubs that died since the last look (those of a model being healed are not watched)."""
-        if self.server.process is None:
+        if self.server.process is None or self.server.process.poll() is not None:
             return []
-        alive = {stub.pid: stub for stub in stubs(self.server.process.pid)}
-        with self.lock:
+        with self.lock:  # the snapshot too: a healer adds its new processes to ``known`` under this lock
+            alive = {stub.pid: stub for stub in stubs(self.server.process.pid)}
             healing = {model for model, health in self.health.items() if health.healing}
             dead = [stub for pid, stub in self.known.items() if pid not in alive and stub.model not in healing]
             self.known = {pid: stub for pid, stub in alive.items() if stub.model not in healing}
@@ -166,7 +172,7 @@ class Supervisor:
     def begin(self, model: str, cause: str) -> None:
         with self.lock:
             health = self.health.setdefault(model, Health())
-            if health.healing or health.given_up:
+            if health.healing or health.given_up or self.stopping.is_set():
                 return
             health.healing = True
         healer = threading.Thread(target=self.heal, args=(model, cause), name=f"tritonhf-heal-{model}", daemon=True)
@@ -174,7 +180,19 @@ class Supervisor:
         healer.start()
 
     def heal(self, model: str, cause: str) -> None:
-        """Unload at once (readiness false, requests refused), then load with back-off until it serves or we give up."""
+        """Unload at once (readiness false, requests refused), then load with back-off until it serves or we give up.
+
+        Whatever happens, the model ends up watched again or given up: never stuck half-way.
+        """
+        try:
+            self.restore(model, cause)
+        except Exception:  # logged with its traceback; the next death of this model starts over
+            logger.exception("model %s: healing failed", model)
+        finally:
+            with self.lock:
+                self.health[model].healing = False
+
+    def restore(self, model: str, cause: str) -> None:
         health, started = self.health[model], time.monotonic()
         self.report(model, "died", f"model {model}: {cause}; unloading it (not ready until it is back)", logging.ERROR)
         try:
@@ -184,8 +202,8 @@ class Supervisor:
         while not self.stopping.is_set():
             now = time.monotonic()
             health.restarts = [t for t in health.restarts if now - t < self.window] + [now]
-            if len(health.restarts) > self.max_restarts:
-                health.given_up, health.healing = True, False
+            if len(health.restarts) > self.max_restarts:  # failed reloads count too: a model that won't load gives up
+                health.given_up = True
                 message = (
                     f"model {model}: gave up after {self.max_restarts} restarts within {self.window:.0f} s;"
                     f" left unloaded (last cause: {cause})"
@@ -206,7 +224,6 @@ class Supervisor:
                 health.healing = False
             self.report(model, "serving", f"model {model}: serving again after {time.monotonic() - started:.1f} s")
             return
-        health.healing = False
 
     def report(self, model: str, what: str, message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
@@ -240,4 +257,6 @@ def serve(
                 time.sleep(0.5)
             raise TritonHFError(f"tritonserver exited (log: {server.log_path}):\n{server.log()[-4000:]}")
         except KeyboardInterrupt:
+            for number in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the stop short
+                signal.signal(number, signal.SIG_IGN)
             print(f"stopping: in-flight requests get up to {grace:.0f} s, new ones are refused", flush=True)
