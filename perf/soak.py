@@ -18,6 +18,7 @@ memory settled: the last third of the run grew less than 5% over the middle thir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import tritonclient.grpc as grpcclient
 
 from tritonhf.server import TritonServer
@@ -34,17 +36,12 @@ from tritonhf.server import TritonServer
 
 def process_tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (the server and its Python stubs)."""
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS")) / 1024
-            for task in Path(f"/proc/{current}/task").iterdir():
-                stack += [int(child) for child in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError, StopIteration):
-            continue
-    return total
+    root = psutil.Process(pid)
+    total = 0
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # gone between listing and reading
+            total += process.memory_info().rss
+    return total / 2**20
 
 
 RETRY_AFTER_S = 0.25  # a refused request's client waits this long before its next request

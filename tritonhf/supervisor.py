@@ -9,9 +9,11 @@ names its model and instance, and a stub that died stays a zombie, whose exit
 status /proc still holds. When one dies, the supervisor
 
 1. unloads the model through the repository API (instant, with the control
-   key): from then on ``/v2/models/<name>/ready`` and ``/v2/health/ready``
-   answer not-ready, and requests are refused at once (Triton: "has no
-   available versions", gRPC NOT_FOUND / HTTP 400) instead of failing inside;
+   key): from then on ``/v2/models/<name>/ready`` answers not-ready (and
+   ``/v2/health/ready`` while the model unloads and reloads: Triton's strict
+   readiness skips a model unloaded on purpose), and requests are refused at
+   once (Triton: "has no available versions", gRPC NOT_FOUND / HTTP 400)
+   instead of failing inside;
 2. loads it again: Triton restarts its stubs and brings back the ensembles that
    use it (they went down with it), then readiness is true again;
 3. logs each step with the model's name and the cause (signal or exit code).
