@@ -68,9 +68,11 @@ good = st.builds(
 )
 bad_values = {
     "max_new_tokens": st.one_of(
-        st.integers(max_value=0), st.integers(min_value=10**6, max_value=2**62), st.sampled_from(["", "five", "1e3"])
+        st.integers(min_value=-(2**63), max_value=0),
+        st.integers(min_value=10**6, max_value=2**62),
+        st.sampled_from(["", "five", "1e3"]),
     ),
-    "min_new_tokens": st.integers(max_value=-1),
+    "min_new_tokens": st.integers(min_value=-(2**63), max_value=-1),
     "temperature": st.one_of(
         st.floats(max_value=-1e-9, allow_nan=False), st.sampled_from([float("nan"), float("inf"), 0.0, "hot"])
     ),
@@ -78,7 +80,9 @@ bad_values = {
         st.floats(min_value=1.0001, allow_nan=False, allow_infinity=False), st.just(0.0), st.just(float("nan"))
     ),
     "top_k": st.one_of(
-        st.integers(max_value=-1), st.booleans(), st.floats(allow_nan=False).filter(lambda x: not x.is_integer())
+        st.integers(min_value=-(2**63), max_value=-1),
+        st.booleans(),
+        st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
     ),
     "seed": st.one_of(st.integers(min_value=1, max_value=2**63 - 1).map(lambda x: -x), st.sampled_from(["x", "1.5"])),
     "do_sample": st.one_of(st.integers(min_value=2, max_value=99), st.sampled_from(["yes", "on", "2"])),
@@ -109,8 +113,11 @@ def gpt2(tiny: dict[str, Path]) -> TextGeneration:
     return load_task(str(tiny["gpt2"]), "text-generation", max_length=str(GEN_MAX_LEN))
 
 
-@settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+@settings(  # derandomized: the same 30 cases on every CI run, so a failure is reproducible
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(batch=cases)
 def test_random_requests_fail_alone_and_never_internally(
