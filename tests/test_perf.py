@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tritonhf.perf.analyzer import PerfOptions, measure
+from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, measure
 from tritonhf.perf.generation import MIXED_TOKENS, measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
@@ -67,7 +67,7 @@ def test_a_real_measurement(server: TritonServer, tmp_path: Path, variant: str) 
         window_ms=1500,
         stability_percent=50,
     )
-    measured = measure(options, find_installation().env, relaxed_percent=100)  # figures agree, however noisy
+    measured = measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)  # plumbing, not stability
     side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
     assert measured["concurrency"] == 4 and measured["throughput_rps"] > 0
     assert 0 < measured["p50_ms"] <= measured["p95_ms"] <= measured["p99_ms"]
