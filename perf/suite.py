@@ -34,7 +34,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
-from tritonhf.variants import BASELINE, ONNX, ONNX_INT8, PYTHON, STREAM, VARIANTS, Variant
+from tritonhf.variants import BASELINE, FUSED, ONNX, ONNX_INT8, PYTHON, STREAM, VARIANTS, Variant
 
 PROMPTS = Path(__file__).with_name("prompts.json")
 GEN_TOKENS = 32
@@ -64,21 +64,30 @@ class Served:
     base: str  # the model's own name: the python variant's
     task: str
     variant: Variant
+    runtime: str = FUSED  # exported variants: how they are laid out (variants.RUNTIMES)
+    dtype: str = "float32"
 
     @property
     def network(self) -> str:
-        return self.variant.network(self.base)
+        return self.variant.network(self.base, self.runtime)
 
     @property
     def pipeline(self) -> list[str]:
-        return self.variant.pipeline(self.base)
+        return self.variant.pipeline(self.base, self.runtime)
 
 
 def served_models(repository: Path) -> list[Served]:
     """The repository's models, per model: the reference first, then in the registry's order."""
     manifest = read_manifest(repository)
     served = [
-        Served(name, Path(info["source"]).name, info["task"], VARIANTS[info["variant"]])
+        Served(
+            name,
+            Path(info["source"]).name,
+            info["task"],
+            VARIANTS[info["variant"]],
+            info.get("runtime", FUSED),
+            info.get("dtype", "float32"),
+        )
         for name, info in manifest.items()
     ]
     order = list(VARIANTS.values())

@@ -55,7 +55,9 @@ def entries(tiny: dict[str, Path]) -> list[ModelEntry]:
 
 @pytest.fixture(scope="session")
 def repository(entries: list[ModelEntry], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("repo") / "model_repository"))
+    """float32: the served answers are checked against in-process float32 references (reduced precision and its
+    gate: test_precision.py)."""
+    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("repo") / "model_repository", dtype="float32"))
 
 
 @pytest.fixture(scope="session")

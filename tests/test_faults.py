@@ -37,7 +37,8 @@ def fault_repository(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     options = BuildOptions(
         output=tmp_path_factory.mktemp("faults") / "repo",
         variants=("python", "stream", "onnx"),
-        runtime="python",  # the network in a Python-backend process of its own, to be killed
+        runtime="python-ensemble",  # the network in a Python-backend process of its own, to be killed
+        instances=1,  # that process is the model's only instance: killing it takes the model down
         queue=QueuePolicy(max_size=QUEUE, timeout_us=30_000_000),
         limits=Limits(max_waiting_sequences=64),
     )

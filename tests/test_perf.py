@@ -14,7 +14,7 @@ from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
 from tritonhf.perf.suite import PROMPTS, Served, data_file, ratio
 from tritonhf.server import TritonServer, find_installation
-from tritonhf.variants import VARIANTS
+from tritonhf.variants import FUSED, NATIVE, PYTHON_ENSEMBLE, VARIANTS
 
 from .conftest import CLASSIFIER
 
@@ -47,9 +47,12 @@ def test_pipeline_of_each_variant() -> None:
     assert Served(CLASSIFIER, CLASSIFIER, "text-classification", VARIANTS["python"]).pipeline == [CLASSIFIER]
     baseline = Served(f"{CLASSIFIER}_baseline", CLASSIFIER, "text-classification", VARIANTS["baseline"])
     assert baseline.pipeline == [f"{CLASSIFIER}_baseline"]
-    onnx = Served(f"{CLASSIFIER}_onnx", CLASSIFIER, "text-classification", VARIANTS["onnx"])
-    assert onnx.network == f"{CLASSIFIER}_onnx_model"
-    assert onnx.pipeline == [f"{CLASSIFIER}_tokenize", f"{CLASSIFIER}_onnx_model", f"{CLASSIFIER}_postprocess"]
+    fused = Served(f"{CLASSIFIER}_onnx", CLASSIFIER, "text-classification", VARIANTS["onnx"], runtime=FUSED)
+    assert fused.network == f"{CLASSIFIER}_onnx" and fused.pipeline == [f"{CLASSIFIER}_onnx"]
+    for runtime in (NATIVE, PYTHON_ENSEMBLE):
+        onnx = Served(f"{CLASSIFIER}_onnx", CLASSIFIER, "text-classification", VARIANTS["onnx"], runtime=runtime)
+        assert onnx.network == f"{CLASSIFIER}_onnx_model"
+        assert onnx.pipeline == [f"{CLASSIFIER}_tokenize", f"{CLASSIFIER}_onnx_model", f"{CLASSIFIER}_postprocess"]
 
 
 @pytest.mark.server

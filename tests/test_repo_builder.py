@@ -83,7 +83,8 @@ def test_name_clash_is_refused() -> None:
 def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
     manifest = read_manifest(repository)
     for entry in entries:
-        assert manifest[entry.name] == {"source": entry.source, "task": entry.task, "variant": "python"}
+        want = {"source": entry.source, "task": entry.task, "variant": "python", "dtype": "float32"}
+        assert manifest[entry.name] == want, "the session's repository is built in float32"
     others = {name: served["variant"] for name, served in manifest.items() if served["variant"] != "python"}
     streams = {f"{name}_stream": "stream" for name in ("gpt2", "opt-125m")}
     assert others == streams | {

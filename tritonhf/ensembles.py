@@ -1,9 +1,20 @@
-"""Exported variants as ensembles: ``<name>_tokenize`` -> ``<name>_<variant>_model`` -> ``<name>_postprocess``.
+"""Exported variants as served models: fused, or ensembles of three steps.
 
-Each ensemble ``<name>_<variant>`` has the Python model's external interface
-(``prompt`` -> ``label`` + ``score``, or ``embedding``). Every tensor name and
-shape below comes from the model's ExportSpec (backends/onnx_export/spec.py)
-and the task's outputs; nothing is typed twice.
+Each exported variant ``<name>_<variant>`` has the Python model's external
+interface (``prompt`` -> ``label`` + ``score``, or ``embedding``), laid out by
+the runtime (variants.RUNTIMES):
+
+- ``native`` (servers with Triton's onnxruntime / libtorch backends, the NGC
+  containers): the ensemble ``<name>_tokenize`` -> ``<name>_<variant>_model``
+  -> ``<name>_postprocess``, the network run by the native backend;
+- ``python`` (the pip-installed server, which has neither): one Python model
+  that tokenizes, runs the file and applies the head in one process and one
+  dynamic batch (backends/python_hf/runtimes.fused_step);
+- ``python-ensemble``: the ensemble with the network in the Python backend too,
+  kept to measure against the fused model (the perf suite's layout table).
+
+Every tensor name and shape below comes from the model's ExportSpec
+(backends/onnx_export/spec.py) and the task's outputs; nothing is typed twice.
 
 Batching: the tokenize step holds requests up to ``--max-queue-delay-us`` to
 form a batch and pads it to one shape (see backends/python_hf/text.py), so
@@ -23,12 +34,13 @@ from tqdm import tqdm
 
 from tritonhf import TritonHFError, cache_dir, model_config
 from tritonhf.backends.onnx_export.exporters import Export, export
+from tritonhf.backends.onnx_export.parity import Agreement
 from tritonhf.backends.onnx_export.spec import ExportError, ExportSpec, spec_for
 from tritonhf.backends.python_hf.steps import StepContext
 from tritonhf.backends.python_hf.tensors import PROMPT, TensorSpec
 from tritonhf.backends.python_hf.text import tokenize
 from tritonhf.repository import LOCAL_WEIGHTS, link_or_copy, write_model
-from tritonhf.variants import VARIANTS, Variant
+from tritonhf.variants import FUSED, VARIANTS, Variant
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,12 @@ class Exported:
     exports: list[Export]
 
 
-def export_model(name: str, source: str, task: Any, variants: Sequence[Variant]) -> Exported:
-    """Export (or reuse from the cache) each variant of one model; any failure names the variant."""
+def export_model(name: str, source: str, task: Any, variants: Sequence[Variant], dtype: str = "float32") -> Exported:
+    """Export (or reuse from the cache) each variant of one model; any failure names the variant.
+
+    ``dtype``: the build's precision for this model, taken by exporters that make reduced-precision files;
+    such a file passes the Agreement gate against the float32 model, not the Exact one.
+    """
     try:
         spec = spec_for(task.model.config, task.task)
     except ExportError as err:
@@ -57,11 +73,13 @@ def export_model(name: str, source: str, task: Any, variants: Sequence[Variant])
     for variant in tqdm(variants, desc=f"exporting {name}", unit="variant"):
         exporter = variant.exporter
 
-        def check(path: Path, label: str = variant.name, exporter: Any = exporter) -> list[dict]:
-            return exporter.gate(label, exporter.runner(path, spec), spec, task.model, task.max_tokens, tokens)
+        gate = exporter.gate if dtype == "float32" or not exporter.reduced else Agreement()
+
+        def check(path: Path, label: str = variant.name, exporter: Any = exporter, gate: Any = gate) -> list[dict]:
+            return gate(label, exporter.runner(path, spec), spec, task.model, task.max_tokens, tokens)
 
         try:
-            exports.append(export(source, spec, variant.name, exporter, check, cache_dir() / "exports"))
+            exports.append(export(source, spec, variant.name, exporter, check, cache_dir() / "exports", dtype))
         except ExportError as err:
             raise TritonHFError(f"{name}: {err}") from None
     return Exported(name, source, task, spec, exports)
@@ -71,7 +89,7 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
     """The network step: natively (NGC containers) or inside the Python backend (the pip-installed server)."""
     spec, exporter = model.spec, made.exporter
     sizes = spec.sizes(model.task.model.config)
-    name = VARIANTS[made.label].network(model.name)
+    name = VARIANTS[made.label].network(model.name, runtime)
     inputs = model_config.tensors(spec.inputs, sizes)
     outputs = model_config.tensors(
         [TensorSpec(renamed, t.dtype, t.dims) for t, renamed in zip(spec.outputs, exporter.output_names(spec))], sizes
@@ -88,6 +106,7 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
             outputs,
             max_batch_size=options.max_batch_size,
             accelerator=accelerator,
+            parameters=exporter.native_parameters,
             **placement,
         )
     parameters = {"step": exporter.step, "model_file": exporter.file}
@@ -96,14 +115,61 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
     )
 
 
+def write_exports(root: Path, model: Exported, runtime: str, options: Any) -> list[str]:
+    """Write one served model per export, laid out as ``runtime`` says; returns their names."""
+    return (write_fused if runtime == FUSED else write_ensembles)(root, model, runtime, options)
+
+
+def save_tokenizer(source: str, version: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(version / LOCAL_WEIGHTS)
+
+
+def write_fused(root: Path, model: Exported, runtime: str, options: Any) -> list[str]:
+    """One Python model per export: tokenize -> network -> head in one process (runtimes.fused_step)."""
+    spec, task = model.spec, model.task
+    head = task.head.parameters() if spec.postprocess == "classify" else {}
+    names = []
+    for made in model.exports:
+        name = VARIANTS[made.label].served_name(model.name)
+        parameters = {
+            "step": "fused",
+            "huggingface_model": LOCAL_WEIGHTS,
+            "max_tokens": str(task.max_tokens),
+            "network": made.exporter.step,
+            "model_file": made.exporter.file,
+            "network_inputs": ",".join(t.name for t in spec.inputs),
+            "network_outputs": ",".join(made.exporter.output_names(spec)),
+            "outputs_as": ",".join(t.name for t in spec.outputs),
+            "postprocess": spec.postprocess,
+            **head,
+        }
+        config = model_config.python_model(
+            name,
+            model_config.tensors([PROMPT]),
+            model_config.tensors(task.outputs()),
+            parameters,
+            max_batch_size=options.max_batch_size,
+            queue_delay_us=options.max_queue_delay_us,
+            queue=options.queue,
+            instances=options.instances,
+            device=options.device,
+        )
+        version = write_model(root, config)
+        save_tokenizer(model.source, version)
+        link_or_copy(str(made.path), str(version / made.exporter.file))
+        names.append(name)
+    return names
+
+
 def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> list[str]:
     """Write the shared steps and one network + ensemble per export; returns the ensembles' names."""
-    from transformers import AutoTokenizer
 
     spec, task = model.spec, model.task
     sizes = spec.sizes(task.model.config)
     answers = model_config.tensors(task.outputs())
-    tokenize_step, _, postprocess_step = VARIANTS[model.exports[0].label].pipeline(model.name)  # shared by the exports
+    tokenize_step, _, postprocess_step = VARIANTS[model.exports[0].label].pipeline(model.name, runtime)  # shared
     batching = {"max_batch_size": options.max_batch_size}
     queue = {"queue": options.queue}
     tokenizer_parameters = {"step": "tokenize", "huggingface_model": LOCAL_WEIGHTS, "max_tokens": str(task.max_tokens)}
@@ -117,8 +183,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
         **batching,
         **queue,
     )
-    version = write_model(root, tokenize_config)
-    AutoTokenizer.from_pretrained(model.source).save_pretrained(version / LOCAL_WEIGHTS)
+    save_tokenizer(model.source, write_model(root, tokenize_config))
     postprocess_inputs = model_config.tensors([spec.tensor(n) for n in spec.postprocess_inputs], sizes)
     write_model(
         root,

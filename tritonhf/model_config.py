@@ -111,6 +111,7 @@ def native_model(
     device: str,
     accelerator: str = "none",
     queue: QueuePolicy | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> Config:
     """A network run by one of Triton's own backends (onnxruntime, libtorch), dynamically batched at once."""
     config: Config = {
@@ -124,6 +125,8 @@ def native_model(
     }
     if accelerator != "none":
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [{"name": accelerator}]}}
+    if parameters:
+        config["parameters"] = string_parameters(parameters)
     return config
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tritonhf import TritonHFError, model_config
+from tritonhf import TritonHFError, model_config, precision
+from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_threads, default_instances
 from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.tensors import PROMPT
 from tritonhf.backends.python_hf.tutorial import OUTPUTS as TUTORIAL_OUTPUTS
@@ -32,8 +33,11 @@ from tritonhf.variants import (
     CLASSIFICATION,
     DEFAULT_VARIANTS,
     EMBEDDING,
+    FUSED,
     GENERATION,
+    NATIVE,
     PYTHON,
+    RUNTIMES,
     VARIANTS,
     Variant,
     by_names,
@@ -48,11 +52,11 @@ class BuildOptions:
     output: Path = Path("model_repository")
     max_batch_size: int = 32
     max_queue_delay_us: int = 2000
-    instances: int = 1
+    instances: int = 0  # per model; 0: hardware.default_instances (one single-threaded instance per CPU core)
     device: str = "cpu"
     dtype: str = "auto"
     variants: tuple[str, ...] = DEFAULT_VARIANTS
-    runtime: str = "auto"  # for the exported networks: native, python, or auto (native if the server has the backend)
+    runtime: str = "auto"  # exported variants: variants.RUNTIMES, or auto (native if the server has the backends)
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
     limits: Limits = field(default_factory=Limits)  # streaming models: the running batch's bounds and admission
     queue: model_config.QueuePolicy = field(default_factory=model_config.QueuePolicy)  # every batched model
@@ -100,19 +104,24 @@ def plan(
     return entries
 
 
-def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> model_config.Config:
+def triton_config(
+    entry: ModelEntry, task: Any, options: BuildOptions, verified: Sequence[str] = ()
+) -> model_config.Config:
     """The config.pbtxt of a model the generic model.py serves itself.
 
     Generation models also take their parameters as optional input tensors. The
     baseline has the tutorial's interface only. A stream is unbatched for Triton
     (one prompt a request, as Triton's generate endpoints send it) and
-    decoupled; its scheduler does the batching.
+    decoupled; its scheduler does the batching. The model picks its dtype where it
+    runs, among the ones the precision gate passed (precision.py); the baseline
+    is the tutorial's float32 pipeline.
     """
     generic = entry.variant.generic
+    precision = {"dtype": options.dtype, "verified_dtypes": ",".join(verified)} if generic.step == "hf" else {}
     parameters = {
         "huggingface_model": LOCAL_WEIGHTS if entry.local else entry.source,
         "task": entry.task,
-        "dtype": options.dtype,
+        **precision,
         **task.parameters(),
         **({"step": generic.step} if generic.step != "hf" else {}),
         **(options.limits.as_config() if generic.decoupled else {}),
@@ -127,7 +136,7 @@ def triton_config(entry: ModelEntry, task: Any, options: BuildOptions) -> model_
         max_batch_size=options.max_batch_size if generic.batched else 0,
         queue_delay_us=options.max_queue_delay_us if generic.batched else None,
         queue=options.queue,
-        instances=options.instances,
+        instances=1 if generic.tutorial_io else options.instances,  # the tutorial's model: one instance
         device=options.device,
         decoupled=generic.decoupled,
     )
@@ -163,26 +172,35 @@ def variants_for(entry: ModelEntry, variants: Sequence[Variant]) -> list[Variant
 
 
 def choose_runtime(requested: str, variants: Sequence[Variant]) -> str:
-    """native where the server has the native backend of every exported variant, else the Python backend."""
+    """native where the server has the native backend of every exported variant, else the fused Python model."""
     if requested != "auto":
         return requested
     from tritonhf.server import available_backends
 
-    return "native" if {v.exporter.backend for v in variants if v.exporter} <= available_backends() else "python"
+    return NATIVE if {v.exporter.backend for v in variants if v.exporter} <= available_backends() else FUSED
 
 
 def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     """Load and export everything, then write the whole repository; returns its path."""
-    from tritonhf.ensembles import export_model, parity_table, write_ensembles
+    from tritonhf.ensembles import export_model, parity_table, write_exports
 
     try:
         requested = by_names(options.variants)
     except ValueError as err:
         raise TritonHFError(str(err)) from None
+    if not options.instances:
+        options = dataclasses.replace(options, instances=default_instances(options.device))
     plans = [(entry, variants_for(entry, requested)) for entry in entries]
     tasks = load(entries, options.dtype)
+    in_torch = [  # served by PyTorch in the build's precision: eager, or a reduced-precision export
+        (entry.name, entry.source, task)
+        for (entry, variants), task in zip(plans, tasks)
+        if any((v.generic and v.generic.step == "hf") or (v.exporter and v.exporter.reduced) for v in variants)
+    ]
+    verdicts = precision.verify(in_torch, options.dtype, options.device)
+    verified = {name: [v.dtype for v in found if v.passed] for name, found in verdicts.items()}
     exported = [
-        export_model(entry.name, entry.source, task, exports)
+        export_model(entry.name, entry.source, task, exports, precision.export_dtype(options, verified[entry.name]))
         for (entry, variants), task in zip(plans, tasks)
         if (exports := [v for v in variants if v.exporter])
     ]
@@ -195,29 +213,49 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         for (entry, variants), task in zip(tqdm(plans, desc="writing models", unit="model"), tasks):
             for variant in [v for v in variants if v.generic]:
                 served = dataclasses.replace(entry, variant=variant)
-                write_model(staging, triton_config(served, task, options), entry.source if entry.local else None)
-                manifest[served.name] = {"source": entry.source, "task": entry.task, "variant": variant.name}
+                config = triton_config(served, task, options, verified.get(entry.name, ()))
+                write_model(staging, config, entry.source if entry.local else None)
+                manifest[served.name] = {
+                    "source": entry.source,
+                    "task": entry.task,
+                    "variant": variant.name,
+                    "dtype": precision.served_dtype(options.dtype, options.device, verified.get(entry.name, ()))
+                    if variant.generic.step == "hf"
+                    else "float32",
+                }
         for model in exported:
-            for made, name in zip(model.exports, write_ensembles(staging, model, runtime, options)):
+            for made, name in zip(model.exports, write_exports(staging, model, runtime, options)):
                 manifest[name] = {
                     "source": model.source,
                     "task": model.task.task,
                     "variant": made.label,
                     "runtime": runtime,
+                    "dtype": made.dtype,
                 }
         write_manifest(staging, manifest)
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if exported:
-        auto = (
-            " (auto: this server lacks their native backends)"
-            if options.runtime == "auto" and runtime == "python"
-            else ""
+        why = (
+            " (auto: this server lacks their native backends)" if options.runtime == "auto" and runtime == FUSED else ""
         )
-        print(f"exported networks run on the {runtime} runtime{auto}")
+        print(f"exported variants: runtime {runtime}{why}: {RUNTIMES[runtime]}")
         print(parity_table(exported))
+    print(precision.summary(verdicts, options.dtype, options.device))
+    print(layout(options))
     return target
+
+
+def layout(options: BuildOptions) -> str:
+    """The process layout, said once at the end of a build."""
+    if options.device == "gpu":
+        return f"layout: {options.instances} instance(s) per model on the GPU"
+    threads = cpu_threads("auto", options.instances)
+    return (
+        f"layout: {options.instances} instance(s) per model x {threads} compute thread(s) on this host's"
+        f" {cpu_count()} CPUs (the thread count is set where the model runs: its CPUs / its instances)"
+    )
 
 
 def model_list(value: str) -> list[str]:
@@ -272,12 +310,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="batched models: a request waiting longer is refused with UNAVAILABLE (a client may ask for its own"
         " timeout); 0: none (default: %(default)s)",
     )
-    add("--instances", type=int, default=defaults.instances, help="model instances (default: %(default)s)")
+    add(
+        "--instances",
+        type=int,
+        default=defaults.instances,
+        help="instances per model; 0: one single-threaded instance per CPU core of the build host (up to"
+        f" {MAX_CPU_INSTANCES}), one on a GPU (default: %(default)s)",
+    )
     add("--device", choices=("cpu", "gpu"), default=defaults.device, help="instance_group kind (default: %(default)s)")
     add(
         "--dtype",
         default=defaults.dtype,
-        help="auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16 (default: %(default)s)",
+        help="auto: chosen where the model runs, among the precisions that pass the build's parity gate"
+        " (bfloat16 on CPUs with native bf16, float16 on GPUs, else float32); or float32, float16, bfloat16"
+        " (default: %(default)s)",
     )
     add(
         "--variants",
@@ -285,12 +331,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.variants,
         help=f"{variants} (default: {','.join(DEFAULT_VARIANTS)})",
     )
+    runtimes = "; ".join(f"{name}: {what}" for name, what in RUNTIMES.items())
     add(
         "--runtime",
-        choices=("auto", "native", "python"),
+        choices=("auto", *RUNTIMES),
         default=defaults.runtime,
-        help="for exported networks: native onnxruntime/libtorch backends (NGC containers), the python backend,"
-        " or auto (default: %(default)s)",
+        help=f"exported variants: {runtimes}; auto: native where the server has the backends, else python"
+        " (default: %(default)s)",
     )
     add(
         "--gen-max-running",
@@ -328,10 +375,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> BuildOptions:
-    if min(args.max_batch_size, args.instances) < 1 or min(args.max_queue_delay_us, args.max_queue_size) < 0:
-        raise TritonHFError(
-            "--max-batch-size and --instances must be >= 1; --max-queue-delay-us, --max-queue-size >= 0"
-        )
+    if args.max_batch_size < 1 or min(args.instances, args.max_queue_delay_us, args.max_queue_size) < 0:
+        raise TritonHFError("--max-batch-size must be >= 1; --instances, --max-queue-delay-us, --max-queue-size >= 0")
     if args.queue_timeout_ms < 0:
         raise TritonHFError("--queue-timeout-ms must be >= 0")
     limits = dataclasses.replace(

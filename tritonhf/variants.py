@@ -25,6 +25,15 @@ from tritonhf.backends.onnx_export.parity import Agreement, Exact
 GENERATION, CLASSIFICATION, EMBEDDING = "text-generation", "text-classification", "feature-extraction"
 ENCODERS = (CLASSIFICATION, EMBEDDING)
 
+# How exported variants are served (tritonhf/ensembles.py); ``auto`` picks native where the server has the
+# native backends, else the fused model (measured faster than the Python-backend ensemble: perf report).
+NATIVE, FUSED, PYTHON_ENSEMBLE = "native", "python", "python-ensemble"
+RUNTIMES = {
+    NATIVE: "ensemble tokenize -> network -> postprocess, the network on Triton's onnxruntime/libtorch backend",
+    FUSED: "one Python-backend model: tokenize, network and head in one process and one batch",
+    PYTHON_ENSEMBLE: "the ensemble with every step in the Python backend (for comparison)",
+}
+
 
 @dataclass(frozen=True)
 class Generic:
@@ -67,21 +76,30 @@ class Variant:
     def served_name(self, base: str) -> str:
         return base + self.generic.suffix if self.generic else f"{base}_{self.name}"
 
-    def network(self, base: str) -> str:
+    def ensemble(self, runtime: str) -> bool:
+        """Served as tokenize -> network -> postprocess (else one model)."""
+        return self.exporter is not None and runtime != FUSED
+
+    def network(self, base: str, runtime: str = FUSED) -> str:
         """The Triton model that runs the network: its executed batch size is the one that matters."""
-        return f"{base}_{self.name}_model" if self.exporter else self.served_name(base)
+        return f"{base}_{self.name}_model" if self.ensemble(runtime) else self.served_name(base)
 
-    def pipeline(self, base: str) -> list[str]:
+    def pipeline(self, base: str, runtime: str = FUSED) -> list[str]:
         """The Triton models a request passes through, in order."""
-        return (
-            [f"{base}_tokenize", self.network(base), f"{base}_postprocess"] if self.exporter else [self.network(base)]
-        )
+        network = self.network(base, runtime)
+        return [f"{base}_tokenize", network, f"{base}_postprocess"] if self.ensemble(runtime) else [network]
 
 
-def onnx_file(make: Callable[..., Path], gate: Gate) -> Exporter:
+def onnx_file(make: Callable[..., Path], gate: Gate, precision: str = "float32") -> Exporter:
     """An ONNX file: Triton's onnxruntime backend runs it natively, ONNX Runtime inside the Python backend otherwise."""
     return Exporter(
-        make=make, file="model.onnx", platform="onnxruntime_onnx", backend="onnxruntime", step="onnxruntime", gate=gate
+        make=make,
+        file="model.onnx",
+        platform="onnxruntime_onnx",
+        backend="onnxruntime",
+        step="onnxruntime",
+        gate=gate,
+        precision=precision,
     )
 
 
@@ -109,11 +127,11 @@ ONNX_INT8 = Variant(
     "onnx-int8",
     "the same export, dynamically quantised to int8 by ONNX Runtime (CPU)",
     ENCODERS,
-    exporter=onnx_file(export_onnx_int8, Agreement()),
+    exporter=onnx_file(export_onnx_int8, Agreement(), "int8"),
 )
 TORCHSCRIPT = Variant(
     "torchscript",
-    "torch.jit.trace of the model",
+    "torch.jit.trace of the model in the build's precision, frozen and optimised for inference",
     ENCODERS,
     exporter=Exporter(
         make=export_torchscript,
@@ -122,6 +140,8 @@ TORCHSCRIPT = Variant(
         backend="pytorch",
         step="torch_jit",
         gate=Exact(),
+        reduced=True,
+        native_parameters={"DISABLE_OPTIMIZED_EXECUTION": "true"},
     ),
 )
 

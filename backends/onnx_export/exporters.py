@@ -6,9 +6,15 @@
   Runtime's graph optimiser at optimum's O2 level (fused attention, GELU and
   layer norm; exact fp32).
 - :func:`export_onnx_int8`: the un-optimised export, dynamically quantised by
-  ONNX Runtime's quantizer (int8 weights, activations quantised at run time; CPU).
+  ONNX Runtime's quantizer (int8 weights, activations quantised at run time; CPU),
+  with the preset for the build host's CPU (hardware.int8_target: VNNI or not).
 - :func:`export_torchscript`: ``torch.jit.trace`` of the model loaded with
-  ``torchscript=True``, on dummy inputs from the same declaration.
+  ``torchscript=True`` in the build's precision (bfloat16 where ``auto`` picks it
+  on the build host), on dummy inputs from the same declaration, then frozen and
+  optimised for inference. It runs with TorchScript's profiling executor off
+  (runtimes.torch_jit_step; ``DISABLE_OPTIMIZED_EXECUTION`` natively): the
+  profiling executor re-specialises the graph for every new input shape, which
+  made served throughput swing from window to window.
 
 Which exports exist is declared once, in the variant registry
 (tritonhf/variants.py): each names its ``make`` function here, the file, how
@@ -25,11 +31,12 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..python_hf.hardware import int8_target
 from ..python_hf.steps import StepContext, step_factory
 from .parity import Runner
 from .spec import ExportError, ExportSpec
@@ -42,10 +49,12 @@ OPSET = 18
 AUTO_MODELS = {"text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}
 
 
-def load_reference(source: str, task: str, torchscript: bool = False) -> PreTrainedModel:
+def load_reference(source: str, task: str, torchscript: bool = False, dtype: str = "float32") -> PreTrainedModel:
+    import torch
     import transformers
 
-    return getattr(transformers, AUTO_MODELS[task]).from_pretrained(source, torchscript=torchscript).eval()
+    auto = getattr(transformers, AUTO_MODELS[task])
+    return auto.from_pretrained(source, torchscript=torchscript, dtype=getattr(torch, dtype)).eval()
 
 
 def onnx_plain(source: str, spec: ExportSpec, workdir: Path) -> Path:
@@ -80,15 +89,16 @@ def export_onnx_int8(source: str, spec: ExportSpec, workdir: Path) -> Path:
 
     plain = onnx_plain(source, spec, workdir / "plain")
     quantizer = ORTQuantizer.from_pretrained(plain.parent, file_name=plain.name)
-    quantizer.quantize(AutoQuantizationConfig.avx2(is_static=False, per_channel=True), save_dir=workdir / "int8")
+    preset = getattr(AutoQuantizationConfig, int8_target())  # for the CPU it is built on (and cached by)
+    quantizer.quantize(preset(is_static=False, per_channel=True), save_dir=workdir / "int8")
     return workdir / "int8" / "model_quantized.onnx"
 
 
 TRACEABLE_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # optimum's order for the encoders
 
 
-def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
-    """Trace a wrapper that takes the declared inputs by name and returns only the declared outputs."""
+def export_torchscript(source: str, spec: ExportSpec, workdir: Path, dtype: str = "float32") -> Path:
+    """Trace a wrapper that takes the declared inputs by name and returns only the declared outputs; freeze it."""
     import torch
 
     names = [t.name for t in spec.inputs]
@@ -106,12 +116,12 @@ def export_torchscript(source: str, spec: ExportSpec, workdir: Path) -> Path:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             return tuple(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[: len(spec.outputs)])
 
-    model = load_reference(source, spec.task, torchscript=True)
+    model = load_reference(source, spec.task, torchscript=True, dtype=dtype)
     dummy = spec.dummy_inputs(2, 16, model.config.vocab_size)
     with torch.no_grad():
         traced = torch.jit.trace(Declared(model).eval(), tuple(torch.from_numpy(dummy[name]) for name in names))
     path = workdir / "model.pt"
-    traced.save(str(path))
+    torch.jit.optimize_for_inference(torch.jit.freeze(traced)).save(str(path))
     return path
 
 
@@ -133,6 +143,9 @@ class Exporter:
     backend: str  # the native backend's directory name under /opt/tritonserver/backends
     step: str  # the generic Python model's step (backends/python_hf/steps.py) that runs the same file
     gate: Gate
+    precision: str = "float32"  # of the network's weights and compute, for the build's summary and the perf report
+    reduced: bool = False  # made in the build's precision (make takes ``dtype``); gated by Agreement when reduced
+    native_parameters: dict[str, str] = field(default_factory=dict)  # the native backend's config parameters
 
     def output_names(self, spec: ExportSpec) -> list[str]:
         """libtorch names outputs by position (``logits__0``); ONNX by graph name."""
@@ -162,11 +175,19 @@ def files_digest(source: str) -> str:
     return json.dumps(entries)
 
 
-def cache_key(source: str, label: str, exporter: Exporter, spec: ExportSpec) -> str:
+def cache_key(source: str, label: str, exporter: Exporter, spec: ExportSpec, dtype: str) -> str:
     """Over the model's files, the variant's declaration, this module's code and the library versions."""
     libraries = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
     versions = {name: metadata.version(name) for name in libraries}
-    declared = [label, exporter.make.__qualname__, exporter.file, exporter.step, repr(exporter.gate)]
+    declared = [
+        label,
+        exporter.make.__qualname__,
+        exporter.file,
+        exporter.step,
+        repr(exporter.gate),
+        int8_target(),
+        dtype,
+    ]
     material = json.dumps([files_digest(source), declared, OPSET, asdict(spec), versions, Path(__file__).read_text()])
     return hashlib.sha256(material.encode()).hexdigest()[:20]
 
@@ -178,22 +199,34 @@ class Export:
     path: Path  # the exported file, named exporter.file
     parity: list[dict]  # one row per checked shape or probe set
     cached: bool
+    dtype: str = "float32"  # the file's precision
 
 
 def export(
-    source: str, spec: ExportSpec, label: str, exporter: Exporter, check: Callable[[Path], list[dict]], cache: Path
+    source: str,
+    spec: ExportSpec,
+    label: str,
+    exporter: Exporter,
+    check: Callable[[Path], list[dict]],
+    cache: Path,
+    dtype: str = "float32",
 ) -> Export:
-    """Export (or reuse from ``cache``) one variant, named ``label``; ``check`` gates it before it enters the cache."""
-    entry = cache / f"{Path(source.rstrip('/')).name}-{label}-{cache_key(source, label, exporter, spec)}"
+    """Export (or reuse from ``cache``) one variant, named ``label``; ``check`` gates it before it enters the cache.
+
+    ``dtype``: the build's precision, for exporters that make reduced-precision files (``reduced``).
+    """
+    dtype = dtype if exporter.reduced else exporter.precision
+    entry = cache / f"{Path(source.rstrip('/')).name}-{label}-{cache_key(source, label, exporter, spec, dtype)}"
     if (entry / "parity.json").exists():
-        return Export(
-            label, exporter, entry / exporter.file, json.loads((entry / "parity.json").read_text()), cached=True
-        )
+        parity = json.loads((entry / "parity.json").read_text())
+        return Export(label, exporter, entry / exporter.file, parity, cached=True, dtype=dtype)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         (Path(work) / "export").mkdir()
         try:
-            produced = exporter.make(source, spec, Path(work) / "export")
+            produced = exporter.make(
+                source, spec, Path(work) / "export", **({"dtype": dtype} if exporter.reduced else {})
+            )
         except ExportError:
             raise
         except Exception as err:
@@ -205,4 +238,4 @@ def export(
         (staged / "parity.json").write_text(json.dumps(parity, indent=1))
         shutil.rmtree(entry, ignore_errors=True)
         staged.rename(entry)
-    return Export(label, exporter, entry / exporter.file, parity, cached=False)
+    return Export(label, exporter, entry / exporter.file, parity, cached=False, dtype=dtype)

@@ -121,6 +121,9 @@ def collect(
     return Collected(texts, counts, failures, parsed)
 
 
+FORWARD_OVERHEAD_TOKENS = {"cpu": 35, "cuda": 4096}  # length_buckets' default per device; on a GPU: one forward
+
+
 def length_buckets(lengths: Sequence[int], overhead_tokens: float) -> list[list[int]]:
     """Rows grouped for padded forwards: the cheapest split of the length-sorted rows.
 

@@ -125,6 +125,8 @@ class TritonPythonModel:
         except Exception as err:  # any load failure fails the model with its reason (and is logged)
             pb_utils.Logger.log_error(traceback.format_exc())  # the server log keeps the whole story
             raise pb_utils.TritonModelException(f"{args['model_name']}: {type(err).__name__}: {err}") from err
+        if precision := getattr(self.forward, "precision", None):  # the models that choose one (hardware.py)
+            pb_utils.Logger.log_info(f"{args['model_name']} on {device} in {precision}")
         self.text_input = "prompt" in self.context.input_names
         self.options = [name for name in self.context.input_names if name != "prompt"] if self.text_input else []
         # unbatched models (the baseline, streams): their tensors lack the batch axis

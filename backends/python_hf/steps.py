@@ -12,11 +12,13 @@ in-process for its parity checks (backends/onnx_export/exporters.Exporter.runner
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import BatchFn, TensorFn
+from .hardware import cpu_threads
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ STEPS = {  # config parameter ``step`` -> (module of this directory, factory tak
     "tokenize": ("text", "tokenize"),
     "onnxruntime": ("runtimes", "onnxruntime_step"),
     "torch_jit": ("runtimes", "torch_jit_step"),
+    "fused": ("runtimes", "fused_step"),
     "classify": ("heads", "classify"),
     "pool": ("heads", "pool"),
 }
@@ -57,11 +60,19 @@ def step_factory(step: str) -> Callable[[StepContext], BatchFn | TensorFn]:
 def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tuple[BatchFn | TensorFn, StepContext]:
     """Build what a model's config says it does: the glue's ``initialize``, without Triton.
 
-    Parameters in upper case are Triton's own (EXECUTION_ENV_PATH) and are left out.
+    Parameters in upper case are Triton's own (EXECUTION_ENV_PATH) and are left out; an empty string
+    value is absent from a parsed config (proto3). On a CPU, the instance's compute threads are set
+    first (hardware.cpu_threads).
     """
     parameters = {
-        key: value["string_value"] for key, value in model_config.get("parameters", {}).items() if not key.isupper()
+        key: value.get("string_value", "")
+        for key, value in model_config.get("parameters", {}).items()
+        if not key.isupper()
     }
+    if device == "cpu":  # before torch or ONNX Runtime start their thread pools
+        instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
+        parameters["cpu_threads"] = str(cpu_threads(parameters.get("cpu_threads", "auto"), instances))
+        os.environ["OMP_NUM_THREADS"] = parameters["cpu_threads"]
     context = StepContext(
         parameters=parameters,
         model_dir=model_dir,

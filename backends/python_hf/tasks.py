@@ -42,7 +42,8 @@ from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.utils import cached_file
 
-from .batching import BatchFn, RequestError, length_buckets, merge
+from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, length_buckets, merge
+from .hardware import FLOAT32, Choice, choose
 from .heads import ClassificationHead, as_bytes, mean_pool
 from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, Limits, combine
 from .running_batch import generate_all
@@ -61,16 +62,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 UNBOUNDED = 1_000_000  # tokenizers without a length limit report ~1e30
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``auto`` is float16 on a GPU and float32 on the CPU (float16 matmuls are slow there)."""
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
+def resolve_dtype(name: str, device: str, verified_dtypes: str | None = None) -> Choice:
+    """The precision a model loads in (hardware.choose).
+
+    ``verified_dtypes``: the reduced precisions the builder's parity gate passed
+    for this model, comma-separated (a parameter of every built model's config).
+    None: an in-process caller that ran no gate gets what it names, and float32
+    for ``auto``.
+    """
+    if name != "auto" and name not in DTYPES:
         raise ConfigError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-FORWARD_OVERHEAD_TOKENS = {"cpu": 35, "cuda": 4096}  # see batching.length_buckets; on a GPU: one forward
+    if verified_dtypes is None:
+        return Choice(name, "requested") if name != "auto" else Choice(FLOAT32, "auto without a parity gate")
+    return choose(name, device, [d for d in verified_dtypes.split(",") if d])
 
 
 class HFTask:
@@ -92,13 +96,15 @@ class HFTask:
         model_id: str,
         device: str = "cpu",
         dtype: str = "auto",
+        verified_dtypes: str | None = None,
         forward_overhead_tokens: str | float | None = None,
     ) -> None:
         self.model_id = model_id
         self.device = torch.device(device)
         self.overhead_tokens = float(forward_overhead_tokens or FORWARD_OVERHEAD_TOKENS[self.device.type])
         self.tokenizer = load_tokenizer(model_id, self.padding_side)
-        self.model = self.auto_model.from_pretrained(model_id, dtype=resolve_dtype(dtype, device))
+        self.precision = resolve_dtype(dtype, device, verified_dtypes)
+        self.model = self.auto_model.from_pretrained(model_id, dtype=DTYPES[self.precision.dtype])
         self.model.to(self.device).eval()
         self.max_tokens = self.max_positions()
 
@@ -107,7 +113,7 @@ class HFTask:
         config = self.model.config
         limits = [self.tokenizer.model_max_length]
         limits += [getattr(config, key) for key in ("max_position_embeddings", "n_positions") if hasattr(config, key)]
-        limits = [int(limit) for limit in limits if limit and limit < UNBOUNDED]
+        limits = [int(limit) for limit in limits if limit and 0 < limit < UNBOUNDED]  # XLNet says -1: none
         if not limits:
             raise ConfigError(f"{self.model_id}: neither the tokenizer nor the config gives a maximum length")
         return min(limits)
@@ -156,8 +162,10 @@ class TextGeneration(HFTask):
         *Limits().as_config(),
     )
 
-    def __init__(self, model_id: str, device: str = "cpu", dtype: str = "auto", **config: str) -> None:
-        super().__init__(model_id, device, dtype)
+    def __init__(
+        self, model_id: str, device: str = "cpu", dtype: str = "auto", verified_dtypes: str | None = None, **config: str
+    ) -> None:
+        super().__init__(model_id, device, dtype, verified_dtypes)
         try:
             self.defaults = GenerationParams.from_config(config, self.max_tokens - 1)
         except RequestError as err:
@@ -284,7 +292,14 @@ class FeatureExtraction(HFTask):
 TASKS: dict[str, type[HFTask]] = {cls.task: cls for cls in (TextGeneration, TextClassification, FeatureExtraction)}
 
 
-def load_task(model_id: str, task: str, device: str = "cpu", dtype: str = "auto", **options: str) -> HFTask:
+def load_task(
+    model_id: str,
+    task: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    verified_dtypes: str | None = None,
+    **options: str,
+) -> HFTask:
     """Load a model for a task by name; options are the task's own (``max_length`` for generation)."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -293,10 +308,11 @@ def load_task(model_id: str, task: str, device: str = "cpu", dtype: str = "auto"
         raise ConfigError(
             f"{task} takes no option {', '.join(sorted(unknown))}; it takes: {', '.join(sorted(accepted)) or 'none'}"
         )
-    return TASKS[task](model_id, device=device, dtype=dtype, **options)
+    return TASKS[task](model_id, device=device, dtype=dtype, verified_dtypes=verified_dtypes, **options)
 
 
 def from_context(context: StepContext) -> BatchFn:
     """The generic model's default step: a whole Hugging Face model for its task, in PyTorch."""
-    options = {key: value for key, value in context.parameters.items() if key not in ("huggingface_model", "step")}
+    ignored = ("huggingface_model", "step", "cpu_threads")  # cpu_threads: applied by steps.load_step
+    options = {key: value for key, value in context.parameters.items() if key not in ignored}
     return load_task(context.source(), options.pop("task"), device=context.device, **options)
