@@ -19,7 +19,7 @@ from tritonhf.backends.python_hf.tasks import load_task
 from tritonhf.ensembles import export_model
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
-from tritonhf.variants import ONNX, VARIANTS, by_names
+from tritonhf.variants import ONNX, PYTHON_ENSEMBLE, VARIANTS, by_names
 
 from .conftest import CLASSIFIER, EMBEDDER
 from .helpers import PROMPTS, alone, burst, bytes_input, in_process, ok
@@ -69,11 +69,24 @@ def test_errors_pass_through_the_ensemble(server: TritonServer) -> None:
     assert_agree(CLASSIFIER, "onnx", alone(server, ensemble, [PROMPTS[4]]), alone(server, CLASSIFIER, [PROMPTS[4]]))
 
 
-def test_ensembles_in_process_equal_the_python_model(repository: Path) -> None:
-    """The ensembles' steps run in this process from their configs: same answers as the Python model, no server."""
+@pytest.fixture(scope="module")
+def python_ensemble(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    entries = plan([], [str(tiny[CLASSIFIER])], [], 16)
+    options = BuildOptions(output=tmp_path_factory.mktemp("ens") / "repo", runtime=PYTHON_ENSEMBLE, dtype="float32")
+    return build(entries, options)
+
+
+def test_both_python_layouts_in_process_equal_the_python_model(repository: Path, python_ensemble: Path) -> None:
+    """Fused (the session's repository, runtime auto on this server) and the three-step ensemble, run in this
+    process from their configs: same answers as the Python model, no server."""
     want = in_process(repository, CLASSIFIER)(PROMPTS)
     for variant in EXPORTED:
-        assert_agree(CLASSIFIER, variant, in_process(repository, f"{CLASSIFIER}_{variant}")(PROMPTS), want)
+        fused = model_config.read(repository / f"{CLASSIFIER}_{variant}" / "config.pbtxt")
+        assert fused["backend"] == "python" and fused["parameters"]["step"] == {"string_value": "fused"}
+        ensemble = model_config.read(python_ensemble / f"{CLASSIFIER}_{variant}" / "config.pbtxt")
+        assert ensemble["platform"] == "ensemble"
+        for root in (repository, python_ensemble):
+            assert_agree(CLASSIFIER, variant, in_process(root, f"{CLASSIFIER}_{variant}")(PROMPTS), want)
 
 
 # --- native configs against the exported files --------------------------------------------
@@ -162,9 +175,10 @@ def test_an_undeclared_architecture_fails_clearly(
     tmp_path: Path, tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "tiny-xlnet"
-    config = transformers.XLNetConfig(vocab_size=1000, d_model=32, n_layer=1, n_head=2, d_inner=64)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny[CLASSIFIER])
+    config = transformers.XLNetConfig(vocab_size=len(tokenizer), d_model=32, n_layer=1, n_head=2, d_inner=64)
     transformers.XLNetForSequenceClassification(config).save_pretrained(path)
-    transformers.AutoTokenizer.from_pretrained(tiny[CLASSIFIER]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     argv = ["build", "--gen-models", "", "--class-models", str(path), "--output", str(tmp_path / "repo")]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err

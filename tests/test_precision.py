@@ -1,0 +1,147 @@
+"""Precision, process layout and the int8 preset: what the hardware decides, and the build's parity gate.
+
+The hardware rules are tested on given CPU flags (any machine's answer is
+known); the build and the served model on this machine's own CPU, asserting
+whichever answer its flags call for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tritonhf import model_config, precision
+from tritonhf.backends.python_hf import hardware
+from tritonhf.backends.python_hf.hardware import Choice, choose, cpu_bf16, cpu_flags, int8_target
+from tritonhf.backends.python_hf.steps import load_step
+from tritonhf.backends.python_hf.tasks import load_task
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import read_manifest
+from tritonhf.server import TritonServer
+
+from .conftest import CLASSIFIER, GEN_MAX_LEN
+from .helpers import PROMPTS, alone
+
+SAPPHIRE_RAPIDS = {"avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni"}
+ZEN3 = {"avx2", "fma"}
+GRAVITON3 = {"asimd", "asimddp", "bf16", "sve"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "bf16", "int8"),
+    [(SAPPHIRE_RAPIDS, "amx_bf16", "avx512_vnni"), (ZEN3, None, "avx2"), (GRAVITON3, "bf16", "arm64")],
+)
+def test_the_cpu_decides(flags: set[str], bf16: str | None, int8: str) -> None:
+    assert cpu_bf16(flags) == bf16 and int8_target(flags) == int8
+    assert choose("auto", "cpu", ["bfloat16"], flags).dtype == ("bfloat16" if bf16 else "float32")
+
+
+def test_auto_takes_only_what_the_gate_passed() -> None:
+    assert choose("auto", "cpu", [], SAPPHIRE_RAPIDS) == Choice("float32", "bfloat16 did not pass the parity gate")
+    assert choose("auto", "cpu", ["bfloat16"], ZEN3).reason == "no native reduced precision on this device"
+    assert choose("bfloat16", "cpu", [], ZEN3).dtype == "float32", "asked for, but not verified"
+    assert choose("bfloat16", "cpu", ["bfloat16"], ZEN3) == Choice("bfloat16", "requested")
+    assert choose("float32", "cpu", [], SAPPHIRE_RAPIDS).dtype == "float32"
+
+
+def test_in_process_auto_without_a_gate_is_float32(tiny: dict[str, Path]) -> None:
+    task = load_task(str(tiny[CLASSIFIER]), "text-classification")
+    assert task.precision.dtype == "float32" and str(task.model.dtype) == "torch.float32"
+
+
+def test_cpu_flags_are_read_from_the_kernel(tmp_path: Path) -> None:
+    x86, arm = tmp_path / "x86", tmp_path / "arm"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_flags(x86) == {"fpu", "avx2", "avx512_bf16"} and cpu_flags(arm) == {"fp", "asimd", "bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_threads_share_the_cpus_among_instances(tiny: dict[str, Path], tmp_path: Path) -> None:
+    cores = hardware.cpu_count()
+    assert hardware.cpu_threads("auto", 1) == cores and hardware.cpu_threads("auto", 2 * cores) == 1
+    assert hardware.cpu_threads("3", 1) == 3
+    assert hardware.default_instances("gpu") == 1
+    assert hardware.default_instances("cpu") == min(hardware.MAX_CPU_INSTANCES, cores)
+    repository = build(
+        plan([], [str(tiny[CLASSIFIER])], [], 16),
+        BuildOptions(output=tmp_path / "repo", variants=("python",), instances=2, dtype="float32"),
+    )
+    config = model_config.read(repository / CLASSIFIER / "config.pbtxt")
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    _, context = load_step(config, repository / CLASSIFIER / "1")
+    assert context.parameters["cpu_threads"] == str(max(1, cores // 2))
+
+
+@pytest.fixture(scope="module")
+def auto_repository(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built as a user would: dtype auto, default layout, the python and TorchScript variants."""
+    return build(
+        plan([str(tiny["gpt2"])], [str(tiny[CLASSIFIER])], [], GEN_MAX_LEN),
+        BuildOptions(output=tmp_path_factory.mktemp("auto") / "repo", variants=("python", "torchscript")),
+    )
+
+
+def verified(repository: Path, name: str) -> list[str]:
+    parameters = model_config.read(repository / name / "config.pbtxt")["parameters"]
+    return [d for d in parameters["verified_dtypes"].get("string_value", "").split(",") if d]
+
+
+def test_auto_build_gates_bfloat16_and_records_it(auto_repository: Path) -> None:
+    manifest = read_manifest(auto_repository)
+    for name in ("gpt2", CLASSIFIER):
+        config = model_config.read(auto_repository / name / "config.pbtxt")
+        assert config["parameters"]["dtype"] == {"string_value": "auto"}
+        want = "bfloat16" if cpu_bf16() and "bfloat16" in verified(auto_repository, name) else "float32"
+        assert manifest[name]["dtype"] == want
+    assert verified(auto_repository, CLASSIFIER) == ["bfloat16"], "a classifier's argmax survives bfloat16"
+    torchscript = manifest[f"{CLASSIFIER}_torchscript"]
+    assert torchscript["dtype"] == manifest[CLASSIFIER]["dtype"], "traced in the build's precision"
+
+
+def test_a_failed_gate_serves_float32(
+    tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(precision, "MIN_AGREEMENT", 1.01)  # no model can pass: the fallback's wiring is under test
+    repository = build(
+        plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "repo", variants=("python",))
+    )
+    assert verified(repository, CLASSIFIER) == [] and read_manifest(repository)[CLASSIFIER]["dtype"] == "float32"
+    out = capsys.readouterr().out
+    assert f"{CLASSIFIER}: bfloat16 failed the parity gate; it serves float32 instead" in out
+    assert "| argmax agreement |" in out and "FAIL" in out
+    served, _ = load_step(model_config.read(repository / CLASSIFIER / "config.pbtxt"), repository / CLASSIFIER / "1")
+    assert served.precision.dtype == "float32"
+    if cpu_bf16():
+        assert served.precision.reason == "bfloat16 did not pass the parity gate"
+
+
+def test_generation_gate_figures(tiny: dict[str, Path]) -> None:
+    task = load_task(str(tiny["gpt2"]), "text-generation", max_length="8")
+    same = precision.generation_checks(task, task)  # a model against itself agrees on every token
+    assert same == {"next-token agreement": 1.0, "greedy prefix": 1.0}
+    assert precision.common_prefix([1, 2, 3], [1, 2, 4]) == 2 and precision.common_prefix([1], [1, 2]) == 1
+
+
+@pytest.fixture(scope="module")
+def auto_server(auto_repository: Path) -> Iterator[TritonServer]:
+    with TritonServer(auto_repository) as running:
+        yield running
+
+
+@pytest.mark.server
+def test_served_in_the_chosen_precision(
+    auto_server: TritonServer, auto_repository: Path, tiny: dict[str, Path]
+) -> None:
+    """The server's model loads in what the manifest says, and answers as the float32 model does."""
+    dtype = read_manifest(auto_repository)[CLASSIFIER]["dtype"]
+    reference = load_task(str(tiny[CLASSIFIER]), "text-classification", dtype="float32")(PROMPTS)
+    for variant in (CLASSIFIER, f"{CLASSIFIER}_torchscript"):
+        got = [alone(auto_server, variant, [text]) for text in PROMPTS]
+        assert [g["label"][0, 0] for g in got] == reference["label"][:, 0].tolist(), variant
+        scores = np.array([g["score"][0, 0] for g in got])
+        np.testing.assert_allclose(scores, reference["score"][:, 0], atol=2e-2 if dtype == "bfloat16" else 1e-4)
+    assert f"{CLASSIFIER} on cpu in {dtype}" in auto_server.log()
