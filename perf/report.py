@@ -47,12 +47,75 @@ def mixed_markdown(mixed: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def second_markdown(rows: list[dict], second: list[dict]) -> list[str]:
+    """The second server (float32, three-step ensembles) beside the first server's counterpart of each row."""
+    if not second:
+        return []
+    lines = [
+        "## Precision and layout: the same classifier on a second server",
+        "",
+        (
+            "Same run, same machine, right after the sweep: the python model in float32 and the exported variants as "
+            "three-step ensembles (tokenize -> network -> postprocess, each a Python-backend process). First server: "
+            "the dtype `auto` chose and the fused layout."
+        ),
+        "",
+        "| variant | concurrency | second: dtype, layout | req/s | first: dtype, layout | req/s | first / second |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in second:
+        first = next(
+            (
+                f
+                for f in rows
+                if (f["model"], f["variant"], f["concurrency"]) == (r["model"], r["variant"], r["concurrency"])
+            ),
+            {},
+        )
+        mine, theirs = r.get("throughput_rps"), first.get("throughput_rps")
+        lines.append(
+            f"| {r['variant']} | {r['concurrency']:.0f} | {r['dtype']}, {r['layout']} | {fmt(mine, '.1f')} "
+            f"| {first.get('dtype', '?')}, {first.get('layout', '?')} | {fmt(theirs, '.1f')} "
+            f"| {fmt(theirs / mine if mine and theirs else None, '.2f', 'x')} |"
+        )
+    return [*lines, ""]
+
+
+def in_process_markdown(rows: list[dict]) -> list[str]:
+    """Served throughput against the same step run in-process at the batch the server formed."""
+    measured = [r for r in rows if "in_process_rps" in r]
+    if not measured:
+        return []
+    lines = [
+        "## Served against in-process",
+        "",
+        (
+            "Each classification model's step run in this process from its config.pbtxt (one instance, its threads), "
+            "at the average batch the server formed at concurrency 32, against what the server delivered there with "
+            "all its instances."
+        ),
+        "",
+        (
+            "| variant | dtype, layout | batch formed | in-process req/s (one instance) | served req/s "
+            "| served / in-process |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
+    for r in measured:
+        lines.append(
+            f"| {r['variant']} | {r['dtype']}, {r['layout']} | {r['avg_batch']:.1f} | {r['in_process_rps']:.1f} "
+            f"| {r['throughput_rps']:.1f} | {r['throughput_rps'] / r['in_process_rps']:.2f}x |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(
     rows: list[dict],
     facts: dict[str, str],
     targets: Sequence[tuple[str, float, float | None]],
     extra: dict[str, float],
     mixed: Sequence[dict] = (),
+    second: Sequence[dict] = (),
 ) -> str:
     lines = ["# tritonhf perf report", "", " | ".join(f"**{k}** {v}" for k, v in facts.items()), ""]
     method = (
@@ -67,25 +130,28 @@ def summary_markdown(
             f"## {model}",
             "",
             (
-                "| variant | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | avg batch | queue (ms) "
-                "| compute (ms) | vs baseline |"
+                "| variant | dtype | layout | concurrency | throughput (req/s) | p50 (ms) | p95 (ms) | avg batch "
+                "| queue (ms) | compute (ms) | vs baseline |"
             ),
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(
             group, key=lambda r: (r["concurrency"], not VARIANTS[r["variant"]].perf.reference, r["variant"])
         ):
+            head = f"| {r['variant']} | {r.get('dtype', '?')} | {r.get('layout', '?')} | {r['concurrency']:.0f} |"
             if "error" in r:
-                lines.append(f"| {r['variant']} | {r['concurrency']:.0f} | not measured: {r['error']} | | | | | | |")
+                lines.append(f"{head} not measured: {r['error']} | | | | | | |")
                 continue
             flag = "" if r.get("stability_percent", 20) <= 20 else f" (±{r['stability_percent']:.0f}%)"
             lines.append(
-                f"| {r['variant']} | {r['concurrency']:.0f} | {r['throughput_rps']:.1f}{flag} "
+                f"{head} {r['throughput_rps']:.1f}{flag} "
                 f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
                 f"{r['avg_batch']:.1f} | {r['queue_ms']:.0f} | {r['compute_ms']:.0f} "
                 f"| {fmt(r.get('vs_baseline'), '.2f', 'x')} |"
             )
         lines.append("")
+    lines += second_markdown(rows, list(second))
+    lines += in_process_markdown(rows)
     lines += mixed_markdown(list(mixed))
     lines += ["## Targets", "", "| target | goal | measured | |", "|---|---|---|---|"]
     for what, goal, measured in targets:
@@ -93,14 +159,6 @@ def summary_markdown(
             "n/a" if measured is None else ("met" if measured >= goal else f"MISSED by {(goal - measured) / goal:.0%}")
         )
         lines.append(f"| {what} | >= {goal:.2f} | {fmt(measured, '.2f')} | {verdict} |")
-    if "in_process_rps" in extra:
-        lines += [
-            "",
-            (
-                f"In-process batched step (no server) at batch {extra['in_process_batch']:.0f}: "
-                f"{extra['in_process_rps']:.1f} req/s."
-            ),
-        ]
     return "\n".join(lines) + "\n"
 
 

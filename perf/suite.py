@@ -34,7 +34,18 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
-from tritonhf.variants import BASELINE, FUSED, ONNX, ONNX_INT8, PYTHON, STREAM, VARIANTS, Variant
+from tritonhf.variants import (
+    BASELINE,
+    FUSED,
+    ONNX,
+    ONNX_INT8,
+    PYTHON,
+    PYTHON_ENSEMBLE,
+    STREAM,
+    TORCHSCRIPT,
+    VARIANTS,
+    Variant,
+)
 
 PROMPTS = Path(__file__).with_name("prompts.json")
 GEN_TOKENS = 32
@@ -54,6 +65,9 @@ class SuiteOptions:
     # of gen_models, by served name: static vs stream under the mixed workload
     mixed_models: tuple[str, ...] = ("gpt2",)
     mixed_concurrency: int = 32
+    # the second server: float32 python and the three-step ensembles, against the first's auto dtype and fused models
+    second_variants: tuple[str, ...] = (PYTHON.name, ONNX.name, ONNX_INT8.name)
+    second_concurrency: tuple[int, ...] = (16, 64)
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,13 @@ class Served:
     @property
     def pipeline(self) -> list[str]:
         return self.variant.pipeline(self.base, self.runtime)
+
+    @property
+    def layout(self) -> str:
+        """How a request is served: eager PyTorch, the tutorial's pipeline, a fused export or an ensemble."""
+        if self.variant.exporter:
+            return "ensemble" if self.variant.ensemble(self.runtime) else "fused"
+        return "pipeline" if self.variant.perf.reference else "eager"
 
 
 def served_models(repository: Path) -> list[Served]:
@@ -130,22 +151,53 @@ def data_file(path: Path) -> Path:
     return path
 
 
-def in_process_throughput(source: str, batch: int, seconds: float = 10.0) -> float:
-    """req/s of the python variant's own batched step, no server: the ceiling Triton's overhead is measured against."""
-    from tritonhf.backends.python_hf.tasks import load_task
+def in_process_throughput(repository: Path, name: str, batch: int, seconds: float = 8.0) -> float:
+    """req/s of one served model's step run in this process from its config (one instance, its threads), at one
+    batch size: the ceiling Triton's overhead is measured against."""
+    import torch
 
-    task = load_task(source, "text-classification")
+    from tritonhf import model_config
+    from tritonhf.backends.python_hf.steps import load_step
+
+    step, context = load_step(model_config.read(repository / name / "config.pbtxt"), repository / name / "1")
+    torch.set_num_threads(int(context.parameters.get("cpu_threads", torch.get_num_threads())))
     prompts = json.loads(PROMPTS.read_text())["prompts"]
     batches = [[prompts[(i * batch + j) % len(prompts)] for j in range(batch)] for i in range(len(prompts))]
-    task(batches[0])  # warm-up
+    step(batches[0])  # warm-up
     done, start, i = 0, time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        task(batches[i % len(batches)])
+        step(batches[i % len(batches)])
         done, i = done + batch, i + 1
     return done / (time.perf_counter() - start)
 
 
-def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict], dict[str, str], Path]:
+def measure_steps(
+    server: TritonServer, steps: list[tuple[Served, int]], options: SuiteOptions, data: Path, results: Path, label: str
+) -> list[dict]:
+    """perf_analyzer at each (served model, concurrency), with the server's metrics around each step."""
+    rows = []
+    env = find_installation().env
+    for served, concurrency in tqdm(steps, desc=label, unit="step"):
+        row = {
+            "model": served.base,
+            "task": served.task,
+            "variant": served.variant.name,
+            "dtype": served.dtype,
+            "layout": served.layout,
+            "concurrency": concurrency,
+        }
+        before = snapshot(server.metrics_url)
+        try:
+            measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
+        except PerfAnalyzerError as err:  # a noisy step is reported as such; the sweep goes on
+            rows.append({**row, "error": str(err).splitlines()[-1]})
+            continue
+        side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
+        rows.append({**row, **measured, **side})
+    return rows
+
+
+def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict], list[dict], dict[str, str]]:
     standins = write_standins(options.workdir / "standins", "full")
     entries = plan(
         [str(standins[m]) for m in options.gen_models], [str(standins[CLASSIFIER])], [], GEN_TOKENS, GEN_TOKENS
@@ -155,7 +207,6 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
         BuildOptions(output=options.workdir / "perf_repository", variants=tuple(VARIANTS), device=options.device),
     )
     data = data_file(results / "prompts.data.json")
-    rows = []
     served = served_models(repository)
     plan_steps = [
         (s, c)
@@ -173,26 +224,7 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
             f"(baseline above concurrency 1: {options.gen_window_ms / 1000:.0f} s)",
         }
         env = find_installation().env
-        for served, concurrency in tqdm(plan_steps, desc="perf sweep", unit="step"):
-            row = {
-                "model": served.base,
-                "task": served.task,
-                "variant": served.variant.name,
-                "concurrency": concurrency,
-            }
-            before = snapshot(server.metrics_url)
-            try:
-                measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
-            except PerfAnalyzerError as err:  # a noisy step is reported as such; the sweep goes on
-                rows.append({**row, "error": str(err).splitlines()[-1]})
-                continue
-            rows.append(
-                {
-                    **row,
-                    **measured,
-                    **server_side(before, snapshot(server.metrics_url), served.network, served.pipeline),
-                }
-            )
+        rows = measure_steps(server, plan_steps, options, data, results, "perf sweep")
         for served in tqdm(mixed_steps, desc="mixed generation workload", unit="model"):
             row = {"model": served.base, "variant": served.variant.name, "concurrency": options.mixed_concurrency}
             try:
@@ -212,7 +244,31 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
                 )
             except (PerfAnalyzerError, ValueError) as err:
                 mixed.append({**row, "error": str(err).splitlines()[-1]})
-    return rows, mixed, facts, standins[CLASSIFIER]
+    for row in rows:  # the Python-side ceiling of each classification model, at the batch it formed at 32
+        if row["model"] == CLASSIFIER and row["concurrency"] == 32 and "error" not in row:
+            name = VARIANTS[row["variant"]].served_name(CLASSIFIER)
+            row["in_process_rps"] = in_process_throughput(repository, name, max(1, round(row["avg_batch"])))
+    second = second_server(options, standins, results, data)
+    return rows, second, mixed, facts
+
+
+def second_server(options: SuiteOptions, standins: dict[str, Path], results: Path, data: Path) -> list[dict]:
+    """The same classifier, float32 and laid out as three-step ensembles, on a second server in the same run:
+    what the hardware-chosen precision and the fused layout are measured against."""
+    repository = build(
+        plan([], [str(standins[CLASSIFIER])], [], GEN_TOKENS),
+        BuildOptions(
+            output=options.workdir / "perf_repository_float32_ensembles",
+            variants=options.second_variants,
+            device=options.device,
+            dtype="float32",
+            runtime=PYTHON_ENSEMBLE,
+        ),
+    )
+    steps = [(s, c) for s in served_models(repository) for c in options.second_concurrency]
+    with TritonServer(repository, log_path=results / "tritonserver-second.log") as server:
+        (results / "second").mkdir(exist_ok=True)
+        return measure_steps(server, steps, options, data, results / "second", "second server")
 
 
 def step_options(
@@ -230,20 +286,15 @@ def step_options(
     return dataclasses.replace(base, request_count=max(8, 2 * concurrency))
 
 
+def pick(rows: list[dict], model: str, variant: str, concurrency: int, metric: str = "throughput_rps") -> float | None:
+    found = (r for r in rows if r["model"] == model and r["variant"] == variant and r["concurrency"] == concurrency)
+    return next((r.get(metric) for r in found), None)
+
+
 def ratio(
     rows: list[dict], model: str, variant: str, versus: str, concurrency: int, metric: str = "throughput_rps"
 ) -> float | None:
-    def pick(v: str) -> float | None:
-        return next(
-            (
-                r.get(metric)
-                for r in rows
-                if r["model"] == model and r["variant"] == v and r["concurrency"] == concurrency
-            ),
-            None,
-        )
-
-    a, b = pick(variant), pick(versus)
+    a, b = pick(rows, model, variant, concurrency, metric), pick(rows, model, versus, concurrency, metric)
     return a / b if a and b else None
 
 
@@ -251,28 +302,60 @@ def ratio(
 class Target:
     what: str
     goal: float
-    measure: Callable[[list[dict], dict[str, float]], float | None]
+    measure: Callable[[list[dict], list[dict], dict[str, float]], float | None]  # (rows, second server's, extra)
 
 
 def versus(what: str, model: str, variant: Variant, base: Variant, concurrency: int, goal: float) -> Target:
     """Throughput of one variant of a model over another's, at one concurrency."""
     label = f"{what}, concurrency {concurrency}: {variant.name} / {base.name}"
-    return Target(label, goal, lambda rows, extra: ratio(rows, model, variant.name, base.name, concurrency))
+    return Target(label, goal, lambda rows, second, extra: ratio(rows, model, variant.name, base.name, concurrency))
+
+
+def best_versus_baseline(what: str, model: str, concurrency: int, goal: float) -> Target:
+    def best(rows: list[dict], second: list[dict], extra: dict[str, float]) -> float | None:
+        ratios = [ratio(rows, model, r["variant"], BASELINE.name, concurrency) for r in rows if r["model"] == model]
+        return max((r for r in ratios if r is not None), default=None)
+
+    return Target(f"{what}, concurrency {concurrency}: best variant / {BASELINE.name}", goal, best)
+
+
+def at_every_concurrency(what: str, model: str, variant: Variant, base: Variant, goal: float) -> Target:
+    """The worst ratio over the concurrencies both were measured at; any unstable step of ``variant`` fails it."""
+
+    def worst(rows: list[dict], second: list[dict], extra: dict[str, float]) -> float | None:
+        mine = [r for r in rows if r["model"] == model and r["variant"] == variant.name]
+        if any("error" in r for r in mine):
+            return 0.0
+        ratios = [ratio(rows, model, variant.name, base.name, int(r["concurrency"])) for r in mine]
+        return min((r for r in ratios if r is not None), default=None)
+
+    return Target(f"{what}, every concurrency: {variant.name} / {base.name}", goal, worst)
+
+
+def versus_second(what: str, model: str, variant: Variant, base: Variant, concurrency: int, goal: float) -> Target:
+    """A variant on the first server over a variant on the second (float32, ensembles), at one concurrency."""
+
+    def measured(rows: list[dict], second: list[dict], extra: dict[str, float]) -> float | None:
+        a, b = pick(rows, model, variant.name, concurrency), pick(second, model, base.name, concurrency)
+        return a / b if a and b else None
+
+    return Target(f"{what}, concurrency {concurrency}: {variant.name} / {base.name} (second server)", goal, measured)
 
 
 def extra_figure(what: str, key: str, goal: float) -> Target:
-    return Target(what, goal, lambda rows, extra: extra.get(key))
+    return Target(what, goal, lambda rows, second, extra: extra.get(key))
 
 
 MIXED = "gpt2, mixed 8..64 new tokens, concurrency 32"
+DISTILBERT = "distilbert"
 TARGETS = (
-    versus("distilbert", CLASSIFIER, PYTHON, BASELINE, 16, 2.2),
-    versus("distilbert", CLASSIFIER, ONNX, PYTHON, 16, 1.3),
-    versus("distilbert", CLASSIFIER, ONNX_INT8, PYTHON, 16, 2.0),
-    versus("gpt2, 32 new tokens", "gpt2", PYTHON, BASELINE, 32, 5.0),
-    extra_figure(
-        f"Triton overhead: {PYTHON.name} at concurrency 32 / in-process step at the batch formed", "overhead_ratio", 0.8
-    ),
+    versus(DISTILBERT, CLASSIFIER, PYTHON, BASELINE, 16, 4.0),
+    best_versus_baseline(DISTILBERT, CLASSIFIER, 16, 5.0),
+    best_versus_baseline(DISTILBERT, CLASSIFIER, 64, 6.0),
+    versus_second(f"{DISTILBERT}, int8 against float32", CLASSIFIER, ONNX_INT8, PYTHON, 16, 2.0),
+    at_every_concurrency(DISTILBERT, CLASSIFIER, TORCHSCRIPT, PYTHON, 1.0),
+    versus_second(f"{DISTILBERT}, fused against ensemble", CLASSIFIER, ONNX, ONNX, 16, 1.0),
+    versus("gpt2, 32 new tokens", "gpt2", PYTHON, BASELINE, 32, 10.0),
     extra_figure(f"{MIXED}: output tokens/s, {STREAM.name} / {PYTHON.name}", "mixed_tokens_ratio", 1.5),
     extra_figure(f"{MIXED}: median time to first token, {PYTHON.name} / {STREAM.name}", "mixed_ttft_ratio", 2.0),
 )
@@ -311,7 +394,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def run(options: SuiteOptions) -> Path:
     results = options.output / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     results.mkdir(parents=True)
-    rows, mixed, facts, classifier = sweep(options, results)
+    rows, second, mixed, facts = sweep(options, results)
     extra: dict[str, float] = {}
     if mixed:
         concurrency = options.mixed_concurrency
@@ -322,24 +405,13 @@ def run(options: SuiteOptions) -> Path:
         extra["mixed_tokens_ratio"] = ratio(mixed, "gpt2", STREAM.name, PYTHON.name, concurrency, "output_tokens_per_s")
         extra["mixed_ttft_ratio"] = ratio(mixed, "gpt2", PYTHON.name, STREAM.name, concurrency, "ttft_p50_ms")
         write_csv(mixed, results / "mixed.csv")
-    served32 = next(
-        (
-            r
-            for r in rows
-            if r["model"] == CLASSIFIER and r["variant"] == PYTHON.name and r["concurrency"] == 32 and "error" not in r
-        ),
-        None,
-    )
-    if served32:
-        batch = max(1, round(served32["avg_batch"]))
-        extra["in_process_rps"] = in_process_throughput(str(classifier), batch)
-        extra["in_process_batch"] = batch
-        extra["overhead_ratio"] = served32["throughput_rps"] / extra["in_process_rps"]
     for row in rows:
         row["vs_baseline"] = ratio(rows, row["model"], row["variant"], BASELINE.name, int(row["concurrency"]))
     write_csv(rows, results / "summary.csv")
-    targets = [(t.what, t.goal, t.measure(rows, extra)) for t in TARGETS]
-    report = summary_markdown(rows, facts, targets, extra, mixed)
+    if second:
+        write_csv(second, results / "second.csv")
+    targets = [(t.what, t.goal, t.measure(rows, second, extra)) for t in TARGETS]
+    report = summary_markdown(rows, facts, targets, extra, mixed, second)
     (results / "summary.md").write_text(report)
     plot(rows, results / "throughput_latency.png")
     if any("profile" in row for row in mixed):

@@ -145,8 +145,8 @@ def test_report_and_plot(tmp_path: Path) -> None:
     text = summary_markdown(
         rows, {"cpu": "x"}, [("python / baseline", 2.2, 3.0), ("int8 / python", 2.0, 1.5), ("gone", 1.0, None)], {}
     )
-    assert "| python | 16 | 30.0 |" in text and "3.00x" in text
-    assert "| onnx | 16 | not measured: Failed to obtain stable measurement. |" in text
+    assert "| python | ? | ? | 16 | 30.0 |" in text and "3.00x" in text
+    assert "| onnx | ? | ? | 16 | not measured: Failed to obtain stable measurement. |" in text
     assert "| python / baseline | >= 2.20 | 3.00 | met |" in text
     assert "| int8 / python | >= 2.00 | 1.50 | MISSED by 25% |" in text
     mixed = [

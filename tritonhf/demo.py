@@ -71,7 +71,7 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
             print(
                 f"$ tritonhf client -m {name} -i {protocol} "
                 + " ".join(f'--prompt "{p}"' for p in PROMPTS[task])
-                + f"    # {served['variant']}"
+                + f"    # {served['variant']}, {served['dtype']}"
             )
             outputs = client.infer(
                 name, PROMPTS[task], server.grpc_url if protocol == "grpc" else server.http_url, protocol

@@ -214,7 +214,10 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
 
 def parity_table(models: Sequence[Exported]) -> str:
     """Markdown: model x variant x check -> max abs error (and agreement for int8)."""
-    lines = ["| model | variant | check | max abs error | argmax / cosine | cached |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | variant | dtype | check | max abs error | argmax / cosine | cached |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for model in models:
         for made in model.exports:
             for row in made.parity:
@@ -225,8 +228,6 @@ def parity_table(models: Sequence[Exported]) -> str:
                     extra = f"argmax agreement {extra:.1%}"
                 elif extra != "":
                     extra = f"same argmax: {extra}"
-                error = row["max_abs_error"]
-                lines.append(
-                    f"| {model.name} | {made.label} | {row['check']} | {error:.2e} | {extra} | {made.cached} |"
-                )
+                cells = [model.name, made.label, made.dtype, row["check"], f"{row['max_abs_error']:.2e}", extra]
+                lines.append(f"| {' | '.join(map(str, cells))} | {made.cached} |")
     return "\n".join(lines)

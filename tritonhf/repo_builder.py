@@ -28,6 +28,7 @@ from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, c
 from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.tensors import PROMPT
 from tritonhf.backends.python_hf.tutorial import OUTPUTS as TUTORIAL_OUTPUTS
+from tritonhf.buildlog import libraries_to
 from tritonhf.repository import LOCAL_WEIGHTS, Manifest, read_manifest, replace_dir, write_manifest, write_model
 from tritonhf.variants import (
     CLASSIFICATION,
@@ -181,7 +182,18 @@ def choose_runtime(requested: str, variants: Sequence[Variant]) -> str:
 
 
 def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
-    """Load and export everything, then write the whole repository; returns its path."""
+    """Load and export everything, then write the whole repository; returns its path.
+
+    The libraries' own messages go to ``<output>.build.log`` beside the repository (buildlog.py).
+    """
+    target = options.output.resolve()
+    with libraries_to(target.with_name(f"{target.name}.build.log")) as log:
+        path = assemble(entries, options)
+    print(f"library messages: {log}")
+    return path
+
+
+def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     from tritonhf.ensembles import export_model, parity_table, write_exports
 
     try:
@@ -410,7 +422,8 @@ def run(args: argparse.Namespace) -> Path:
     entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len, args.gen_min_len)
     path = build(entries, options)
     manifest = read_manifest(path)
+    width = max(map(len, manifest)) + 2
     for name, served in manifest.items():
-        print(f"  {name:<50} {served['task']:<20} {served['variant']:<12} {served['source']}")
+        print(f"  {name:<{width}} {served['task']:<20} {served['variant']:<12} {served['dtype']:<9} {served['source']}")
     print(f"wrote {len(manifest)} served models to {path}")
     return path
