@@ -14,8 +14,9 @@ ARG DEVICE=gpu
 ENV HF_HOME=/opt/hf-cache
 
 WORKDIR /opt/tritonhf
-COPY requirements/runtime.txt requirements/runtime.txt
-RUN pip install --no-cache-dir -r requirements/runtime.txt
+COPY requirements/base.txt requirements/runtime.txt requirements/gpu.txt requirements/
+# The GPU path's ONNX Runtime is the CUDA build (requirements/gpu.txt); the CPU path's is runtime.txt.
+RUN pip install --no-cache-dir -r "requirements/$([ "$DEVICE" = gpu ] && echo gpu || echo runtime).txt"
 
 # Installed from a build directory, not the working directory: a script run beside the sources would
 # import tritonhf from them, where backends/ and perf/ are not yet tritonhf.backends and tritonhf.perf.

@@ -48,7 +48,7 @@ def test_dockerfile_matches_the_tested_server_version() -> None:
 
 def test_dockerfile_installs_what_make_setup_installs() -> None:
     runs = [arguments for _, arguments in instructions("RUN")]
-    assert "pip install --no-cache-dir -r requirements/runtime.txt" in runs
+    assert 'pip install --no-cache-dir -r "requirements/$([ "$DEVICE" = gpu ] && echo gpu || echo runtime).txt"' in runs
     assert any(run.startswith("pip install --no-cache-dir --no-deps --no-build-isolation ") for run in runs)
     makefile = (ROOT / "Makefile").read_text()
     assert "-r requirements/dev.txt -c requirements/lock-cpu.txt" in makefile
@@ -58,9 +58,18 @@ def test_dockerfile_installs_what_make_setup_installs() -> None:
 
 def test_direct_pins_agree_with_the_lock() -> None:
     lock = pins(ROOT / "requirements" / "lock-cpu.txt")
-    for name in ("runtime.txt", "dev.txt"):
+    for name in ("base.txt", "runtime.txt", "dev.txt"):
         for package, version in pins(ROOT / "requirements" / name).items():
             assert lock.get(package) == version, f"{name}: {package}=={version}, lock has {lock.get(package)}"
+
+
+def test_cpu_and_gpu_paths_differ_only_in_onnx_runtime() -> None:
+    """Both install the shared pins; the GPU path keeps numpy < 2 (the pip server's stub needs it for BYTES)."""
+    cpu, gpu = (pins(ROOT / "requirements" / name) for name in ("runtime.txt", "gpu.txt"))
+    assert cpu == {"onnxruntime": "1.32.0"} and set(gpu) == {"onnxruntime-gpu"}
+    for name in ("runtime.txt", "gpu.txt"):
+        assert "-r base.txt" in (ROOT / "requirements" / name).read_text().splitlines()
+    assert pins(ROOT / "requirements" / "base.txt")["numpy"].startswith("1.")
 
 
 def image_path(root: Path, workdir: PurePosixPath, path: str) -> Path:
