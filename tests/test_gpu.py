@@ -49,8 +49,8 @@ def test_onnx_runs_on_the_cuda_provider(gpu_repository: Path) -> None:
     import onnxruntime
 
     assert "CUDAExecutionProvider" in onnxruntime.get_available_providers(), "install requirements/gpu.txt"
-    name = f"{CLASSIFIER}_onnx"
-    step, _ = load_step(model_config.read(gpu_repository / name / "config.pbtxt"), gpu_repository / name / "1", "cuda:0")
+    model = gpu_repository / f"{CLASSIFIER}_onnx"
+    step, _ = load_step(model_config.read(model / "config.pbtxt"), model / "1", "cuda:0")
     reference = load_task(str(gpu_repository / CLASSIFIER / "1" / "hf_model"), "text-classification", dtype="float32")
     assert step(PROMPTS)["label"].tolist() == reference(PROMPTS)["label"].tolist()
 
