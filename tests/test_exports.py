@@ -1,4 +1,5 @@
-"""ONNX / TorchScript exports: parity gates, native configs against the exported files, ensembles on the real server."""
+"""ONNX / TorchScript exports: parity gates, native configs against the exported files, the exported variants on
+the real server (fused on the pip server; the three-step ensemble is served in test_faults.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ EXPORTED = ("onnx", "onnx-int8", "torchscript")
 ONNX_TYPES = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
 
-# --- served ensembles (python runtime) against the Python-backend model -------------------
+# --- served exports (fused: runtime auto on the pip server) against the Python-backend model ---
 
 
 def assert_agree(model: str, variant: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
@@ -45,28 +46,28 @@ def assert_agree(model: str, variant: str, got: dict[str, np.ndarray], want: dic
 @pytest.mark.server
 @pytest.mark.parametrize("variant", EXPORTED)
 @pytest.mark.parametrize("model", [CLASSIFIER, EMBEDDER])
-def test_ensemble_agrees_with_the_python_model(server: TritonServer, model: str, variant: str) -> None:
+def test_export_agrees_with_the_python_model(server: TritonServer, model: str, variant: str) -> None:
     python = [alone(server, model, [text]) for text in PROMPTS]
-    ensemble = f"{model}_{variant}"
+    exported = f"{model}_{variant}"
     for text, want in zip(PROMPTS[:3], python):
-        assert_agree(model, variant, alone(server, ensemble, [text]), want)
-    for got, want in zip(ok(burst(server, ensemble, [[bytes_input([text])] for text in PROMPTS])), python):
+        assert_agree(model, variant, alone(server, exported, [text]), want)
+    for got, want in zip(ok(burst(server, exported, [[bytes_input([text])] for text in PROMPTS])), python):
         assert_agree(model, variant, got, want)
 
 
 @pytest.mark.server
-def test_errors_pass_through_the_ensemble(server: TritonServer) -> None:
-    ensemble = f"{CLASSIFIER}_onnx"
+def test_a_bad_request_fails_alone_in_the_export(server: TritonServer) -> None:
+    exported = f"{CLASSIFIER}_onnx"
     results = burst(
         server,
-        ensemble,
+        exported,
         [[bytes_input([PROMPTS[2]])], [bytes_input([b"\xff"])], [bytes_input([""])], [bytes_input([PROMPTS[7]])]],
     )
     assert isinstance(results[1], InferenceServerException) and "not valid UTF-8" in results[1].message()
     assert isinstance(results[2], InferenceServerException) and "prompt row 0 is empty" in results[2].message()
     assert_agree(CLASSIFIER, "onnx", results[0], alone(server, CLASSIFIER, [PROMPTS[2]]))
     assert_agree(CLASSIFIER, "onnx", results[3], alone(server, CLASSIFIER, [PROMPTS[7]]))
-    assert_agree(CLASSIFIER, "onnx", alone(server, ensemble, [PROMPTS[4]]), alone(server, CLASSIFIER, [PROMPTS[4]]))
+    assert_agree(CLASSIFIER, "onnx", alone(server, exported, [PROMPTS[4]]), alone(server, CLASSIFIER, [PROMPTS[4]]))
 
 
 @pytest.fixture(scope="module")

@@ -144,6 +144,16 @@ def test_an_ensemble_whose_network_died_comes_back(supervised: tuple) -> None:
     assert_heals(load, events, NETWORK, ENSEMBLE, killed_at, expected)
 
 
+def test_errors_pass_through_the_ensemble(supervised: tuple) -> None:
+    """A bad request fails alone through tokenize -> network -> postprocess; its neighbours are answered."""
+    server, _, _ = supervised
+    requests = [[bytes_input([PROMPTS[2]])], [bytes_input([b"\xff"])], [bytes_input([PROMPTS[7]])]]
+    results = burst(server, ENSEMBLE, requests)
+    assert isinstance(results[1], InferenceServerException) and "not valid UTF-8" in results[1].message()
+    for got, text in ((results[0], PROMPTS[2]), (results[2], PROMPTS[7])):
+        assert got["label"].tolist() == alone(server, ENSEMBLE, [text])["label"].tolist()
+
+
 def test_a_crash_loop_backs_off_and_gives_up(supervised: tuple) -> None:
     server, supervisor, events = supervised
     supervisor.max_restarts = 1
