@@ -174,10 +174,20 @@ def in_process_throughput(repository: Path, name: str, batch: int, seconds: floa
 def measure_steps(
     server: TritonServer, steps: list[tuple[Served, int]], options: SuiteOptions, data: Path, results: Path, label: str
 ) -> list[dict]:
-    """perf_analyzer at each (served model, concurrency), with the server's metrics around each step."""
-    rows = []
+    """perf_analyzer at each (served model, concurrency), with the server's metrics around each step.
+
+    If the server died during a step, that step is reported with where its log was kept, and the server is
+    started again for the rest: one crash costs one row, not the run.
+    """
+    rows: list[dict] = []
     env = find_installation().env
     for served, concurrency in tqdm(steps, desc=label, unit="step"):
+        if rows and server.process is not None and server.process.poll() is not None:
+            kept = server.log_path.with_name(f"{server.log_path.stem}.crash-{len(rows)}.log")
+            server.log_path.rename(kept)
+            rows[-1] = {**rows[-1], "error": f"tritonserver died (exit {server.process.returncode}; log: {kept.name})"}
+            server.stop()
+            server.start()
         row = {
             "model": served.base,
             "task": served.task,
@@ -186,13 +196,13 @@ def measure_steps(
             "layout": served.layout,
             "concurrency": concurrency,
         }
-        before = snapshot(server.metrics_url)
         try:
+            before = snapshot(server.metrics_url)
             measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
-        except PerfAnalyzerError as err:  # a noisy step is reported as such; the sweep goes on
+            side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
+        except (PerfAnalyzerError, OSError) as err:  # a noisy step (or a dead server) is reported; the sweep goes on
             rows.append({**row, "error": str(err).splitlines()[-1]})
             continue
-        side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
         rows.append({**row, **measured, **side})
     return rows
 
