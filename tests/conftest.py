@@ -10,6 +10,7 @@ import pytest
 from tritonhf.repo_builder import BuildOptions, ModelEntry, build, plan
 from tritonhf.server import TritonServer
 from tritonhf.standins import write_standins
+from tritonhf.variants import DEFAULT_VARIANTS
 
 GEN = ("gpt2", "facebook/opt-125m")
 CLASSIFIER = "distilbert-base-uncased-finetuned-sst-2-english"
@@ -53,11 +54,17 @@ def entries(tiny: dict[str, Path]) -> list[ModelEntry]:
     )
 
 
+SERVED_VARIANTS = (*DEFAULT_VARIANTS, "torchscript")  # the defaults, and TorchScript, built on request
+
+
 @pytest.fixture(scope="session")
 def repository(entries: list[ModelEntry], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """float32: the served answers are checked against in-process float32 references (reduced precision and its
     gate: test_precision.py)."""
-    return build(entries, BuildOptions(output=tmp_path_factory.mktemp("repo") / "model_repository", dtype="float32"))
+    options = BuildOptions(
+        output=tmp_path_factory.mktemp("repo") / "model_repository", dtype="float32", variants=SERVED_VARIANTS
+    )
+    return build(entries, options)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
 from tritonhf.variants import ONNX, PYTHON_ENSEMBLE, VARIANTS, by_names
 
-from .conftest import CLASSIFIER, EMBEDDER
+from .conftest import CLASSIFIER, EMBEDDER, SERVED_VARIANTS
 from .helpers import PROMPTS, alone, burst, bytes_input, in_process, ok
 
 EXPORTED = ("onnx", "onnx-int8", "torchscript")
@@ -73,7 +73,8 @@ def test_a_bad_request_fails_alone_in_the_export(server: TritonServer) -> None:
 @pytest.fixture(scope="module")
 def python_ensemble(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     entries = plan([], [str(tiny[CLASSIFIER])], [], 16)
-    options = BuildOptions(output=tmp_path_factory.mktemp("ens") / "repo", runtime=PYTHON_ENSEMBLE, dtype="float32")
+    output = tmp_path_factory.mktemp("ens") / "repo"
+    options = BuildOptions(output=output, runtime=PYTHON_ENSEMBLE, dtype="float32", variants=SERVED_VARIANTS)
     return build(entries, options)
 
 
@@ -100,6 +101,7 @@ def native(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> P
         entries,
         BuildOptions(
             output=tmp_path_factory.mktemp("native") / "repo",
+            variants=SERVED_VARIANTS,
             runtime="native",
             device="gpu",
             onnx_accelerator="tensorrt",

@@ -143,6 +143,7 @@ TORCHSCRIPT = Variant(
         reduced=True,
         native_parameters={"DISABLE_OPTIMIZED_EXECUTION": "true"},
     ),
+    default=False,  # slower than the python model at concurrency 1 and 4 (perf report 2026-11-30): README, "Exported"
 )
 
 BASELINE = Variant(
