@@ -43,7 +43,7 @@ def test_every_file_the_dockerfile_copies_exists() -> None:
 def test_dockerfile_matches_the_tested_server_version() -> None:
     [(_, image)] = instructions("FROM")
     assert image == "nvcr.io/nvidia/tritonserver:24.10-py3", "24.10 is Triton 2.51.0"
-    assert pins(ROOT / "requirements" / "runtime.txt")["tritonclient"] == "2.51.0"
+    assert pins(ROOT / "requirements" / "base.txt")["tritonclient"] == "2.51.0"
 
 
 def test_dockerfile_installs_what_make_setup_installs() -> None:
