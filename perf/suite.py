@@ -255,7 +255,8 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
             except (PerfAnalyzerError, ValueError) as err:
                 mixed.append({**row, "error": str(err).splitlines()[-1]})
     for row in rows:  # the Python-side ceiling of each classification model, at the batch it formed at 32
-        if row["model"] == CLASSIFIER and row["concurrency"] == 32 and "error" not in row:
+        one_step = row["layout"] != "ensemble"  # an ensemble's steps are three models: no one step to time
+        if row["model"] == CLASSIFIER and row["concurrency"] == 32 and "error" not in row and one_step:
             name = VARIANTS[row["variant"]].served_name(CLASSIFIER)
             row["in_process_rps"] = in_process_throughput(repository, name, max(1, round(row["avg_batch"])))
     second = second_server(options, standins, results, data)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tritonhf import model_config, precision
 from tritonhf.backends.python_hf import hardware
@@ -97,9 +98,28 @@ def test_auto_build_gates_bfloat16_and_records_it(auto_repository: Path) -> None
         assert config["parameters"]["dtype"] == {"string_value": "auto"}
         want = "bfloat16" if cpu_bf16() and "bfloat16" in verified(auto_repository, name) else "float32"
         assert manifest[name]["dtype"] == want
-    assert verified(auto_repository, CLASSIFIER) == ["bfloat16"], "a classifier's argmax survives bfloat16"
+    for name in ("gpt2", CLASSIFIER):  # the config holds what the gate decided (its verdict, from the build's cache)
+        task = load_task(manifest[name]["source"], manifest[name]["task"], dtype="float32")
+        verdict = precision.gate(name, manifest[name]["source"], task, "bfloat16")
+        assert verdict.cached and verified(auto_repository, name) == (["bfloat16"] if verdict.passed else [])
     torchscript = manifest[f"{CLASSIFIER}_torchscript"]
     assert torchscript["dtype"] == manifest[CLASSIFIER]["dtype"], "traced in the build's precision"
+    module = torch.jit.load(str(auto_repository / f"{CLASSIFIER}_torchscript" / "1" / "model.pt"))
+    ids = torch.ones(2, 12, dtype=torch.int64)
+    assert module(ids, ids)[0].dtype == torch.float32, "declared TYPE_FP32 for libtorch, whatever it computes in"
+
+
+def test_native_cpu_networks_get_their_threads(tiny: dict[str, Path], tmp_path: Path) -> None:
+    repository = build(
+        plan([], [str(tiny[CLASSIFIER])], [], 16),
+        BuildOptions(output=tmp_path / "repo", runtime="native", variants=("onnx", "torchscript"), instances=2),
+    )
+    threads = str(hardware.cpu_threads("auto", 2))
+    onnx = model_config.read(repository / f"{CLASSIFIER}_onnx_model" / "config.pbtxt")["parameters"]
+    assert onnx == {"intra_op_thread_count": {"string_value": threads}}
+    libtorch = model_config.read(repository / f"{CLASSIFIER}_torchscript_model" / "config.pbtxt")["parameters"]
+    assert libtorch["INTRA_OP_THREAD_COUNT"] == {"string_value": threads}
+    assert libtorch["DISABLE_OPTIMIZED_EXECUTION"] == {"string_value": "true"}
 
 
 def test_a_failed_gate_serves_float32(

@@ -59,7 +59,7 @@ def libraries_to(log: Path) -> Iterator[Path]:
 
 
 def native_severity(level: int) -> int:
-    """Set ONNX Runtime's default log severity; returns the previous one (ONNX Runtime's default is 2)."""
+    """Set ONNX Runtime's default log severity; returns what to restore: its default, 2 (it has no getter)."""
     try:
         import onnxruntime
     except ImportError:

@@ -36,6 +36,7 @@ from tritonhf import TritonHFError, cache_dir, model_config
 from tritonhf.backends.onnx_export.exporters import Export, export
 from tritonhf.backends.onnx_export.parity import Agreement
 from tritonhf.backends.onnx_export.spec import ExportError, ExportSpec, spec_for
+from tritonhf.backends.python_hf.hardware import cpu_threads
 from tritonhf.backends.python_hf.steps import StepContext
 from tritonhf.backends.python_hf.tensors import PROMPT, TensorSpec
 from tritonhf.backends.python_hf.text import tokenize
@@ -85,6 +86,14 @@ def export_model(name: str, source: str, task: Any, variants: Sequence[Variant],
     return Exported(name, source, task, spec, exports)
 
 
+def native_threads(exporter: Any, options: Any) -> dict[str, str]:
+    """A native CPU network's compute threads per instance, as the Python models set theirs where they run
+    (hardware.cpu_threads); native backends read a fixed number, so the build host's CPUs decide it."""
+    if options.device == "gpu" or not exporter.native_threads:
+        return {}
+    return {exporter.native_threads: str(cpu_threads("auto", options.instances))}
+
+
 def network_config(model: Exported, made: Export, runtime: str, options: Any) -> model_config.Config:
     """The network step: natively (NGC containers) or inside the Python backend (the pip-installed server)."""
     spec, exporter = model.spec, made.exporter
@@ -106,7 +115,7 @@ def network_config(model: Exported, made: Export, runtime: str, options: Any) ->
             outputs,
             max_batch_size=options.max_batch_size,
             accelerator=accelerator,
-            parameters=exporter.native_parameters,
+            parameters={**exporter.native_parameters, **native_threads(exporter, options)},
             **placement,
         )
     parameters = {"step": exporter.step, "model_file": exporter.file}

@@ -187,10 +187,12 @@ def build(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     The libraries' own messages go to ``<output>.build.log`` beside the repository (buildlog.py).
     """
     target = options.output.resolve()
-    with libraries_to(target.with_name(f"{target.name}.build.log")) as log:
-        path = assemble(entries, options)
-    print(f"library messages: {log}")
-    return path
+    log = target.with_name(f"{target.name}.build.log")
+    try:
+        with libraries_to(log):
+            return assemble(entries, options)
+    finally:
+        print(f"library messages: {log}")
 
 
 def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
@@ -210,7 +212,8 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         if any((v.generic and v.generic.step == "hf") or (v.exporter and v.exporter.reduced) for v in variants)
     ]
     verdicts = precision.verify(in_torch, options.dtype, options.device)
-    verified = {name: [v.dtype for v in found if v.passed] for name, found in verdicts.items()}
+    verified = {entry.name: [] for entry in entries}  # a model with float32 or int8 exports only: none gated
+    verified.update({name: [v.dtype for v in found if v.passed] for name, found in verdicts.items()})
     exported = [
         export_model(entry.name, entry.source, task, exports, precision.export_dtype(options, verified[entry.name]))
         for (entry, variants), task in zip(plans, tasks)
@@ -355,14 +358,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-max-running",
         type=int,
         default=limits.max_running_sequences,
-        help="streaming models: most sequences in the running batch; more wait (default: %(default)s)",
+        help="streaming models: most sequences in each instance's running batch; more wait (default: %(default)s)",
     )
     add(
         "--gen-max-running-tokens",
         type=int,
         default=limits.max_running_tokens,
-        help="streaming models: bound on rows x longest (prompt + max_new_tokens) in the running batch,"
-        " i.e. KV-cache size in tokens (default: %(default)s)",
+        help="streaming models: bound on rows x longest (prompt + max_new_tokens) in each instance's running batch,"
+        " i.e. KV-cache size in tokens per instance (default: %(default)s)",
     )
     add(
         "--gen-max-waiting-steps",
@@ -375,8 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-max-waiting",
         type=int,
         default=limits.max_waiting_sequences,
-        help="streaming models: requests that may wait for a slot; more are refused at once with UNAVAILABLE"
-        " (default: %(default)s)",
+        help="streaming models: requests that may wait for a slot, per instance; more are refused at once with"
+        " UNAVAILABLE (default: %(default)s)",
     )
     add(
         "--onnx-accelerator",

@@ -100,6 +100,7 @@ def onnx_file(make: Callable[..., Path], gate: Gate, precision: str = "float32")
         step="onnxruntime",
         gate=gate,
         precision=precision,
+        native_threads="intra_op_thread_count",
     )
 
 
@@ -142,6 +143,7 @@ TORCHSCRIPT = Variant(
         gate=Exact(),
         reduced=True,
         native_parameters={"DISABLE_OPTIMIZED_EXECUTION": "true"},
+        native_threads="INTRA_OP_THREAD_COUNT",
     ),
     default=False,  # slower than the python model at concurrency 1 and 4 (perf report 2026-11-30): README, "Exported"
 )

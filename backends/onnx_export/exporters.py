@@ -114,7 +114,8 @@ def export_torchscript(source: str, spec: ExportSpec, workdir: Path, dtype: str 
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
         ) -> tuple:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-            return tuple(self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[: len(spec.outputs)])
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[: len(spec.outputs)]
+            return tuple(output.float() for output in outputs)  # the declared TYPE_FP32, whatever the precision
 
     model = load_reference(source, spec.task, torchscript=True, dtype=dtype)
     dummy = spec.dummy_inputs(2, 16, model.config.vocab_size)
@@ -146,6 +147,7 @@ class Exporter:
     precision: str = "float32"  # of the network's weights and compute, for the build's summary and the perf report
     reduced: bool = False  # made in the build's precision (make takes ``dtype``); gated by Agreement when reduced
     native_parameters: dict[str, str] = field(default_factory=dict)  # the native backend's config parameters
+    native_threads: str = ""  # the native backend's parameter for an instance's compute threads
 
     def output_names(self, spec: ExportSpec) -> list[str]:
         """libtorch names outputs by position (``logits__0``); ONNX by graph name."""
