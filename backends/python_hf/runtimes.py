@@ -16,9 +16,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, TensorFn, length_buckets, merge
+from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, TensorFn, merge
 from .steps import StepContext, step_factory
-from .text import load_tokenizer
+from .text import length_groups, load_tokenizer
 
 
 def onnxruntime_step(context: StepContext) -> TensorFn:
@@ -90,8 +90,7 @@ def fused_step(context: StepContext) -> BatchFn:
     def forward(texts: list[str]) -> dict[str, np.ndarray]:
         encoded = tokenizer(texts, **options)
         parts = []
-        for rows in length_buckets([len(ids) for ids in encoded["input_ids"]], overhead):
-            padded = tokenizer.pad({name: [encoded[name][i] for i in rows] for name in inputs}, return_tensors="np")
+        for rows, padded in length_groups(tokenizer, encoded, overhead, "np"):
             batch = {name: padded[name].astype(np.int64) for name in inputs}
             outputs = dict(zip(renamed, network(batch).values()))
             parts.append((rows, head({**batch, **outputs})))

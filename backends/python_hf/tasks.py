@@ -42,7 +42,7 @@ from tokenizers.decoders import DecodeStream
 from transformers import DynamicCache
 from transformers.utils import cached_file
 
-from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, length_buckets, merge
+from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .hardware import FLOAT32, Choice, choose
 from .heads import ClassificationHead, as_bytes, mean_pool
 from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, Limits, combine
@@ -51,7 +51,7 @@ from .scheduler import Observer, Scheduler
 from .sequence import Sequence, Stream
 from .steps import StepContext
 from .tensors import TensorSpec
-from .text import load_tokenizer
+from .text import length_groups, load_tokenizer
 
 
 class ConfigError(ValueError):
@@ -121,18 +121,11 @@ class HFTask:
     def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
         """Padded forwards over rows of similar length; arrays with one row per text, in order."""
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
-        parts = []
         with torch.inference_mode():
-            for rows in length_buckets([len(ids) for ids in encoded["input_ids"]], self.overhead_tokens):
-                padded = self.tokenizer.pad(
-                    {name: [encoded[name][i] for i in rows] for name in encoded}, return_tensors="pt"
-                )
-                parts.append(
-                    (
-                        rows,
-                        self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()}),
-                    )
-                )
+            parts = [
+                (rows, self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()}))
+                for rows, padded in length_groups(self.tokenizer, encoded, self.overhead_tokens, "pt")
+            ]
         return merge(parts, len(texts))
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

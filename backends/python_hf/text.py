@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import transformers
 
-from .batching import BatchFn
+from .batching import BatchFn, length_buckets
 from .steps import StepContext
 
 MODEL_INPUTS = (
@@ -23,6 +25,15 @@ def load_tokenizer(source: str, side: str = "right") -> transformers.PreTrainedT
     tokenizer.padding_side = tokenizer.truncation_side = side
     tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name in MODEL_INPUTS]
     return tokenizer
+
+
+def length_groups(
+    tokenizer: transformers.PreTrainedTokenizerBase, encoded: Mapping[str, list], overhead_tokens: float, tensors: str
+) -> Iterator[tuple[list[int], Mapping[str, Any]]]:
+    """Encoded rows in groups of similar length (batching.length_buckets), each padded to its longest row:
+    (row indices, padded ``tensors``: "pt" or "np")."""
+    for rows in length_buckets([len(ids) for ids in encoded["input_ids"]], overhead_tokens):
+        yield rows, tokenizer.pad({name: [encoded[name][i] for i in rows] for name in encoded}, return_tensors=tensors)
 
 
 def tokenize(context: StepContext) -> BatchFn:
