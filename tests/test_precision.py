@@ -61,6 +61,14 @@ def test_cpu_flags_are_read_from_the_kernel(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
+def test_a_cgroup_cpu_limit_caps_the_cpus(tmp_path: Path) -> None:
+    limit = tmp_path / "cpu.max"
+    for text, cpus in (("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000", 1)):
+        limit.write_text(text)
+        assert hardware.cpu_quota(limit) == cpus, text
+    assert hardware.cpu_quota(tmp_path / "missing") is None
+
+
 def test_threads_share_the_cpus_among_instances(tiny: dict[str, Path], tmp_path: Path) -> None:
     cores = hardware.cpu_count()
     assert hardware.cpu_threads("auto", 1) == cores and hardware.cpu_threads("auto", 2 * cores) == 1

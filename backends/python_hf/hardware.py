@@ -64,9 +64,19 @@ def int8_target(flags: Collection[str] | None = None) -> str:
 MAX_CPU_INSTANCES = 8  # beyond, each instance's batches get small and memory grows with every copy
 
 
+def cpu_quota(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """The cgroup v2 CPU limit in whole CPUs, rounded up (Kubernetes' ``limits.cpu``, ``docker --cpus``), if any."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+
+
 def cpu_count() -> int:
-    """The CPUs this process may run on (a container's cpuset, not the host's)."""
-    return len(os.sched_getaffinity(0))
+    """The CPUs this process may use: its cpuset, capped by its cgroup's CPU limit (a pod limited to 2 CPUs on a
+    64-core node gets 2)."""
+    return min(len(os.sched_getaffinity(0)), cpu_quota() or os.cpu_count() or 1)
 
 
 def default_instances(device: str) -> int:
