@@ -160,15 +160,19 @@ def in_process_throughput(repository: Path, name: str, batch: int, seconds: floa
     from tritonhf.backends.python_hf.steps import load_step
 
     step, context = load_step(model_config.read(repository / name / "config.pbtxt"), repository / name / "1")
-    torch.set_num_threads(int(context.parameters.get("cpu_threads", torch.get_num_threads())))
+    threads = torch.get_num_threads()  # this process's, restored after: the suite builds again later
+    torch.set_num_threads(int(context.parameters.get("cpu_threads", threads)))
     prompts = json.loads(PROMPTS.read_text())["prompts"]
     batches = [[prompts[(i * batch + j) % len(prompts)] for j in range(batch)] for i in range(len(prompts))]
-    step(batches[0])  # warm-up
-    done, start, i = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step(batches[i % len(batches)])
-        done, i = done + batch, i + 1
-    return done / (time.perf_counter() - start)
+    try:
+        step(batches[0])  # warm-up
+        done, start, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            step(batches[i % len(batches)])
+            done, i = done + batch, i + 1
+        return done / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def measure_steps(

@@ -129,6 +129,11 @@ def write_exports(root: Path, model: Exported, runtime: str, options: Any) -> li
     return (write_fused if runtime == FUSED else write_ensembles)(root, model, runtime, options)
 
 
+def head_parameters(model: Exported) -> dict[str, str]:
+    """The postprocess head's config parameters (a classifier's labels; pooling takes none)."""
+    return model.task.head.parameters() if model.spec.postprocess == "classify" else {}
+
+
 def save_tokenizer(source: str, version: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -138,7 +143,7 @@ def save_tokenizer(source: str, version: Path) -> None:
 def write_fused(root: Path, model: Exported, runtime: str, options: Any) -> list[str]:
     """One Python model per export: tokenize -> network -> head in one process (runtimes.fused_step)."""
     spec, task = model.spec, model.task
-    head = task.head.parameters() if spec.postprocess == "classify" else {}
+    head = head_parameters(model)
     names = []
     for made in model.exports:
         name = VARIANTS[made.label].served_name(model.name)
@@ -182,7 +187,7 @@ def write_ensembles(root: Path, model: Exported, runtime: str, options: Any) -> 
     batching = {"max_batch_size": options.max_batch_size}
     queue = {"queue": options.queue}
     tokenizer_parameters = {"step": "tokenize", "huggingface_model": LOCAL_WEIGHTS, "max_tokens": str(task.max_tokens)}
-    head = task.head.parameters() if spec.postprocess == "classify" else {}
+    head = head_parameters(model)
     tokenize_config = model_config.python_model(
         tokenize_step,
         model_config.tensors([PROMPT]),

@@ -118,7 +118,7 @@ def triton_config(
     is the tutorial's float32 pipeline.
     """
     generic = entry.variant.generic
-    precision = {"dtype": options.dtype, "verified_dtypes": ",".join(verified)} if generic.step == "hf" else {}
+    precision = {"dtype": options.dtype, "verified_dtypes": ",".join(verified)} if generic.eager else {}
     parameters = {
         "huggingface_model": LOCAL_WEIGHTS if entry.local else entry.source,
         "task": entry.task,
@@ -209,7 +209,7 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     in_torch = [  # served by PyTorch in the build's precision: eager, or a reduced-precision export
         (entry.name, entry.source, task)
         for (entry, variants), task in zip(plans, tasks)
-        if any((v.generic and v.generic.step == "hf") or (v.exporter and v.exporter.reduced) for v in variants)
+        if any((v.generic and v.generic.eager) or (v.exporter and v.exporter.reduced) for v in variants)
     ]
     verdicts = precision.verify(in_torch, options.dtype, options.device)
     verified = {entry.name: [] for entry in entries}  # a model with float32 or int8 exports only: none gated
@@ -228,14 +228,14 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         for (entry, variants), task in zip(tqdm(plans, desc="writing models", unit="model"), tasks):
             for variant in [v for v in variants if v.generic]:
                 served = dataclasses.replace(entry, variant=variant)
-                config = triton_config(served, task, options, verified.get(entry.name, ()))
+                config = triton_config(served, task, options, verified[entry.name])
                 write_model(staging, config, entry.source if entry.local else None)
                 manifest[served.name] = {
                     "source": entry.source,
                     "task": entry.task,
                     "variant": variant.name,
-                    "dtype": precision.served_dtype(options.dtype, options.device, verified.get(entry.name, ()))
-                    if variant.generic.step == "hf"
+                    "dtype": precision.served_dtype(options.dtype, options.device, verified[entry.name])
+                    if variant.generic.eager
                     else "float32",
                 }
         for model in exported:

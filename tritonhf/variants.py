@@ -45,6 +45,11 @@ class Generic:
     step: str = "hf"  # backends/python_hf/steps.py
     tutorial_io: bool = False  # the tutorial's interface only: no generation parameters in, no new_tokens out
 
+    @property
+    def eager(self) -> bool:
+        """Runs the whole Hugging Face model in PyTorch (not the tutorial's pipeline): takes the build's precision."""
+        return self.step == "hf"
+
 
 @dataclass(frozen=True)
 class Perf:
