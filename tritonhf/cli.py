@@ -1,4 +1,4 @@
-"""The ``tritonhf`` command: build, serve, client, standins, perf, demo."""
+"""The ``tritonhf`` command: build, push, serve, deploy, client, standins, perf, demo."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ def parser() -> argparse.ArgumentParser:
     build.set_defaults(run=repo_builder.run)
 
     serve = commands.add_parser("serve", help="start tritonserver on a repository and wait for Ctrl-C")
-    serve.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    serve.add_argument("--http-port", type=int, default=8000, help="gRPC and metrics take the next two ports")
+    serve.add_argument(
+        "--model-repository",
+        default="model_repository",
+        help="a directory, or s3://[host:port/]bucket/prefix, gs://bucket/prefix, as://account/container/prefix"
+        " (credentials from the environment; README, 'Model repositories on object storage')",
+    )
+    serve.add_argument("--http-port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--grpc-port", type=int, default=None, help="default: the HTTP port + 1")
+    serve.add_argument("--metrics-port", type=int, default=None, help="default: the HTTP port + 2")
     serve.add_argument(
         "--host",
         default="127.0.0.1",
@@ -37,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
         help="restarts of a crashed model within 10 minutes before it is left unloaded (default: %(default)s)",
     )
     serve.set_defaults(run=run_serve)
+
+    push = commands.add_parser("push", help="copy a built repository to object storage (s3://)")
+    push.add_argument("repository", type=Path, help="a repository tritonhf built")
+    push.add_argument("uri", help="s3://[host:port/]bucket/prefix (credentials: AWS_* in the environment)")
+    push.set_defaults(run=run_push)
 
     query = commands.add_parser("client", help="query a served model (same as client.py)")
     client.add_arguments(query)
@@ -134,7 +146,14 @@ def run_perf(args: argparse.Namespace) -> None:
 def run_serve(args: argparse.Namespace) -> None:
     from tritonhf.supervisor import serve
 
-    serve(args.model_repository, args.http_port, args.host, args.grace, args.max_restarts)
+    ports = (args.grpc_port, args.metrics_port)
+    serve(args.model_repository, args.http_port, args.host, args.grace, args.max_restarts, *ports)
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from tritonhf.storage import push
+
+    print(f"pushed {push(args.repository, args.uri)} files to {args.uri}")
 
 
 def run_standins(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tritonhf import TritonHFError, model_config, precision
+from tritonhf import TritonHFError, cache_dir, model_config, precision, storage
 from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_threads, default_instances
 from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.tensors import PROMPT
@@ -303,7 +304,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="new tokens before EOS may end an answer; = --gen-max-len for speed tests with random weights"
         " (default: %(default)s)",
     )
-    add("--output", type=Path, default=defaults.output, help="repository directory (default: %(default)s)")
+    add(
+        "--output",
+        default=str(defaults.output),
+        help="repository directory, or s3://[host:port/]bucket/prefix: built in the cache, then pushed there"
+        " (default: %(default)s)",
+    )
     add("--max-batch-size", type=int, default=defaults.max_batch_size, help="default: %(default)s")
     add(
         "--max-queue-delay-us",
@@ -406,7 +412,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
     except ValueError as err:
         raise TritonHFError(f"--gen-max-running, --gen-max-running-tokens, --gen-max-waiting(-steps): {err}") from None
     return BuildOptions(
-        output=args.output,
+        output=staging_for(args.output),
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         instances=args.instances,
@@ -420,6 +426,16 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
     )
 
 
+def staging_for(output: str) -> Path:
+    """Where a build is written: ``--output`` itself, or for object storage a directory in the cache, pushed after."""
+    location = storage.parse(output)
+    if location.local:
+        return Path(output)
+    if location.scheme == "pvc":
+        raise TritonHFError(f"{output}: build into a directory, then copy it onto the volume")
+    return cache_dir() / "builds" / re.sub(r"[^A-Za-z0-9._-]+", "_", output)
+
+
 def run(args: argparse.Namespace) -> Path:
     options = options_from(args)
     entries = plan(args.gen_models, args.class_models, args.embed_models, args.gen_max_len, args.gen_min_len)
@@ -429,4 +445,6 @@ def run(args: argparse.Namespace) -> Path:
     for name, served in manifest.items():
         print(f"  {name:<{width}} {served['task']:<20} {served['variant']:<12} {served['dtype']:<9} {served['source']}")
     print(f"wrote {len(manifest)} served models to {path}")
+    if not storage.parse(args.output).local:
+        print(f"pushed {storage.push(path, args.output)} files to {args.output}")
     return path

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tritonhf import TritonHFError, cache_dir
+from tritonhf.storage import parse
 
 HARMLESS = ("unable to create stream", "Failed to initialize NVML", "DCGM", "CudaDriverHelper", "pinned memory")
 
@@ -119,7 +120,7 @@ class TritonServer:
 
     def __init__(
         self,
-        repository: Path,
+        repository: Path | str,
         http_port: int | None = None,
         grpc_port: int | None = None,
         metrics_port: int | None = None,
@@ -128,7 +129,8 @@ class TritonServer:
         host: str = "127.0.0.1",
         grace: float = 30.0,
     ) -> None:
-        self.repository = Path(repository).resolve()
+        # a directory, or object storage the server reads itself (storage.py: s3://, gs://, as://)
+        self.repository = str(repository) if parse(repository).remote else Path(repository).resolve()
         self.host, self.grace = host, grace
         self.control_key = secrets.token_urlsafe(24)
         self.http_port = http_port or free_port()

@@ -25,6 +25,7 @@ restarts within ``window`` seconds, is left unloaded with the reason in the log.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -41,18 +42,23 @@ logger = logging.getLogger(__name__)
 STUB = "triton_python_backend_stub"
 
 
+INSTANCE = re.compile(r"^(?P<model>.+)_\d+_\d+$")  # <model>_<group>_<index>, e.g. gpt2_0_0
+
+
 @dataclass(frozen=True)
 class Stub:
     """One model instance's backend process, as its command line names it."""
 
     pid: int
-    model: str  # argv[1] is <repository>/<model>/<version>/model.py
+    model: str
     instance: str  # argv[8], e.g. gpt2_0_0
 
 
 def stubs(server_pid: int) -> list[Stub]:
     """The live stub processes of model instances under the server.
 
+    The model is read from the instance name, not from the model's path (argv[1]): a
+    repository on object storage is copied to a temporary directory named at random.
     Left out: zombies (dead ones), and the short-lived stub a model load starts to
     complete the model's config, which is named after the model alone and exits by design.
     """
@@ -62,9 +68,8 @@ def stubs(server_pid: int) -> list[Stub]:
             argv = child.cmdline()
             if child.status() == psutil.STATUS_ZOMBIE or not argv or Path(argv[0]).name != STUB or len(argv) <= 8:
                 continue
-            model = Path(argv[1]).parent.parent.name
-            if argv[8].startswith(f"{model}_"):  # <model>_<group>_<index>
-                found.append(Stub(child.pid, model, argv[8]))
+            if match := INSTANCE.match(argv[8]):
+                found.append(Stub(child.pid, match["model"], argv[8]))
         except psutil.Error:  # gone, or a zombie, between listing and reading
             continue
     return found
@@ -237,18 +242,22 @@ def interrupt(signum: int, frame: object) -> None:
 
 
 def serve(
-    repository: Path,
+    repository: Path | str,
     http_port: int = 8000,
     host: str = "127.0.0.1",
     grace: float = 30.0,
     max_restarts: int = 5,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """``tritonhf serve``: start, supervise, print the endpoints; drain and stop on Ctrl-C or SIGTERM.
 
-    gRPC and metrics take the two ports after ``http_port``. The supervisor
-    (supervisor.py) heals a model whose backend process dies.
+    ``repository`` is a directory or an object-storage URI (storage.py). gRPC and metrics
+    take the two ports after ``http_port`` unless given. The supervisor heals a model
+    whose backend process dies.
     """
-    server = TritonServer(repository, http_port, http_port + 1, http_port + 2, host=host, grace=grace)
+    grpc_port, metrics_port = grpc_port or http_port + 1, metrics_port or http_port + 2
+    server = TritonServer(repository, http_port, grpc_port, metrics_port, host=host, grace=grace)
     signal.signal(signal.SIGTERM, interrupt)
     print(f"starting tritonserver on {server.repository} (log: {server.log_path})", flush=True)
     with server, Supervisor(server, max_restarts=max_restarts):
