@@ -4,6 +4,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tritonhf-setup
+# perf_analyzer links libb64; the failover test puts haproxy in front of two servers (README, "Deploy on Kubernetes").
+APT_PACKAGES := libb64-0d haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo lint format test perf bench clean
@@ -12,7 +14,7 @@ setup: $(STAMP)
 
 # The venv is rebuilt only when the pins or the package metadata change.
 $(STAMP): requirements/*.txt pyproject.toml
-	@dpkg -s libb64-0d >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libb64-0d; }
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements/dev.txt -c requirements/lock-cpu.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
