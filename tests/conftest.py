@@ -1,14 +1,20 @@
-"""Shared fixtures: tiny stand-in models built once per session, and one real tritonserver."""
+"""Shared fixtures: tiny stand-in models built once per session, one real tritonserver, an S3 server on loopback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tritonhf.repo_builder import BuildOptions, ModelEntry, build, plan
-from tritonhf.server import TritonServer
+from tritonhf.server import TritonServer, free_port
 from tritonhf.standins import write_standins
 from tritonhf.variants import DEFAULT_VARIANTS
 
@@ -75,3 +81,72 @@ def server(repository: Path, request: pytest.FixtureRequest) -> Iterator[TritonS
         yield running
         if request.session.testsfailed > failed_before:
             print(f"\n--- tritonserver log ({running.log_path}), last 8000 characters ---\n{running.log()[-8000:]}")
+
+
+@dataclass(frozen=True)
+class S3:
+    """An S3-compatible server on loopback and its one bucket."""
+
+    endpoint: str  # 127.0.0.1:PORT, plain HTTP
+    bucket: str
+
+    def uri(self, prefix: str) -> str:
+        """A repository URI in Triton's form for an S3-compatible endpoint: s3://host:port/bucket/prefix."""
+        return f"s3://{self.endpoint}/{self.bucket}/{prefix}"
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=f"http://{self.endpoint}")
+
+    def keys(self, prefix: str) -> set[str]:
+        """Every object key under ``prefix/``, relative to it."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{prefix}/")
+        return {item["Key"][len(prefix) + 1 :] for page in pages for item in page.get("Contents", [])}
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """A real S3 server (moto's server mode) on 127.0.0.1 with one empty bucket, for the whole session.
+
+    Dummy credentials are set in this process's environment, so boto3 here and every server or
+    ``tritonhf`` started from here (they inherit it) reach this endpoint and nothing else: no
+    profile, no session token, no instance-metadata lookup (AWS_EC2_METADATA_DISABLED, which both
+    boto3 and Triton's AWS SDK honour). Name the repository with ``s3.uri(prefix)``.
+    """
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log:
+        moto = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            except OSError:
+                if moto.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto's S3 server did not start on 127.0.0.1:{port}:\n{log_path.read_text()[-4000:]}")
+                time.sleep(0.1)
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+                patch.delenv(name, raising=False)
+            patch.setenv("AWS_ACCESS_KEY_ID", "tritonhf-test")
+            patch.setenv("AWS_SECRET_ACCESS_KEY", "tritonhf-test")
+            patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            store = S3(f"127.0.0.1:{port}", "tritonhf")
+            store.client().create_bucket(Bucket=store.bucket)
+            yield store
+    finally:
+        moto.terminate()
+        try:
+            moto.wait(10)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait()

@@ -172,5 +172,9 @@ def write(config: Config, model_dir: Path) -> Path:
 
 def read(path: Path) -> Config:
     """Parse a config.pbtxt back into the dict form ``to_pbtxt`` takes."""
-    message = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return parse(path.read_text())
+
+
+def parse(text: str) -> Config:
+    message = text_format.Parse(text, model_config_pb2.ModelConfig())
     return json_format.MessageToDict(message, preserving_proto_field_name=True)

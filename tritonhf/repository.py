@@ -47,9 +47,9 @@ def write_model(root: Path, config: model_config.Config, weights: str | None = N
     return version
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap a finished directory in for the old one; refuse to replace what we did not build."""
-    if target.exists() and any(target.iterdir()) and not (target / MARKER).exists():
+def replace_dir(new: Path, target: Path, marker: str = MARKER) -> None:
+    """Swap a finished directory in for the old one; refuse to replace what we did not build (no ``marker``)."""
+    if target.exists() and any(target.iterdir()) and not (target / marker).exists():
         raise TritonHFError(f"{target} exists and was not built by tritonhf; choose another --output or remove it")
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)

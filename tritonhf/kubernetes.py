@@ -1,0 +1,703 @@
+"""``tritonhf deploy kubernetes``: manifests for a built repository, sized from it, as a kustomize base and overlays.
+
+What is written (``DIR`` = ``--output``)::
+
+    DIR/kustomization.yaml            the base: plain Kubernetes (kubectl apply -k DIR)
+    DIR/base/kustomization.yaml       the same base, where the overlays find it, with one file per object:
+        serviceaccount.yaml, deployment.yaml, service.yaml, poddisruptionbudget.yaml,
+        horizontalpodautoscaler.yaml, servicemonitor.yaml
+    DIR/prometheus-adapter-rules.yaml not in the base: the rule that makes the HPA's metric,
+                                      for the Prometheus adapter's own configuration
+    DIR/overlays/gpu/                 the base on GPU nodes (nvidia.com/gpu, the GPU taint)
+    DIR/overlays/kserve/              KServe instead: ServingRuntime + InferenceService
+
+It follows NVIDIA's Kubernetes deployment of Triton (server/deploy/: probes on
+the health endpoints, an HPA on queue time through the Prometheus adapter, a
+ServiceMonitor) and KServe's Triton runtime (protocols v2 and grpc-v2, HTTP
+8080 and gRPC 9000, the repository at /mnt/models), plus what their users keep
+asking for: /dev/shm as a memory-backed emptyDir sized for the Python backend,
+non-root with every capability dropped and a read-only root filesystem, and a
+termination grace that covers the server's drain.
+
+Everything is derived from the repository (``Facts``): the memory from the
+weights and the model processes, CPUs from the instance counts the build chose,
+the startup probe's budget from an estimate of the load time. The entry point is
+``tritonhf serve``, so the supervisor heals a crashed model inside the pod.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from tritonhf import TritonHFError, model_config, storage
+from tritonhf.repository import LOCAL_WEIGHTS, MARKER, replace_dir
+
+Object = dict[str, Any]
+MiB = 2**20
+
+# Ports: tritonhf serve's (Triton's defaults) and, under KServe, the ones its Triton runtime uses.
+HTTP, GRPC, METRICS = 8000, 8001, 8002
+KSERVE_HTTP, KSERVE_GRPC = 8080, 9000
+IN_IMAGE = "/models"  # where the Dockerfile builds the repository
+KSERVE_MODELS = "/mnt/models"  # where KServe's storage initializer puts storageUri
+MOUNTED = "/mnt/models"  # where a PVC is mounted
+USER = 1000  # the NGC image's triton-server user
+PRESTOP_S = 5  # endpoints are removed while the pod still serves; then SIGTERM starts the drain
+UNLOAD_S = 15  # after the drain: the models unload and the processes exit
+SECRET_DIR = "/var/run/secrets/tritonhf-storage"
+
+# Sizing (measured on the pip server, 2026-11-30): a Python-backend model process is about 400 MiB before its
+# weights (Python, torch, transformers); tritonserver itself about 40 MiB, tritonhf serve about 60 MiB.
+STUB_BASE = 512 * MiB
+SERVER_BASE = 256 * MiB
+WEIGHT_FACTOR = 1.5  # weights in memory, plus activations and allocator slack at the largest batch
+SHM_PER_STUB = 64 * MiB  # each stub's shared-memory region (1 MiB, growing with the largest batch's tensors)
+SHM_MIN = 256 * MiB
+UNKNOWN_WEIGHTS = 1024 * MiB  # a hub model whose weights live in the image's HF cache, not in the repository
+LOAD_BYTES_PER_S = 50 * MiB  # object storage -> local disk -> memory, conservatively
+LOAD_PER_STUB_S = 15  # a model process: interpreter, imports, model construction
+CREDENTIALS = {  # the environment each object store's client reads (Triton's and boto3's)
+    "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
+    "as": ("AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"),
+}
+OPTIONAL_CREDENTIALS = {"s3": ("AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN")}
+GCS_KEY = "key.json"
+HPA_METRIC = "tritonhf_queue_duration_us_per_request"
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model of the repository, as its config.pbtxt says."""
+
+    name: str
+    backend: str  # python, onnxruntime, pytorch, ensemble
+    kind: str  # KIND_CPU, KIND_GPU
+    instances: int
+    weight_bytes: int | None  # None: not in the repository (a hub model in the image's cache)
+
+    @property
+    def processes(self) -> int:
+        """Python-backend model processes (stubs): one per instance."""
+        return self.instances if self.backend == "python" else 0
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What sizing needs to know of a repository."""
+
+    models: tuple[Model, ...]
+    total_bytes: int
+
+    @property
+    def device(self) -> str:
+        return "gpu" if any(m.kind == "KIND_GPU" for m in self.models) else "cpu"
+
+    @property
+    def processes(self) -> int:
+        return sum(m.processes for m in self.models)
+
+    @property
+    def unknown(self) -> list[str]:
+        return [m.name for m in self.models if m.weight_bytes is None]
+
+    def memory(self) -> int:
+        """Every model process with its weights, the native backends' weights, the server."""
+        weights = sum(
+            m.instances * (UNKNOWN_WEIGHTS if m.weight_bytes is None else m.weight_bytes)
+            for m in self.models
+            if m.backend != "ensemble"
+        )
+        return SERVER_BASE + self.processes * STUB_BASE + int(weights * WEIGHT_FACTOR)
+
+    def shm(self) -> int:
+        return max(SHM_MIN, self.processes * SHM_PER_STUB)
+
+    def cpus(self, device: str) -> int:
+        """CPU: the instance count the build chose (one single-threaded instance per core); GPU: the Python
+        around the GPU (tokenizing, batching), one core per two model processes."""
+        if device == "gpu":
+            return max(2, math.ceil(self.processes / 2))
+        return max([m.instances for m in self.models if m.backend != "ensemble"] or [1])
+
+    def load_estimate_s(self, device: str) -> float:
+        """How long the models take to load: copy and read the bytes, start the processes a few at a time."""
+        return (
+            10 + self.total_bytes / LOAD_BYTES_PER_S + LOAD_PER_STUB_S * math.ceil(self.processes / self.cpus(device))
+        )
+
+
+WEIGHTS = (".safetensors", ".bin", ".onnx", ".onnx.data", ".pt", ".pth")
+
+
+def read_facts(files: storage.Files) -> Facts:
+    """The models of a tritonhf-built repository, from their config.pbtxt and their files' sizes."""
+    files.read(MARKER)  # built by tritonhf, and complete (a push writes it last)
+    sizes = files.sizes()
+    models = []
+    for path in sorted(p for p in sizes if PurePosixPath(p).name == "config.pbtxt"):
+        name = str(PurePosixPath(path).parent)
+        config = model_config.parse(files.read(path))
+        groups = config.get("instance_group") or [{}]
+        weights = sum(size for file, size in sizes.items() if file.startswith(f"{name}/") and file.endswith(WEIGHTS))
+        source = config.get("parameters", {}).get("huggingface_model", {}).get("string_value")
+        from_hub = source not in (None, LOCAL_WEIGHTS) and not weights  # in the image's HF cache
+        models.append(
+            Model(
+                name=name,
+                backend="ensemble" if config.get("platform") == "ensemble" else config.get("backend", "native"),
+                kind=groups[0].get("kind", "KIND_CPU"),
+                instances=sum(int(g.get("count", 1)) for g in groups),
+                weight_bytes=None if from_hub else weights,
+            )
+        )
+    if not models:
+        raise TritonHFError(f"{files.location.uri}: no models (no config.pbtxt)")
+    return Facts(tuple(models), sum(sizes.values()))
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    model_repository: str = IN_IMAGE
+    name: str = "tritonhf"
+    namespace: str | None = None
+    image: str = "tritonhf:latest"
+    replicas: int = 2
+    max_replicas: int = 8
+    device: str | None = None  # None: the repository's instance kind
+    credentials_secret: str | None = None  # None: <name>-storage; "": none (workload identity)
+    grace_s: int = 25
+    queue_target_us: int = 50_000
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+
+    @property
+    def secret(self) -> str:
+        return f"{self.name}-storage" if self.credentials_secret is None else self.credentials_secret
+
+
+def quantity(size: int) -> str:
+    """Bytes as a Kubernetes quantity, rounded up to whole MiB."""
+    return f"{math.ceil(size / MiB)}Mi"
+
+
+@dataclass
+class Pod:
+    """The parts of the server's pod that the Deployment and the KServe runtime share."""
+
+    facts: Facts
+    options: DeployOptions
+    device: str
+    copied: bool  # the server copies the repository from object storage to /tmp before loading it
+    http: int = HTTP
+    volumes: list[Object] = field(default_factory=list)
+    mounts: list[Object] = field(default_factory=list)
+    env: list[Object] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.env += [
+            {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        ]
+        self.volume("dshm", "/dev/shm", {"emptyDir": {"medium": "Memory", "sizeLimit": quantity(self.facts.shm())}})
+        self.volume("tmp", "/tmp", {"emptyDir": {"sizeLimit": quantity(self.scratch())}})
+
+    def volume(self, name: str, path: str, source: Object, read_only: bool = False) -> None:
+        self.volumes.append({"name": name, **source})
+        self.mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
+
+    def scratch(self) -> int:
+        return (int(self.facts.total_bytes * 1.2) if self.copied else 0) + 1024 * MiB
+
+    def resources(self) -> Object:
+        """Requests = limits (Guaranteed QoS: evicted last). The CPU limit is deliberate: the models size their
+        thread pools from the cgroup's CPU quota (hardware.cpu_count). /dev/shm counts against the memory limit."""
+        memory = quantity(self.facts.memory() + self.facts.shm())
+        amounts = {
+            "cpu": str(self.facts.cpus(self.device)),
+            "memory": memory,
+            "ephemeral-storage": quantity(self.scratch()),
+        }
+        if self.device == "gpu":
+            amounts["nvidia.com/gpu"] = "1"
+        return {"requests": dict(amounts), "limits": dict(amounts)}
+
+    def probes(self) -> Object:
+        """Startup gates liveness while the models load (the HTTP port opens only then); readiness
+        follows Triton's strict readiness, which the supervisor turns false while it heals a model."""
+        budget = max(120, 60 + 2 * self.facts.load_estimate_s(self.device))
+        return {
+            "startupProbe": probe("/v2/health/live", self.http, period=10, failures=math.ceil(budget / 10)),
+            "livenessProbe": probe("/v2/health/live", self.http, period=10, failures=3, timeout=5),
+            "readinessProbe": probe("/v2/health/ready", self.http, period=5, failures=2, timeout=3),
+        }
+
+    def container(self, name: str, repository: str, ports: list[Object], extra_args: Iterable[str] = ()) -> Object:
+        return {
+            "name": name,
+            "image": self.options.image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["tritonhf", "serve"],  # the supervisor: heals a crashed model, drains on SIGTERM
+            "args": [
+                "--model-repository",
+                repository,
+                "--host",
+                "0.0.0.0",
+                "--http-port",
+                str(self.http),
+                *extra_args,
+                "--grace",
+                str(self.options.grace_s),
+            ],
+            "env": self.env,
+            "ports": ports,
+            "resources": self.resources(),
+            **self.probes(),
+            "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": self.mounts,
+        }
+
+    def security(self) -> Object:
+        return {
+            "runAsNonRoot": True,
+            "runAsUser": USER,
+            "runAsGroup": USER,
+            "fsGroup": USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+
+    @property
+    def termination_grace_s(self) -> int:
+        return PRESTOP_S + self.options.grace_s + UNLOAD_S
+
+
+def probe(path: str, port: int, *, period: int, failures: int, timeout: int = 3) -> Object:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+    }
+
+
+def credentials(pod: Pod, location: storage.Location, secret: str) -> None:
+    """The object store's credentials, from a Secret: never a value in the manifests."""
+    if not secret:
+        return
+    if location.scheme == "gs":
+        pod.volume("storage-credentials", SECRET_DIR, {"secret": {"secretName": secret}}, read_only=True)
+        pod.env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{SECRET_DIR}/{GCS_KEY}"})
+        return
+    for key in CREDENTIALS.get(location.scheme, ()):
+        pod.env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+    for key in OPTIONAL_CREDENTIALS.get(location.scheme, ()):
+        pod.env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+
+
+def metadata(options: DeployOptions, name: str | None = None, **extra: Any) -> Object:
+    return {"name": name or options.name, "labels": labels(options), **extra}
+
+
+def labels(options: DeployOptions) -> dict[str, str]:
+    return {
+        **selector(options),
+        "app.kubernetes.io/component": "inference-server",
+        "app.kubernetes.io/part-of": "tritonhf",
+    }
+
+
+def selector(options: DeployOptions) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tritonhf", "app.kubernetes.io/instance": options.name}
+
+
+def named_ports(http: int, grpc: int, metrics: int) -> list[Object]:
+    return [
+        {"name": "http", "containerPort": http, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": grpc, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": metrics, "protocol": "TCP"},
+    ]
+
+
+def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
+    """The plain-Kubernetes objects, by file name."""
+    location = storage.parse(options.model_repository)
+    pod = Pod(facts, options, device, copied=location.remote)
+    repository = options.model_repository
+    if location.scheme == "pvc":
+        pod.volume("models", MOUNTED, {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}})
+        repository = str(PurePosixPath(MOUNTED, location.prefix))
+    credentials(pod, location, options.secret)
+    container = pod.container("tritonhf", repository, named_ports(HTTP, GRPC, METRICS))
+    template: Object = {
+        "metadata": {"labels": labels(options), "annotations": {"kubectl.kubernetes.io/default-container": "tritonhf"}},
+        "spec": {
+            "serviceAccountName": options.name,
+            "automountServiceAccountToken": False,
+            "securityContext": pod.security(),
+            "terminationGracePeriodSeconds": pod.termination_grace_s,
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": selector(options)},
+                }
+            ],
+            "containers": [container],
+            "volumes": pod.volumes,
+        },
+    }
+    if device == "gpu":
+        template["spec"]["tolerations"] = GPU_TOLERATIONS
+    return {
+        "serviceaccount.yaml": {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": metadata(options),  # annotate it for IRSA / Workload Identity instead of a Secret
+            "automountServiceAccountToken": False,
+        },
+        "deployment.yaml": {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(options),
+            "spec": {
+                "replicas": options.replicas,
+                "revisionHistoryLimit": 3,
+                "selector": {"matchLabels": selector(options)},
+                # a new pod serves before an old one goes: capacity never drops during a rollout
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                "template": template,
+            },
+        },
+        "service.yaml": {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(options),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector(options),
+                "ports": [
+                    {"name": "http", "port": HTTP, "targetPort": "http", "protocol": "TCP"},
+                    {
+                        "name": "grpc",
+                        "port": GRPC,
+                        "targetPort": "grpc",
+                        "protocol": "TCP",
+                        "appProtocol": "kubernetes.io/h2c",
+                    },
+                    {"name": "metrics", "port": METRICS, "targetPort": "metrics", "protocol": "TCP"},
+                ],
+            },
+        },
+        "poddisruptionbudget.yaml": {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": metadata(options),
+            "spec": {
+                "maxUnavailable": 1,  # never minAvailable = replicas: that would block every node drain
+                "selector": {"matchLabels": selector(options)},
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",  # a crash-looping pod must not block a drain
+            },
+        },
+        "horizontalpodautoscaler.yaml": {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": metadata(options),
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": options.name},
+                "minReplicas": options.replicas,
+                "maxReplicas": options.max_replicas,
+                "metrics": [
+                    {
+                        "type": "Pods",
+                        "pods": {
+                            "metric": {"name": HPA_METRIC},
+                            "target": {"type": "AverageValue", "averageValue": str(options.queue_target_us)},
+                        },
+                    }
+                ],
+                "behavior": {
+                    # a pod takes its load time to serve: add pods at once, remove them slowly
+                    "scaleUp": {
+                        "stabilizationWindowSeconds": 0,
+                        "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}],
+                    },
+                    "scaleDown": {
+                        "stabilizationWindowSeconds": 300,
+                        "policies": [{"type": "Pods", "value": 1, "periodSeconds": 120}],
+                    },
+                },
+            },
+        },
+        "servicemonitor.yaml": {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": metadata(options),
+            "spec": {
+                "selector": {"matchLabels": selector(options)},
+                "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+            },
+        },
+    }
+
+
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def queue_time_query(matchers: str) -> str:
+    """Queue time per request over the last minute, in microseconds, for the series ``matchers`` selects."""
+    return (
+        f"sum(rate(nv_inference_queue_duration_us{{{matchers}}}[1m])) by (<<.GroupBy>>)"
+        f" / clamp_min(sum(rate(nv_inference_request_success{{{matchers}}}[1m])) by (<<.GroupBy>>), 0.001)"
+    )
+
+
+def adapter_rules(options: DeployOptions) -> Object:
+    """The Prometheus adapter rule behind the HPA's metric: Triton's cumulative queue time over its successful
+    requests, per pod (every model of the pod; an ensemble's queueing happens in its steps)."""
+    rule = {
+        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": "^nv_inference_queue_duration_us$", "as": HPA_METRIC},
+        "metricsQuery": queue_time_query("<<.LabelMatchers>>"),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(options, f"{options.name}-prometheus-adapter-rules"),
+        "data": {"config.yaml": yaml.safe_dump({"rules": [rule]}, sort_keys=False)},
+    }
+
+
+def gpu_patch(options: DeployOptions) -> Object:
+    gpu = {"nvidia.com/gpu": "1"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": options.name},
+        "spec": {
+            "template": {
+                "spec": {
+                    "tolerations": GPU_TOLERATIONS,
+                    "containers": [{"name": "tritonhf", "resources": {"requests": gpu, "limits": gpu}}],
+                }
+            }
+        },
+    }
+
+
+def kserve_storage_uri(location: storage.Location) -> str | None:
+    """KServe's storage initializer's form of the repository URI; None: the repository is in the image."""
+    if location.local:
+        return None
+    if location.scheme == "as":  # KServe names Azure blobs by their HTTPS address
+        account, container = location.container.split("/")
+        return f"https://{account}.blob.core.windows.net/{container}/{location.prefix}".rstrip("/")
+    return f"{location.scheme}://{location.container}/{location.prefix}".rstrip("/")
+
+
+def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
+    """A namespaced ServingRuntime for this image, and an InferenceService on the repository (RawDeployment, KEDA)."""
+    location = storage.parse(options.model_repository)
+    pod = Pod(facts, options, device, copied=False, http=KSERVE_HTTP)  # KServe copies to a volume of its own
+    uri = kserve_storage_uri(location)
+    ports = [{"containerPort": KSERVE_HTTP, "protocol": "TCP"}]
+    extra = ("--grpc-port", str(KSERVE_GRPC), "--metrics-port", str(METRICS))
+    container = pod.container("kserve-container", KSERVE_MODELS if uri else options.model_repository, ports, extra)
+    runtime_spec: Object = {
+        "annotations": {"prometheus.kserve.io/port": str(METRICS), "prometheus.kserve.io/path": "/metrics"},
+        "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": False}],
+        "protocolVersions": ["v2", "grpc-v2"],
+        "containers": [container],
+        "volumes": pod.volumes,
+    }
+    if device == "gpu":
+        runtime_spec["tolerations"] = GPU_TOLERATIONS
+    pods = f'pod=~"{options.name}-predictor-.*"'
+    model: Object = {"modelFormat": {"name": "triton", "version": "2"}, "runtime": options.name}
+    if uri:
+        model["storageUri"] = uri
+    service_account: Object = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(options, f"{options.name}-kserve"),
+    }
+    if options.secret and uri and location.scheme != "pvc":
+        # KServe's storage initializer reads the credentials (and, for S3, the endpoint's annotations) from the
+        # Secrets of the predictor's service account
+        service_account["secrets"] = [{"name": options.secret}]
+    return {
+        "servingruntime.yaml": {
+            "apiVersion": "serving.kserve.io/v1alpha1",
+            "kind": "ServingRuntime",
+            "metadata": metadata(options),
+            "spec": runtime_spec,
+        },
+        "serviceaccount.yaml": service_account,
+        "inferenceservice.yaml": {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": metadata(
+                options,
+                annotations={
+                    "serving.kserve.io/deploymentMode": "RawDeployment",
+                    "serving.kserve.io/autoscalerClass": "keda",
+                },
+            ),
+            "spec": {
+                "predictor": {
+                    "serviceAccountName": f"{options.name}-kserve",
+                    "minReplicas": options.replicas,
+                    "maxReplicas": options.max_replicas,
+                    "terminationGracePeriodSeconds": pod.termination_grace_s,
+                    "securityContext": pod.security(),
+                    "autoScaling": {
+                        "metrics": [
+                            {
+                                "type": "External",
+                                "external": {
+                                    "metric": {
+                                        "backend": "prometheus",
+                                        "serverAddress": options.prometheus_url,
+                                        "query": queue_time_query(pods).replace(" by (<<.GroupBy>>)", ""),
+                                    },
+                                    # the query is already an average over the pods: HPA's Value target
+                                    "target": {"type": "Value", "value": str(options.queue_target_us)},
+                                },
+                            }
+                        ]
+                    },
+                    "model": model,
+                },
+            },
+        },
+        "podmonitor.yaml": {  # KServe's Services expose the predictor's port only: scrape the pods
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": metadata(options),
+            "spec": {
+                "selector": {"matchLabels": {"serving.kserve.io/inferenceservice": options.name}},
+                "podMetricsEndpoints": [{"targetPort": METRICS, "path": "/metrics", "interval": "15s"}],
+            },
+        },
+    }
+
+
+def kustomization(resources: Iterable[str], namespace: str | None = None, **extra: Any) -> Object:
+    body: Object = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    if namespace:
+        body["namespace"] = namespace
+    return {**body, "resources": list(resources), **extra}
+
+
+def literal(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    """Multi-line strings (the adapter's rules) as YAML block literals."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+class Dumper(yaml.SafeDumper):
+    pass
+
+
+Dumper.add_representer(str, literal)
+
+
+def write_yaml(path: Path, body: Object, note: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        HEADER + "".join(f"# {line}\n" for line in note.splitlines()) + yaml.dump(body, Dumper=Dumper, sort_keys=False)
+    )
+
+
+GPU_NOTE = """One GPU per pod, on a node with NVIDIA's device plugin. The models use it only if the repository was
+built with --device gpu (KIND_GPU instances); `tritonhf deploy --device gpu` sizes the base for it too."""
+ADAPTER_NOTE = f"""Not part of any kustomization: the Prometheus adapter reads one configuration of its own. Merge these
+rules into it (Helm chart prometheus-community/prometheus-adapter: values `rules.custom`); the HPA's
+metric {HPA_METRIC} is the per-pod series this rule makes."""
+HEADER = "# Generated by `tritonhf deploy kubernetes`; change it with kustomize patches, or generate it again.\n"
+DEPLOY_MARKER = ".tritonhf-deploy.json"
+
+
+def deploy(built: storage.Files, options: DeployOptions, output: Path) -> dict[str, int]:
+    """Write the base and the overlays to ``output`` (replaced whole); returns object counts per kustomization."""
+    facts = read_facts(built)
+    device = options.device or facts.device
+    if device == "cpu" and facts.device == "gpu":
+        raise TritonHFError("the repository's models run on the GPU (KIND_GPU): deploy it with --device gpu")
+    objects, serving = base(facts, options, device), kserve(facts, options, device)
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        for name, body in objects.items():
+            write_yaml(staging / "base" / name, body)
+        write_yaml(staging / "base" / "kustomization.yaml", kustomization(objects, options.namespace))
+        # kustomize refuses an overlay inside its base's directory (a cycle): the base is base/, and DIR's own
+        # kustomization is the base too, so that `kubectl apply -k DIR` deploys it
+        write_yaml(staging / "kustomization.yaml", kustomization(["base"]))
+        write_yaml(staging / "prometheus-adapter-rules.yaml", adapter_rules(options), ADAPTER_NOTE)
+        gpu = staging / "overlays" / "gpu"
+        write_yaml(gpu / "deployment-gpu.yaml", gpu_patch(options), GPU_NOTE)
+        write_yaml(gpu / "kustomization.yaml", kustomization(["../../base"], patches=[{"path": "deployment-gpu.yaml"}]))
+        for name, body in serving.items():
+            write_yaml(staging / "overlays" / "kserve" / name, body)
+        write_yaml(staging / "overlays" / "kserve" / "kustomization.yaml", kustomization(serving, options.namespace))
+        summary = {
+            "repository": options.model_repository,
+            "device": device,
+            "models": len(facts.models),
+            "model_processes": facts.processes,
+            "load_estimate_s": round(facts.load_estimate_s(device), 1),
+            "assumed_weights": facts.unknown,
+        }
+        (staging / DEPLOY_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        replace_dir(staging, output, marker=DEPLOY_MARKER)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"base": len(objects), "gpu": len(objects), "kserve": len(serving)}
+
+
+def next_steps(options: DeployOptions, output: Path) -> str:
+    """What to run after ``deploy``: the Secret (if any), then apply."""
+    location = storage.parse(options.model_repository)
+    lines = []
+    secret = options.secret
+    if secret and location.scheme == "s3":
+        lines.append(
+            f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... "
+            "--from-literal=AWS_SECRET_ACCESS_KEY=... [--from-literal=AWS_DEFAULT_REGION=...]"
+        )
+        if location.endpoint:
+            host = location.endpoint.split("://", 1)[1]
+            https = int(location.endpoint.startswith("https"))
+            lines.append(
+                f"kubectl annotate secret {secret} serving.kserve.io/s3-endpoint={host}"
+                f" serving.kserve.io/s3-usehttps={https}   # KServe only"
+            )
+    elif secret and location.scheme == "gs":
+        lines.append(f"kubectl create secret generic {secret} --from-file={GCS_KEY}=service-account.json")
+    elif secret and location.scheme == "as":
+        lines.append(
+            f"kubectl create secret generic {secret} --from-literal=AZURE_STORAGE_ACCOUNT=... "
+            "--from-literal=AZURE_STORAGE_KEY=..."
+        )
+    lines += [
+        f"kubectl apply -k {output}                    # Deployment, Service, PDB, HPA, ServiceMonitor",
+        f"kubectl apply -k {output}/overlays/gpu       # or: the same on GPU nodes",
+        f"kubectl apply -k {output}/overlays/kserve    # or: KServe (ServingRuntime + InferenceService)",
+        f"# HPA metric {HPA_METRIC}: merge {output}/prometheus-adapter-rules.yaml into the Prometheus adapter's rules",
+    ]
+    return "\n".join(lines)
