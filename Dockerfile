@@ -32,6 +32,8 @@ RUN python3 repo_builder.py --output /models --device "$DEVICE" \
         --gen-models "$GEN_MODELS" --class-models "$CLASS_MODELS" --embed-models "$EMBED_MODELS"
 ENV HF_HUB_OFFLINE=1
 
+# Non-root from here: the NGC image's triton-server user (uid 1000), as the Kubernetes manifests run it.
+USER 1000:1000
 EXPOSE 8000 8001 8002
 # tritonhf serve runs the tritonserver on PATH under its supervisor: a model whose backend process dies is
 # reloaded, readiness is false meanwhile, SIGTERM drains. The container opens the ports to the network.

@@ -240,7 +240,9 @@ def test_pods_run_non_root_read_only_with_no_capabilities(rendered: dict[str, Ob
         assert writable == {"/dev/shm", "/tmp"}, "the only writable paths: the Python backend's and the server's"
         assert {"name": "HOME", "value": "/tmp"} in container["env"]
     pod = one(rendered[""], "Deployment")["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    user = pod["securityContext"]["runAsUser"]
+    assert pod["securityContext"]["runAsNonRoot"] and user != 0
+    assert f"USER {user}:{user}" in (ROOT / "Dockerfile").read_text(), "the image runs as the pods do"
     assert pod["automountServiceAccountToken"] is False
 
 
