@@ -389,3 +389,17 @@ def test_the_repositorys_facts(repository: Path) -> None:
     assert len(facts.models) == len(configs)
     assert all(m.weight_bytes for m in facts.models if m.backend == "python" and m.name.endswith("_model"))
     assert DeployOptions().secret == "tritonhf-storage"
+
+
+def test_sizes_read_from_s3_equal_those_read_from_the_local_copy(
+    repository: Path, s3: Any, tmp_path: Path, deployed: Callable[..., Path]
+) -> None:
+    """Deploying straight from the pushed repository (no --built) reads it from S3, and sizes the pods the same."""
+    uri = s3.uri("deploy/repo")
+    storage.push(repository, uri)
+    assert read_facts(storage.Files(uri)) == read_facts(storage.Files(repository))
+    output = tmp_path / "k8s"
+    assert cli.main(["deploy", "kubernetes", "--model-repository", uri, "--output", str(output)]) == 0
+    local = deployed(uri)
+    for name in ("base/deployment.yaml", "overlays/kserve/servingruntime.yaml"):
+        assert (output / name).read_text() == (local / name).read_text()

@@ -99,7 +99,7 @@ class Files:
     def sizes(self) -> dict[str, int]:
         """Relative path -> bytes, every file."""
         if self.root is not None:
-            return {str(p.relative_to(self.root)): p.stat().st_size for p in self.root.rglob("*") if p.is_file()}
+            return {name: (self.root / name).stat().st_size for name in local_files(self.root)}
         return dict(self.objects())
 
     def read(self, relative: str) -> str:
@@ -121,6 +121,13 @@ class Files:
                 yield item["Key"][len(prefix) :], item["Size"]
 
 
+def local_files(root: Path) -> list[str]:
+    """A local repository's files, relative; a local server's bytecode (__pycache__) is not the repository's."""
+    return sorted(
+        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and "__pycache__" not in path.parts
+    )
+
+
 def push(repository: Path, uri: str) -> int:
     """Copy a built repository to object storage, so that build and serve can run on different machines.
 
@@ -140,11 +147,7 @@ def push(repository: Path, uri: str) -> int:
         if location.scheme not in commands:
             raise TritonHFError(f"{uri}: not object storage")
         raise TritonHFError(f"tritonhf pushes to s3:// only; for {uri} use: {commands[location.scheme]}")
-    files = sorted(
-        str(path.relative_to(repository))
-        for path in repository.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts  # a local server's bytecode is not the repository's
-    )
+    files = local_files(repository)
     client = s3_client(location)
     stale = sorted({key for key, _ in Files(uri).objects()} - set(files))  # listed before the upload
     for name in tqdm([f for f in files if f != MARKER], desc=f"push to {uri}", unit="file"):
