@@ -48,8 +48,7 @@ MiB = 2**20
 HTTP, GRPC, METRICS = 8000, 8001, 8002
 KSERVE_HTTP, KSERVE_GRPC = 8080, 9000
 IN_IMAGE = "/models"  # where the Dockerfile builds the repository
-KSERVE_MODELS = "/mnt/models"  # where KServe's storage initializer puts storageUri
-MOUNTED = "/mnt/models"  # where a PVC is mounted
+MOUNT = "/mnt/models"  # where a PVC is mounted, and where KServe's storage initializer puts storageUri
 USER = 1000  # the NGC image's triton-server user
 PRESTOP_S = 5  # endpoints are removed while the pod still serves; then SIGTERM starts the drain
 UNLOAD_S = 15  # after the drain: the models unload and the processes exit
@@ -337,8 +336,8 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
     pod = Pod(facts, options, device, copied=location.remote)
     repository = options.model_repository
     if location.scheme == "pvc":
-        pod.volume("models", MOUNTED, {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}})
-        repository = str(PurePosixPath(MOUNTED, location.prefix))
+        pod.volume("models", MOUNT, {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}})
+        repository = str(PurePosixPath(MOUNT, location.prefix))
     credentials(pod, location, options.secret)
     container = pod.container("tritonhf", repository, named_ports(HTTP, GRPC, METRICS))
     template: Object = {
@@ -516,7 +515,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
     uri = kserve_storage_uri(location)
     ports = [{"containerPort": KSERVE_HTTP, "protocol": "TCP"}]
     extra = ("--grpc-port", str(KSERVE_GRPC), "--metrics-port", str(METRICS))
-    container = pod.container("kserve-container", KSERVE_MODELS if uri else options.model_repository, ports, extra)
+    container = pod.container("kserve-container", MOUNT if uri else options.model_repository, ports, extra)
     runtime_spec: Object = {
         "annotations": {"prometheus.kserve.io/port": str(METRICS), "prometheus.kserve.io/path": "/metrics"},
         "supportedModelFormats": [{"name": "triton", "version": "2", "autoSelect": False}],
