@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -89,6 +90,7 @@ class S3:
 
     endpoint: str  # 127.0.0.1:PORT, plain HTTP
     bucket: str
+    log: Path  # the server's access log
 
     def uri(self, prefix: str) -> str:
         """A repository URI in Triton's form for an S3-compatible endpoint: s3://host:port/bucket/prefix."""
@@ -103,6 +105,11 @@ class S3:
         """Every object key under ``prefix/``, relative to it."""
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{prefix}/")
         return {item["Key"][len(prefix) + 1 :] for page in pages for item in page.get("Contents", [])}
+
+    def writes(self, since: int = 0) -> list[tuple[str, str]]:
+        """(method, path) of every write the server logged from byte ``since`` of its log on, in order."""
+        text = self.log.read_bytes()[since:].decode(errors="replace")
+        return re.findall(r'"(?:\x1b\[[0-9;]*m)*(PUT|POST|DELETE) (\S+) HTTP', text)
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +147,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
             patch.setenv("AWS_SECRET_ACCESS_KEY", "tritonhf-test")
             patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
             patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            store = S3(f"127.0.0.1:{port}", "tritonhf")
+            store = S3(f"127.0.0.1:{port}", "tritonhf", log_path)
             store.client().create_bucket(Bucket=store.bucket)
             yield store
     finally:

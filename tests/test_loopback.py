@@ -47,8 +47,10 @@ import pytest
 
 from tritonhf import cli
 from tritonhf.repo_builder import staging_for
+from tritonhf.repository import MARKER
 from tritonhf.server import free_port
-from tritonhf.storage import push
+from tritonhf.storage import local_files, push
+from tritonhf.supervisor import STUB
 
 from .conftest import CLASSIFIER, S3
 from .helpers import PROMPTS, in_process, until
@@ -70,6 +72,7 @@ IN_ROTATION_BOUND_S = (FALL + 1) * INTER_S + SLACK_S
 # the probe: a backoff longer than periodSeconds * (failureThreshold + 1), plus the endpoints' propagation.
 RETRY_AFTER_S = IN_ROTATION_BOUND_S
 CLIENTS = 8  # client threads, each with one request in flight
+WARM_S, DOWN_S, REVIVED_S = 3.0, 3.0, 4.0  # load before the kill, after the replica left the rotation, after revival
 SCORE_ATOL = 1e-5  # float32 scores under dynamic batching (padding) against the request run alone in process
 READY_TIMEOUT_S = 90  # a tiny model from S3 is ready in about 6 s alone; two at once under load take longer
 PREFIX = "prod/repo"
@@ -99,28 +102,29 @@ def expected(pushed: tuple[str, Path]) -> dict[str, tuple[str, float]]:
     }
 
 
-def files(repository: Path) -> set[str]:
-    """A repository's files as push uploads them (a local server's bytecode is not the repository's)."""
-    return {
-        str(p.relative_to(repository)) for p in repository.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    }
-
-
 def test_a_push_deletes_what_the_new_build_lacks(s3: S3, pushed: tuple[str, Path], tmp_path: Path) -> None:
     local = pushed[1]
-    assert s3.keys(PREFIX) == files(local), "build --output s3:// uploaded exactly the build"
+    assert s3.keys(PREFIX) == set(local_files(local)), "build --output s3:// uploaded exactly the build"
     repository = tmp_path / "repo"
     shutil.copytree(local, repository, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(repository / CLASSIFIER, repository / "retired")
     target = s3.uri("prune/repo")
-    assert push(repository, target) == len(files(repository))
-    assert s3.keys("prune/repo") == files(repository)
+    assert push(repository, target) == len(local_files(repository))
+    assert s3.keys("prune/repo") == set(local_files(repository))
     s3.client().put_object(Bucket=s3.bucket, Key="prune/repo-next/keep", Body=b"a neighbour sharing the prefix's text")
     shutil.rmtree(repository / "retired")
+    since = s3.log.stat().st_size
     push(repository, target)
-    assert s3.keys("prune/repo") == files(repository), "the removed model's objects were deleted"
+    assert s3.keys("prune/repo") == set(local_files(repository)), "the removed model's objects were deleted"
     assert s3.keys("prune/repo-next") == {"keep"}, "a push deletes under its own prefix only"
-    assert s3.keys(PREFIX) == files(local)
+    assert s3.keys(PREFIX) == set(local_files(local))
+    # As the S3 server saw it: the earlier manifest went first, the new one came last, so that no manifest
+    # vouched for the prefix while it held a mix of both builds.
+    manifest = f"/{s3.bucket}/prune/repo/{MARKER}"
+    until(lambda: ("PUT", manifest) in s3.writes(since), timeout=10, what="the server to log the manifest")
+    writes = s3.writes(since)
+    assert writes[0] == ("DELETE", manifest) and writes[-1] == ("PUT", manifest), writes
+    assert ("POST", f"/{s3.bucket}?delete") in writes, "the stale objects went in one bulk delete"
 
 
 # --- replicas: `tritonhf serve` from the s3:// URI, each like a pod ----------------------------------------
@@ -132,6 +136,11 @@ class Replica:
     Like a pod, it is the CLI, its tritonserver and the model's stub processes. The CLI leads a
     session of its own; so does the tritonserver it starts (server.py), so killing the replica as a
     whole means every process group under it, each noted while it was alive.
+
+    Triton copies each model from object storage to ``/tmp/folderXXXXXX`` (fixed: TMPDIR is not
+    read) and removes the copy when it unloads the model; a killed server leaves it behind. A pod's
+    emptyDir would go with the pod (but survive a restart of its container); here the copies the
+    replica's stubs ran from are removed once it is dead.
     """
 
     def __init__(self, name: str, uri: str, workdir: Path) -> None:
@@ -139,23 +148,25 @@ class Replica:
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.groups: set[int] = set()
+        self.copies: set[Path] = set()  # Triton's copies of the models
         self.logs: list[Path] = []
+        self.terminated = False
 
     def start(self) -> Replica:
         self.logs.append(self.workdir / f"{self.name}-{len(self.logs) + 1}.log")
         argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", self.uri, "--grace", "5"]
         ports = ["--http-port", self.http_port, "--grpc-port", self.grpc_port, "--metrics-port", self.metrics_port]
-        env = {**os.environ, "TMPDIR": str(self.workdir)}  # the server's log and its copy of the repository
+        env = {**os.environ, "TMPDIR": str(self.workdir)}  # where the CLI puts the server's log
         with self.logs[-1].open("wb") as log:
             self.process = subprocess.Popen(
                 [*argv, *map(str, ports)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        self.groups.add(self.process.pid)
+        self.groups, self.terminated = {self.process.pid}, False
         return self
 
     def ready(self) -> bool:
         try:
-            return request(self.http_port, "GET", "/v2/health/ready", timeout=2)[0] == 200
+            return call(self.http_port, "GET", "/v2/health/ready", timeout=2)[0] == 200
         except (OSError, http.client.HTTPException):
             return False
 
@@ -170,11 +181,23 @@ class Replica:
         self.track()
 
     def track(self) -> None:
-        """Note the process groups under the CLI: its tritonserver leads one of its own."""
+        """Note the process groups under the CLI (its tritonserver leads one of its own) and the models' copies."""
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.process.pid).children(recursive=True):
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, psutil.Error):
                     self.groups.add(os.getpgid(child.pid))
+                    argv = child.cmdline()
+                    if len(argv) > 1 and Path(argv[0]).name == STUB:  # argv[1]: <copy>/<version>/model.py
+                        copy = Path(argv[1]).parents[1]
+                        if copy.parent == Path("/tmp") and copy.name.startswith("folder"):
+                            self.copies.add(copy)
+
+    def terminate(self) -> None:
+        """SIGTERM, once, as at a pod's deletion: the CLI drains and stops its server."""
+        if self.process is not None and self.process.poll() is None and not self.terminated:
+            self.track()
+            self.process.send_signal(signal.SIGTERM)
+            self.terminated = True
 
     def kill(self) -> None:
         """SIGKILL to every process of the replica at once, as when a pod's container is killed."""
@@ -183,15 +206,21 @@ class Replica:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
         self.process.wait()
+        deadline = time.monotonic() + 10
+        while left := self.alive():
+            assert time.monotonic() < deadline, f"replica {self.name} outlived SIGKILL: {left}"
+            time.sleep(0.05)
+        for copy in self.copies:
+            shutil.rmtree(copy, ignore_errors=True)
+        self.groups, self.copies = set(), set()  # all gone: their numbers may be reused
 
     def stop(self) -> None:
-        """SIGTERM, as at a pod's deletion: the CLI drains and stops its server; then nothing of it may live on."""
-        if self.process is not None and self.process.poll() is None:
-            self.track()
-            self.process.send_signal(signal.SIGTERM)
+        """Terminate, wait for the drain, then make sure that nothing of the replica lives on."""
+        if self.process is not None:
+            self.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(30)
-        self.kill()
+            self.kill()
 
     def alive(self) -> list[str]:
         """Processes left in the replica's groups (zombies not counted: nothing of them runs)."""
@@ -214,7 +243,7 @@ class Replica:
         return "\n".join(parts)
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
+def call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
@@ -255,17 +284,17 @@ def replicas(
         yield pair
     finally:
         for replica in pair:  # both drain at once
-            if replica.process is not None and replica.process.poll() is None:
-                replica.track()
-                replica.process.send_signal(signal.SIGTERM)
-        for replica in pair:
-            if replica.process is not None:
-                replica.stop()
-        if request.session.testsfailed > failed_before:
+            replica.terminate()
+        with contextlib.ExitStack() as stops:  # every stop runs, whatever one of them raises; then the logs
+            stops.callback(show_logs, pair, request, failed_before)
             for replica in pair:
-                print(f"\n--- replica {replica.name} ---\n{replica.output()}")
-        left = [line for replica in pair for line in replica.alive()]
-        assert not left, f"processes of the replicas outlived them: {left}"
+                stops.callback(replica.stop)
+
+
+def show_logs(pair: tuple[Replica, ...], request: pytest.FixtureRequest, failed_before: int) -> None:
+    if request.session.testsfailed > failed_before:
+        for replica in pair:
+            print(f"\n--- replica {replica.name} ---\n{replica.output()}")
 
 
 def test_serve_from_object_storage_answers_as_in_process(
@@ -274,7 +303,7 @@ def test_serve_from_object_storage_answers_as_in_process(
     for replica in replicas:
         assert "starting tritonserver on s3://" in replica.logs[-1].read_text()
         for prompt, want in expected.items():
-            status, body = request(replica.http_port, "POST", MODEL_PATH, infer_body(prompt))
+            status, body = call(replica.http_port, "POST", MODEL_PATH, infer_body(prompt))
             assert status == 200, body
             assert agrees(answer(body), want), (replica.name, prompt, answer(body), want)
 
@@ -285,7 +314,7 @@ def test_serve_from_object_storage_answers_as_in_process(
 @pytest.fixture(scope="module")
 def haproxy() -> str:
     """The haproxy binary; a missing one fails the tests that need it, never skips them."""
-    found = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")  # sbin: not on PATH
     if found is None:
         pytest.fail("haproxy is not installed: apt-get install haproxy (or make setup)")
     return found
@@ -342,12 +371,17 @@ backend replicas
             while chunk := client.recv(65536):
                 chunks.append(chunk)
         rows = csv.DictReader(io.StringIO(b"".join(chunks).decode().lstrip("# ")))
-        return {row["svname"]: row for row in rows if row["pxname"] == "replicas" and row["svname"] not in ("BACKEND",)}
+        return {row["svname"]: row for row in rows if row["pxname"] == "replicas" and row["svname"] != "BACKEND"}
 
-    def up(self, name: str) -> bool:
-        with contextlib.suppress(OSError):
-            return self.stat()[name]["status"] == "UP"
-        return False
+    def wait_up(self, names: list[str], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):  # the socket is not there yet
+                if all(self.stat().get(name, {}).get("status") == "UP" for name in names):
+                    return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"haproxy did not see {names} up within {timeout} s:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -426,13 +460,15 @@ class Clients:
             for attempt in range(2):  # the first attempt and one retry
                 if attempt:
                     time.sleep(RETRY_AFTER_S)
-                why = ""
                 try:
                     connection.request("POST", MODEL_PATH, infer_body(prompt), {"Content-Type": "application/json"})
                     response = connection.getresponse()
                     body = response.read()
                     if response.status == 200:
-                        sent.got = answer(body)
+                        try:
+                            sent.got = answer(body)
+                        except (ValueError, KeyError, IndexError):  # answered, but not a classification: lost
+                            sent.failures.append((time.monotonic(), f"bad answer: {body[:200]!r}"))
                         break
                     why = f"HTTP {response.status}"
                     if response.status < 500:  # not a replica going away: wrong, and not to be retried
@@ -460,9 +496,6 @@ def delta(after: dict[str, dict[str, str]], before: dict[str, dict[str, str]], n
     return int(after[name][column] or 0) - int(before[name][column] or 0)
 
 
-WARM_S, DOWN_S, REVIVED_S = 3.0, 3.0, 4.0  # load before the kill, after the replica left the rotation, after revival
-
-
 def test_a_killed_replica_leaves_the_rotation_and_comes_back(
     replicas: tuple[Replica, Replica],
     expected: dict[str, tuple[str, float]],
@@ -475,7 +508,7 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
     with contextlib.ExitStack() as stack:
         balancer = Balancer(haproxy, {r.name: r.http_port for r in replicas}, tmp_path)
         stack.callback(balancer.stop)
-        until(lambda: all(balancer.up(r.name) for r in replicas), timeout=30, what="haproxy to see both replicas up")
+        balancer.wait_up([r.name for r in replicas])
         poller = Poller(balancer)
         poller.start()
         stack.callback(poller.stop)
@@ -490,6 +523,7 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
         down_at = poller.first(victim.name, ("DOWN",), killed_at)
         at_down = poller.rows
         time.sleep(DOWN_S)
+        while_down = balancer.stat()
 
         restarted_at = time.monotonic()
         victim.start()
@@ -528,6 +562,7 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
             "econ": delta(at_down, loaded, victim.name, "econ"),
             "eresp": delta(at_down, loaded, victim.name, "eresp"),
         },
+        "dead_replica_once_down": delta(while_down, at_down, victim.name, "stot"),
         "failures": sorted({why for s in retried for _, why in s.failures}),
         "restart_to_up_s": round(back_at - restarted_at, 2),
         "after_revival": after_revival,
@@ -548,10 +583,11 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
     assert not wrong, wrong[:5]
     assert retried, "the kill cost no request a retry: did the killed replica take traffic?"
     assert in_rotation_s <= IN_ROTATION_BOUND_S, figures
+    assert figures["dead_replica_once_down"] == 0, "haproxy sent the replica requests after marking it DOWN"
     # Only the kill's window costs retries: requests already sent to the dead replica, and those haproxy
     # sent it until its checks failed; none while it comes back (haproxy waits for its readiness).
-    failed_at = [when for s in retried for when, _ in s.failures]
-    assert killed_at <= min(failed_at) and max(failed_at) <= down_at + INTER_S, (killed_at, down_at, failed_at)
+    first, last = min(s.failures[0][0] for s in retried), max(s.failures[0][0] for s in retried)
+    assert killed_at <= first and last <= down_at + INTER_S, (killed_at, first, last, down_at)
     warm = clients.between(started, killed_at)
     assert figures["before_kill"][victim.name] >= 0.2 * len(warm), figures
     assert after_revival[victim.name] >= 0.2 * sum(after_revival.values()), figures

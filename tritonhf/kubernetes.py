@@ -213,7 +213,10 @@ class Pod:
         self.mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
 
     def scratch(self) -> int:
-        return (int(self.facts.total_bytes * 1.2) if self.copied else 0) + 1024 * MiB
+        """/tmp: the server's copy of a repository on object storage, twice. Triton removes its copy when it
+        unloads a model; a server killed outright leaves it behind, and the emptyDir outlives a restart of the
+        container. A second crash's leftover overflows the limit: the pod is evicted, and replaced with a clean one."""
+        return (int(self.facts.total_bytes * 2.2) if self.copied else 0) + 1024 * MiB
 
     def resources(self) -> Object:
         """Requests = limits (Guaranteed QoS: evicted last). The CPU limit is deliberate: the models size their

@@ -149,11 +149,16 @@ def push(repository: Path, uri: str) -> int:
         raise TritonHFError(f"tritonhf pushes to s3:// only; for {uri} use: {commands[location.scheme]}")
     files = local_files(repository)
     client = s3_client(location)
-    stale = sorted({key for key, _ in Files(uri).objects()} - set(files))  # listed before the upload
+    existing = {key for key, _ in Files(uri).objects()}  # listed before the upload
+    stale = sorted(existing - set(files))
+    if MARKER in existing:  # a push over an earlier one: its manifest must not vouch for the files in between
+        client.delete_object(Bucket=location.container, Key=location.key(MARKER))
     for name in tqdm([f for f in files if f != MARKER], desc=f"push to {uri}", unit="file"):
         client.upload_file(str(repository / name), location.container, location.key(name))
     for start in range(0, len(stale), 1000):  # S3's bulk delete takes 1000 keys
         keys = [{"Key": location.key(name)} for name in stale[start : start + 1000]]
-        client.delete_objects(Bucket=location.container, Delete={"Objects": keys})
+        failed = client.delete_objects(Bucket=location.container, Delete={"Objects": keys}).get("Errors", [])
+        if failed:  # S3 answers 200 and lists the keys it did not delete
+            raise TritonHFError(f"{uri}: could not delete {len(failed)} stale objects: {failed[:3]}")
     client.upload_file(str(repository / MARKER), location.container, location.key(MARKER))  # complete
     return len(files)
