@@ -27,6 +27,7 @@ the startup probe's budget from an estimate of the load time. The entry point is
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -703,3 +704,72 @@ def next_steps(options: DeployOptions, output: Path) -> str:
         f"# HPA metric {HPA_METRIC}: merge {output}/prometheus-adapter-rules.yaml into the Prometheus adapter's rules",
     ]
     return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = DeployOptions()
+    add = parser.add_argument
+    add(
+        "--model-repository",
+        default=defaults.model_repository,
+        help="where the pods read the repository: s3://[host:port/]bucket/prefix, gs://bucket/prefix,"
+        " as://account/container/prefix, pvc://claim/subpath, or a path inside the image (default: %(default)s,"
+        " where the Dockerfile builds it)",
+    )
+    add("--output", type=Path, required=True, help="directory for the kustomize base and overlays (replaced)")
+    add(
+        "--built",
+        type=Path,
+        default=None,
+        help="a local copy of the built repository to size the pods from (default: --model-repository itself,"
+        " read from S3 or this machine; needed for gs://, as://, pvc://)",
+    )
+    add("--name", default=defaults.name, help="objects' name and app.kubernetes.io/instance (default: %(default)s)")
+    add("--namespace", default=None, help="kustomize namespace (default: none, kubectl's)")
+    add("--image", default=defaults.image, help="the Dockerfile's image, pushed to a registry (default: %(default)s)")
+    add("--replicas", type=int, default=defaults.replicas, help="and the HPA's minimum (default: %(default)s)")
+    add("--max-replicas", type=int, default=defaults.max_replicas, help="the HPA's maximum (default: %(default)s)")
+    add(
+        "--device",
+        choices=("cpu", "gpu"),
+        default=None,
+        help="size the base for it; default: the repository's instance kind",
+    )
+    add(
+        "--credentials-secret",
+        default=None,
+        help="Secret holding the object store's credentials (default: <name>-storage; '' for none:"
+        " IRSA / Workload Identity on the service account)",
+    )
+    add("--grace", type=int, default=defaults.grace_s, help="seconds a stopping pod drains (default: %(default)s)")
+    add(
+        "--queue-target-ms",
+        type=float,
+        default=defaults.queue_target_us / 1000,
+        help="the autoscaler's target: queue time per request (default: %(default)s)",
+    )
+    add("--prometheus-url", default=defaults.prometheus_url, help="KServe's KEDA scaler queries it")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.replicas < 1 or args.max_replicas < args.replicas:
+        raise TritonHFError("--replicas must be >= 1 and --max-replicas >= --replicas")
+    options = DeployOptions(
+        model_repository=args.model_repository,
+        name=args.name,
+        namespace=args.namespace,
+        image=args.image,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        device=args.device,
+        credentials_secret=args.credentials_secret,
+        grace_s=args.grace,
+        queue_target_us=round(args.queue_target_ms * 1000),
+        prometheus_url=args.prometheus_url,
+    )
+    built = args.built or args.model_repository
+    if args.built is None and storage.parse(built).local and not Path(built).exists():
+        raise TritonHFError(f"{built} is a path inside the image: pass the built repository with --built DIR")
+    counts = deploy(storage.Files(built), options, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{target} {count} objects" for target, count in counts.items()))
+    print(next_steps(options, args.output))
