@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tritonhf import storage
 from tritonhf.repo_builder import BuildOptions, ModelEntry, build, plan
 from tritonhf.server import TritonServer, free_port
 from tritonhf.standins import write_standins
@@ -97,14 +98,11 @@ class S3:
         return f"s3://{self.endpoint}/{self.bucket}/{prefix}"
 
     def client(self) -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=f"http://{self.endpoint}")
+        return storage.s3_client(storage.parse(self.uri("")))
 
     def keys(self, prefix: str) -> set[str]:
         """Every object key under ``prefix/``, relative to it."""
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{prefix}/")
-        return {item["Key"][len(prefix) + 1 :] for page in pages for item in page.get("Contents", [])}
+        return {key for key, _ in storage.Files(self.uri(prefix)).objects()}
 
     def writes(self, since: int = 0) -> list[tuple[str, str]]:
         """(method, path) of every write the server logged from byte ``since`` of its log on, in order."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,13 @@ import pytest
 import yaml
 
 from tritonhf import cli, storage
-from tritonhf.kubernetes import (
-    GPU_TOLERATIONS,
-    HPA_METRIC,
-    PRESTOP_S,
-    SHM_PER_STUB,
-    DeployOptions,
-    Facts,
-    Model,
-    read_facts,
-)
+from tritonhf.kubernetes import GPU_TOLERATIONS, PRESTOP_S, DeployOptions, Pod, queue_time_query
+from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.server import TritonServer
+from tritonhf.sizing import Facts, Model, read_facts
+
+from .conftest import CLASSIFIER, GEN_MAX_LEN
+from .helpers import PROMPTS, alone, metric
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(os.environ.get("TRITONHF_K8S_SCHEMAS") or ROOT.parent / "shared" / "k8s-schemas")
@@ -95,15 +92,36 @@ def render(kubectl: str, directory: Path) -> Objects:
 
 
 def validate(body: dict[str, Any], schemas: Path) -> str:
-    """Core kinds against Kubernetes' schemas (strict: unknown fields fail), the rest against their CRD's schema."""
+    """Core kinds against Kubernetes' schemas, the rest against their CRD's schema; strict: unknown fields fail."""
     if body["kind"] in CORE_KINDS:
         for version in VERSIONS:
             kubernetes_validate.validate(body, version, strict=True)
         return f"kubernetes {'/'.join(VERSIONS)}"
     group, version = body["apiVersion"].split("/")
     schema = schemas / f"{body['kind'].lower()}-{group.split('.')[0]}-{version}.json"
-    jsonschema.Draft7Validator(json.loads(schema.read_text())).validate(body)
+    jsonschema.Draft7Validator(strict(json.loads(schema.read_text()))).validate(body)
     return schema.name
+
+
+def strict(schema: Any) -> Any:
+    """A CRD schema that refuses unknown fields, as the API server prunes (or, with strict field validation,
+    rejects) them: every object with ``properties`` closed, but for metadata (checked by the API server)."""
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: strict(value) for key, value in schema.items()}
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        closed.setdefault("additionalProperties", False)
+        closed["properties"] = {key: strict(value) for key, value in schema["properties"].items()}
+    return closed
+
+
+def test_crd_validation_refuses_a_misspelt_field(schemas: Path) -> None:
+    service = {"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", "metadata": {"name": "x"}}
+    validate({**service, "spec": {"predictor": {"minReplicas": 1}}}, schemas)
+    with pytest.raises(jsonschema.ValidationError, match="storageURI"):
+        validate({**service, "spec": {"predictor": {"model": {"storageURI": "s3://b/p"}}}}, schemas)
 
 
 def one(objects: Objects, kind: str) -> dict[str, Any]:
@@ -168,8 +186,6 @@ def test_probes_point_at_the_health_endpoints_on_served_ports(rendered: dict[str
         for name, path in [("startupProbe", "/v2/health/live"), ("livenessProbe", "/v2/health/live")]:
             assert container[name]["httpGet"] == {"path": path, "port": http}, (overlay, name)
         assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http}
-        startup = container["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "room for the models to load"
     kserve = container_of(rendered["overlays/kserve"])
     assert "--http-port" in kserve["args"] and kserve["args"][kserve["args"].index("--http-port") + 1] == "8080"
     assert kserve["args"][kserve["args"].index("--grpc-port") + 1] == "9000"  # KServe's grpc-v2 port
@@ -218,7 +234,7 @@ def test_shm_is_a_memory_volume_sized_for_the_model_processes(rendered: dict[str
         shm = pod_volumes(rendered[overlay])[mounts["/dev/shm"]]["emptyDir"]
         assert shm["medium"] == "Memory"
         size = quantity_bytes(shm["sizeLimit"])
-        assert size >= processes * SHM_PER_STUB
+        assert size >= processes * 64 * 2**20, "64 MiB per model process at least"
         limits, requests = container["resources"]["limits"], container["resources"]["requests"]
         assert limits == requests, "Guaranteed QoS"
         assert quantity_bytes(limits["memory"]) > size + processes * 400 * 2**20, "shm counts against the limit"
@@ -277,12 +293,13 @@ def test_the_hpa_metric_is_the_one_the_adapter_rule_makes(
     """The HPA scales on the rule's per-pod series, and the rule reads metrics a real tritonserver exports."""
     hpa = one(rendered[""], "HorizontalPodAutoscaler")["spec"]
     (metric,) = hpa["metrics"]
-    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == HPA_METRIC
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == DeployOptions().metric
     assert metric["pods"]["target"]["type"] == "AverageValue"
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    assert "replicas" not in one(rendered[""], "Deployment")["spec"], "the HPA owns the count"
     adapter = yaml.safe_load((deployed(URIS["gs"]) / "prometheus-adapter-rules.yaml").read_text())
     (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
-    assert rule["name"]["as"] == HPA_METRIC
+    assert rule["name"]["as"] == DeployOptions().metric
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         exported = {line.split()[2] for line in response.read().decode().splitlines() if line.startswith("# TYPE")}
@@ -324,6 +341,8 @@ def test_credentials_come_from_a_secret_never_inline(uri: str, deployed: Callabl
             )
             continue
         volumes = pod_volumes(objects)
+        writable = {mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")}
+        assert writable == {"/dev/shm", "/tmp"}, "the repository and the credentials are mounted read-only"
         if location.scheme == "s3":
             assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys() and repository == uri
         elif location.scheme == "as":
@@ -350,9 +369,10 @@ def test_the_gpu_overlay_asks_for_a_gpu(rendered: dict[str, Objects]) -> None:
     resources = pod["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "1"
     assert pod["tolerations"] == GPU_TOLERATIONS
+    assert resources["limits"] == resources["requests"]
     base = container_of(rendered[""])["resources"]
     assert "nvidia.com/gpu" not in base["limits"], "the CPU repository's base asks for no GPU"
-    assert {k: v for k, v in resources["limits"].items() if k != "nvidia.com/gpu"} == base["limits"]
+    assert resources["limits"]["memory"] == base["limits"]["memory"], "the same models in host memory"
 
 
 def test_kserve_runtime_speaks_v2_on_its_ports(rendered: dict[str, Objects]) -> None:
@@ -364,6 +384,15 @@ def test_kserve_runtime_speaks_v2_on_its_ports(rendered: dict[str, Objects]) -> 
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     account = one(rendered["overlays/kserve"], "ServiceAccount")
     assert account["secrets"] == [{"name": "tritonhf-storage"}], "the storage initializer's credentials"
+    container = runtime["containers"][0]
+    assert container["ports"][0]["containerPort"] == 8080, "the predictor's port comes first"
+    monitor = one(rendered["overlays/kserve"], "PodMonitor")["spec"]
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    assert {"name": endpoint["port"], "containerPort": 8002, "protocol": "TCP"} in container["ports"]
+    assert monitor["selector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": service["metadata"]["name"]}
+    storage_bytes = quantity_bytes(container["resources"]["limits"]["ephemeral-storage"])
+    repository_bytes = quantity_bytes(container_of(rendered[""])["resources"]["limits"]["ephemeral-storage"]) / 2.2
+    assert storage_bytes > repository_bytes, "the storage initializer's copy counts against the pod's disk"
 
 
 def test_sizing_follows_the_models() -> None:
@@ -372,15 +401,27 @@ def test_sizing_follows_the_models() -> None:
 
     def facts(instances: int, weights: int | None) -> Facts:
         models = (Model("a", "python", "KIND_CPU", instances, weights), Model("e", "ensemble", "KIND_CPU", 1, 0))
-        return Facts(models, weights or 0)
+        return Facts(models, weights or 0, ("a",))
 
-    small, large = facts(1, 2**28), facts(4, 2**28)
-    assert large.memory() > small.memory() and large.shm() >= small.shm()
-    assert (small.cpus("cpu"), large.cpus("cpu")) == (1, 4)
-    assert large.load_estimate_s("cpu") >= small.load_estimate_s("cpu")
+    small, large = facts(1, 2**28), facts(8, 2**28)
+    assert large.memory() > small.memory() and large.shm() > small.shm()
+    assert (small.cpus("cpu"), large.cpus("cpu")) == (1, 8)
     assert facts(1, None).unknown == ["a"] and facts(1, None).memory() > small.memory()
-    gpu = Facts((Model("a", "python", "KIND_GPU", 1, 2**28),), 2**28)
+    gpu = Facts((Model("a", "python", "KIND_GPU", 1, 2**28),), 2**28, ("a",))
     assert gpu.device == "gpu" and gpu.cpus("gpu") >= 2
+
+
+def test_the_startup_budget_grows_with_the_repository() -> None:
+    """A repository that takes longer to load gets more startup probes; a tiny one still gets two minutes."""
+
+    def startup(models: int, size: int) -> int:
+        """``models`` one-instance models of ``size`` bytes each: one CPU, their processes start in turn."""
+        facts = Facts(tuple(Model(f"m{i}", "python", "KIND_CPU", 1, size) for i in range(models)), models * size, ())
+        probe = Pod(facts, DeployOptions(), "cpu", in_tmp=0.0).probes()["startupProbe"]
+        return probe["periodSeconds"] * probe["failureThreshold"]
+
+    assert startup(1, 2**20) == 120
+    assert startup(1, 2**20) < startup(1, 20 * 2**30) and startup(1, 2**20) < startup(16, 2**20)
 
 
 def test_the_repositorys_facts(repository: Path) -> None:
@@ -403,3 +444,37 @@ def test_sizes_read_from_s3_equal_those_read_from_the_local_copy(
     local = deployed(uri)
     for name in ("base/deployment.yaml", "overlays/kserve/servingruntime.yaml"):
         assert (output / name).read_text() == (local / name).read_text()
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A classifier exported as a three-step ensemble (tokenize -> network -> postprocess), served."""
+    options = BuildOptions(
+        output=tmp_path_factory.mktemp("ensemble") / "repo",
+        variants=("onnx",),
+        runtime="python-ensemble",
+        instances=1,
+        dtype="float32",
+    )
+    with TritonServer(build(plan([], [str(tiny[CLASSIFIER])], [], GEN_MAX_LEN), options)) as running:
+        yield running
+
+
+def test_the_queue_rule_counts_each_client_request_once(ensemble_server: TritonServer) -> None:
+    """On a real server's counters: the rule's denominator (requests of the served models) grows by the client's
+    requests, while the same counter over every model grows by each step's too."""
+    facts = read_facts(storage.Files(ensemble_server.repository))
+    assert len(facts.models) == 4 and len(facts.served) == 1, facts
+    query = queue_time_query("", facts.served)
+    pattern = re.search(r'nv_inference_request_success\{model=~"((?:[^"\\]|\\.)*)"\}', query)[1]
+    served = re.compile(pattern.replace("\\\\", "\\"))  # the PromQL string literal's escapes undone
+
+    def requests() -> dict[str, float]:
+        return {m.name: metric(ensemble_server, "nv_inference_request_success", m.name) for m in facts.models}
+
+    before = requests()
+    for prompt in PROMPTS[:6]:
+        alone(ensemble_server, facts.served[0], [prompt])
+    grown = {name: count - before[name] for name, count in requests().items()}
+    assert sum(count for name, count in grown.items() if served.fullmatch(name)) == 6
+    assert sum(grown.values()) == 6 * 4, "the ensemble and each of its three steps count every request"

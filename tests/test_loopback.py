@@ -45,12 +45,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tritonhf import cli
+from tritonhf import TritonHFError, cli
 from tritonhf.repo_builder import staging_for
 from tritonhf.repository import MARKER
 from tritonhf.server import free_port
-from tritonhf.storage import local_files, push
-from tritonhf.supervisor import STUB
+from tritonhf.storage import PUSHING, local_files, push
+from tritonhf.supervisor import STUB, stubs
 
 from .conftest import CLASSIFIER, S3
 from .helpers import PROMPTS, in_process, until
@@ -118,13 +118,22 @@ def test_a_push_deletes_what_the_new_build_lacks(s3: S3, pushed: tuple[str, Path
     assert s3.keys("prune/repo") == set(local_files(repository)), "the removed model's objects were deleted"
     assert s3.keys("prune/repo-next") == {"keep"}, "a push deletes under its own prefix only"
     assert s3.keys(PREFIX) == set(local_files(local))
-    # As the S3 server saw it: the earlier manifest went first, the new one came last, so that no manifest
-    # vouched for the prefix while it held a mix of both builds.
-    manifest = f"/{s3.bucket}/prune/repo/{MARKER}"
-    until(lambda: ("PUT", manifest) in s3.writes(since), timeout=10, what="the server to log the manifest")
+    # As the S3 server saw it: a push under way is marked first, then the earlier manifest goes, the new one
+    # comes last, so that no manifest vouched for the prefix while it held a mix of both builds.
+    manifest, pushing = (f"/{s3.bucket}/prune/repo/{name}" for name in (MARKER, PUSHING))
+    until(lambda: ("DELETE", pushing) in s3.writes(since), timeout=10, what="the server to log the push's end")
     writes = s3.writes(since)
-    assert writes[0] == ("DELETE", manifest) and writes[-1] == ("PUT", manifest), writes
+    assert writes[:2] == [("PUT", pushing), ("DELETE", manifest)], writes
+    assert writes[-2:] == [("PUT", manifest), ("DELETE", pushing)], writes
     assert ("POST", f"/{s3.bucket}?delete") in writes, "the stale objects went in one bulk delete"
+
+
+def test_a_push_never_replaces_what_it_did_not_push(s3: S3, pushed: tuple[str, Path]) -> None:
+    s3.client().put_object(Bucket=s3.bucket, Key="shared/notes.txt", Body=b"someone else's")
+    for target in (f"s3://{s3.endpoint}/{s3.bucket}", s3.uri("shared")):  # the bucket's root; a foreign prefix
+        with pytest.raises(TritonHFError, match="prefix"):
+            push(pushed[1], target)
+    assert s3.keys("shared") == {"notes.txt"}
 
 
 # --- replicas: `tritonhf serve` from the s3:// URI, each like a pod ----------------------------------------
@@ -306,6 +315,23 @@ def test_serve_from_object_storage_answers_as_in_process(
             status, body = call(replica.http_port, "POST", MODEL_PATH, infer_body(prompt))
             assert status == 200, body
             assert agrees(answer(body), want), (replica.name, prompt, answer(body), want)
+
+
+def test_a_model_served_from_object_storage_heals(
+    replicas: tuple[Replica, Replica], expected: dict[str, tuple[str, float]]
+) -> None:
+    """The supervisor finds the stubs of models the server copied from S3 to a random directory, and heals them."""
+    replica = replicas[1]
+    (server,) = [p for p in psutil.Process(replica.process.pid).children() if p.name() == "tritonserver"]
+    (stub,) = stubs(server.pid)
+    assert stub.model == CLASSIFIER and "/tmp/folder" in psutil.Process(stub.pid).cmdline()[1]
+    os.kill(stub.pid, signal.SIGKILL)
+    until(lambda: "serving again" in replica.logs[-1].read_text(), timeout=60, what="the supervisor to heal it")
+    until(replica.ready, timeout=30, what="readiness")
+    prompt = PROMPTS[0]
+    status, body = call(replica.http_port, "POST", MODEL_PATH, infer_body(prompt))
+    assert status == 200 and agrees(answer(body), expected[prompt]), body
+    replica.track()
 
 
 # --- haproxy: the Service and its readiness checks --------------------------------------------------------

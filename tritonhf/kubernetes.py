@@ -30,20 +30,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
-from tritonhf import TritonHFError, model_config, storage
-from tritonhf.repository import LOCAL_WEIGHTS, MARKER, replace_dir
+from tritonhf import TritonHFError, storage
+from tritonhf.repository import replace_dir
+from tritonhf.sizing import Facts, MiB, read_facts
 
 Object = dict[str, Any]
-MiB = 2**20
 
 # Ports: tritonhf serve's (Triton's defaults) and, under KServe, the ones its Triton runtime uses.
 HTTP, GRPC, METRICS = 8000, 8001, 8002
@@ -55,113 +56,13 @@ PRESTOP_S = 5  # endpoints are removed while the pod still serves; then SIGTERM 
 UNLOAD_S = 15  # after the drain: the models unload and the processes exit
 SECRET_DIR = "/var/run/secrets/tritonhf-storage"
 
-# Sizing (measured on the pip server, 2026-11-30): a Python-backend model process is about 400 MiB before its
-# weights (Python, torch, transformers); tritonserver itself about 40 MiB, tritonhf serve about 60 MiB.
-STUB_BASE = 512 * MiB
-SERVER_BASE = 256 * MiB
-WEIGHT_FACTOR = 1.5  # weights in memory, plus activations and allocator slack at the largest batch
-SHM_PER_STUB = 64 * MiB  # each stub's shared-memory region (1 MiB, growing with the largest batch's tensors)
-SHM_MIN = 256 * MiB
-UNKNOWN_WEIGHTS = 1024 * MiB  # a hub model whose weights live in the image's HF cache, not in the repository
-LOAD_BYTES_PER_S = 50 * MiB  # object storage -> local disk -> memory, conservatively
-LOAD_PER_STUB_S = 15  # a model process: interpreter, imports, model construction
 CREDENTIALS = {  # the environment each object store's client reads (Triton's and boto3's)
     "s3": ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"),
     "as": ("AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"),
 }
 OPTIONAL_CREDENTIALS = {"s3": ("AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN")}
-GCS_KEY = "key.json"
-HPA_METRIC = "tritonhf_queue_duration_us_per_request"
-
-
-@dataclass(frozen=True)
-class Model:
-    """One model of the repository, as its config.pbtxt says."""
-
-    name: str
-    backend: str  # python, onnxruntime, pytorch, ensemble
-    kind: str  # KIND_CPU, KIND_GPU
-    instances: int
-    weight_bytes: int | None  # None: not in the repository (a hub model in the image's cache)
-
-    @property
-    def processes(self) -> int:
-        """Python-backend model processes (stubs): one per instance."""
-        return self.instances if self.backend == "python" else 0
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What sizing needs to know of a repository."""
-
-    models: tuple[Model, ...]
-    total_bytes: int
-
-    @property
-    def device(self) -> str:
-        return "gpu" if any(m.kind == "KIND_GPU" for m in self.models) else "cpu"
-
-    @property
-    def processes(self) -> int:
-        return sum(m.processes for m in self.models)
-
-    @property
-    def unknown(self) -> list[str]:
-        return [m.name for m in self.models if m.weight_bytes is None]
-
-    def memory(self) -> int:
-        """Every model process with its weights, the native backends' weights, the server."""
-        weights = sum(
-            m.instances * (UNKNOWN_WEIGHTS if m.weight_bytes is None else m.weight_bytes)
-            for m in self.models
-            if m.backend != "ensemble"
-        )
-        return SERVER_BASE + self.processes * STUB_BASE + int(weights * WEIGHT_FACTOR)
-
-    def shm(self) -> int:
-        return max(SHM_MIN, self.processes * SHM_PER_STUB)
-
-    def cpus(self, device: str) -> int:
-        """CPU: the instance count the build chose (one single-threaded instance per core); GPU: the Python
-        around the GPU (tokenizing, batching), one core per two model processes."""
-        if device == "gpu":
-            return max(2, math.ceil(self.processes / 2))
-        return max([m.instances for m in self.models if m.backend != "ensemble"] or [1])
-
-    def load_estimate_s(self, device: str) -> float:
-        """How long the models take to load: copy and read the bytes, start the processes a few at a time."""
-        return (
-            10 + self.total_bytes / LOAD_BYTES_PER_S + LOAD_PER_STUB_S * math.ceil(self.processes / self.cpus(device))
-        )
-
-
-WEIGHTS = (".safetensors", ".bin", ".onnx", ".onnx.data", ".pt", ".pth")
-
-
-def read_facts(files: storage.Files) -> Facts:
-    """The models of a tritonhf-built repository, from their config.pbtxt and their files' sizes."""
-    files.read(MARKER)  # built by tritonhf, and complete (a push writes it last)
-    sizes = files.sizes()
-    models = []
-    for path in sorted(p for p in sizes if PurePosixPath(p).name == "config.pbtxt"):
-        name = str(PurePosixPath(path).parent)
-        config = model_config.parse(files.read(path))
-        groups = config.get("instance_group") or [{}]
-        weights = sum(size for file, size in sizes.items() if file.startswith(f"{name}/") and file.endswith(WEIGHTS))
-        source = config.get("parameters", {}).get("huggingface_model", {}).get("string_value")
-        from_hub = source not in (None, LOCAL_WEIGHTS) and not weights  # in the image's HF cache
-        models.append(
-            Model(
-                name=name,
-                backend="ensemble" if config.get("platform") == "ensemble" else config.get("backend", "native"),
-                kind=groups[0].get("kind", "KIND_CPU"),
-                instances=sum(int(g.get("count", 1)) for g in groups),
-                weight_bytes=None if from_hub else weights,
-            )
-        )
-    if not models:
-        raise TritonHFError(f"{files.location.uri}: no models (no config.pbtxt)")
-    return Facts(tuple(models), sum(sizes.values()))
+GCS_KEY = "gcloud-application-credentials.json"  # the key KServe's storage initializer reads too
+CONTAINER = "tritonhf"  # the Deployment's container; the gpu overlay's patch names it
 
 
 @dataclass(frozen=True)
@@ -177,6 +78,11 @@ class DeployOptions:
     grace_s: int = 25
     queue_target_us: int = 50_000
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+
+    @property
+    def metric(self) -> str:
+        """The HPA's per-pod metric: one per deployment, as its adapter rule knows this repository's models."""
+        return f"{self.name.replace('-', '_').replace('.', '_')}_queue_duration_us_per_request"
 
     @property
     def secret(self) -> str:
@@ -195,7 +101,8 @@ class Pod:
     facts: Facts
     options: DeployOptions
     device: str
-    copied: bool  # the server copies the repository from object storage to /tmp before loading it
+    in_tmp: float  # copies of the repository in /tmp: the server's own, of object storage (see scratch)
+    elsewhere: float = 0.0  # copies on other disk volumes of the pod (KServe's storage initializer's)
     http: int = HTTP
     volumes: list[Object] = field(default_factory=list)
     mounts: list[Object] = field(default_factory=list)
@@ -217,7 +124,7 @@ class Pod:
         """/tmp: the server's copy of a repository on object storage, twice. Triton removes its copy when it
         unloads a model; a server killed outright leaves it behind, and the emptyDir outlives a restart of the
         container. A second crash's leftover overflows the limit: the pod is evicted, and replaced with a clean one."""
-        return (int(self.facts.total_bytes * 2.2) if self.copied else 0) + 1024 * MiB
+        return int(self.facts.total_bytes * self.in_tmp) + 1024 * MiB
 
     def resources(self) -> Object:
         """Requests = limits (Guaranteed QoS: evicted last). The CPU limit is deliberate: the models size their
@@ -226,7 +133,7 @@ class Pod:
         amounts = {
             "cpu": str(self.facts.cpus(self.device)),
             "memory": memory,
-            "ephemeral-storage": quantity(self.scratch()),
+            "ephemeral-storage": quantity(self.scratch() + int(self.facts.total_bytes * self.elsewhere)),
         }
         if self.device == "gpu":
             amounts["nvidia.com/gpu"] = "1"
@@ -334,18 +241,25 @@ def named_ports(http: int, grpc: int, metrics: int) -> list[Object]:
     ]
 
 
-def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
-    """The plain-Kubernetes objects, by file name."""
+def server_pod(facts: Facts, options: DeployOptions, device: str) -> tuple[Pod, str]:
+    """The Deployment's pod, wired to the repository: (the pod, where the server reads the repository)."""
     location = storage.parse(options.model_repository)
-    pod = Pod(facts, options, device, copied=location.remote)
+    pod = Pod(facts, options, device, in_tmp=2.2 if location.remote else 0.0)
     repository = options.model_repository
     if location.scheme == "pvc":
-        pod.volume("models", MOUNT, {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}})
+        claim = {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}}
+        pod.volume("models", MOUNT, claim, read_only=True)
         repository = str(PurePosixPath(MOUNT, location.prefix))
     credentials(pod, location, options.secret)
-    container = pod.container("tritonhf", repository, named_ports(HTTP, GRPC, METRICS))
+    return pod, repository
+
+
+def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
+    """The plain-Kubernetes objects, by file name."""
+    pod, repository = server_pod(facts, options, device)
+    container = pod.container(CONTAINER, repository, named_ports(HTTP, GRPC, METRICS))
     template: Object = {
-        "metadata": {"labels": labels(options), "annotations": {"kubectl.kubernetes.io/default-container": "tritonhf"}},
+        "metadata": {"labels": labels(options), "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER}},
         "spec": {
             "serviceAccountName": options.name,
             "automountServiceAccountToken": False,
@@ -377,7 +291,7 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
             "kind": "Deployment",
             "metadata": metadata(options),
             "spec": {
-                "replicas": options.replicas,
+                # no replicas: the HPA owns the count (from minReplicas), and an apply would reset it
                 "revisionHistoryLimit": 3,
                 "selector": {"matchLabels": selector(options)},
                 # a new pod serves before an old one goes: capacity never drops during a rollout
@@ -427,7 +341,7 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
                     {
                         "type": "Pods",
                         "pods": {
-                            "metric": {"name": HPA_METRIC},
+                            "metric": {"name": options.metric},
                             "target": {"type": "AverageValue", "averageValue": str(options.queue_target_us)},
                         },
                     }
@@ -460,33 +374,38 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
-def queue_time_query(matchers: str) -> str:
-    """Queue time per request over the last minute, in microseconds, for the series ``matchers`` selects."""
+def queue_time_query(matchers: str, served: Sequence[str], group: str = "") -> str:
+    """Queue time per client request over the last minute, in microseconds: the queue time of every model
+    (an ensemble's queueing happens in its steps) over the requests of the served models only (an ensemble's
+    steps count each of its requests again). ``group``: a ``by (...)`` clause."""
+    names = "|".join(re.sub(r"([.+*?()|\[\]{}^$\\])", r"\\\1", name) for name in served)  # RE2, literally
+    names = names.replace("\\", "\\\\")  # inside a PromQL string literal
+    requests = f'{matchers},model=~"{names}"' if matchers else f'model=~"{names}"'
     return (
-        f"sum(rate(nv_inference_queue_duration_us{{{matchers}}}[1m])) by (<<.GroupBy>>)"
-        f" / clamp_min(sum(rate(nv_inference_request_success{{{matchers}}}[1m])) by (<<.GroupBy>>), 0.001)"
+        f"sum(rate(nv_inference_queue_duration_us{{{matchers}}}[1m])){group}"
+        f" / clamp_min(sum(rate(nv_inference_request_success{{{requests}}}[1m])){group}, 0.001)"
     )
 
 
-def adapter_rules(options: DeployOptions) -> Object:
-    """The Prometheus adapter rule behind the HPA's metric: Triton's cumulative queue time over its successful
-    requests, per pod (every model of the pod; an ensemble's queueing happens in its steps)."""
+def adapter_rules(facts: Facts, options: DeployOptions) -> Object:
+    """The Prometheus adapter rule behind the HPA's metric: ``queue_time_query`` for each pod."""
     rule = {
         "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
         "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": HPA_METRIC},
-        "metricsQuery": queue_time_query("<<.LabelMatchers>>"),
+        "name": {"matches": "^nv_inference_queue_duration_us$", "as": options.metric},
+        "metricsQuery": queue_time_query("<<.LabelMatchers>>", facts.served, " by (<<.GroupBy>>)"),
     }
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(options, f"{options.name}-prometheus-adapter-rules"),
-        "data": {"config.yaml": yaml.safe_dump({"rules": [rule]}, sort_keys=False)},
+        "data": {"config.yaml": yaml.safe_dump({"rules": [rule]}, sort_keys=False, width=100_000)},
     }
 
 
-def gpu_patch(options: DeployOptions) -> Object:
-    gpu = {"nvidia.com/gpu": "1"}
+def gpu_patch(facts: Facts, options: DeployOptions) -> Object:
+    """The base's container sized for the GPU (one GPU; CPUs for the Python around it), the GPU taint tolerated."""
+    resources = server_pod(facts, options, "gpu")[0].resources()
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -495,7 +414,7 @@ def gpu_patch(options: DeployOptions) -> Object:
             "template": {
                 "spec": {
                     "tolerations": GPU_TOLERATIONS,
-                    "containers": [{"name": "tritonhf", "resources": {"requests": gpu, "limits": gpu}}],
+                    "containers": [{"name": CONTAINER, "resources": resources}],
                 }
             }
         },
@@ -515,9 +434,12 @@ def kserve_storage_uri(location: storage.Location) -> str | None:
 def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
     """A namespaced ServingRuntime for this image, and an InferenceService on the repository (RawDeployment, KEDA)."""
     location = storage.parse(options.model_repository)
-    pod = Pod(facts, options, device, copied=False, http=KSERVE_HTTP)  # KServe copies to a volume of its own
+    pod = Pod(facts, options, device, in_tmp=0.0, elsewhere=1.2, http=KSERVE_HTTP)  # KServe copies it itself
     uri = kserve_storage_uri(location)
-    ports = [{"containerPort": KSERVE_HTTP, "protocol": "TCP"}]
+    ports = [  # the first is the predictor's; the metrics port is there for the PodMonitor to find
+        {"name": "http", "containerPort": KSERVE_HTTP, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": METRICS, "protocol": "TCP"},
+    ]
     extra = ("--grpc-port", str(KSERVE_GRPC), "--metrics-port", str(METRICS))
     container = pod.container("kserve-container", MOUNT if uri else options.model_repository, ports, extra)
     runtime_spec: Object = {
@@ -529,7 +451,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
     }
     if device == "gpu":
         runtime_spec["tolerations"] = GPU_TOLERATIONS
-    pods = f'pod=~"{options.name}-predictor-.*"'
+    pods = f'pod=~"{options.name}-predictor-.*"' + (f',namespace="{options.namespace}"' if options.namespace else "")
     model: Object = {"modelFormat": {"name": "triton", "version": "2"}, "runtime": options.name}
     if uri:
         model["storageUri"] = uri
@@ -575,7 +497,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
                                     "metric": {
                                         "backend": "prometheus",
                                         "serverAddress": options.prometheus_url,
-                                        "query": queue_time_query(pods).replace(" by (<<.GroupBy>>)", ""),
+                                        "query": queue_time_query(pods, facts.served),
                                     },
                                     # the query is already an average over the pods: HPA's Value target
                                     "target": {"type": "Value", "value": str(options.queue_target_us)},
@@ -593,7 +515,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
             "metadata": metadata(options),
             "spec": {
                 "selector": {"matchLabels": {"serving.kserve.io/inferenceservice": options.name}},
-                "podMetricsEndpoints": [{"targetPort": METRICS, "path": "/metrics", "interval": "15s"}],
+                "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
             },
         },
     }
@@ -627,9 +549,9 @@ def write_yaml(path: Path, body: Object, note: str = "") -> None:
 
 GPU_NOTE = """One GPU per pod, on a node with NVIDIA's device plugin. The models use it only if the repository was
 built with --device gpu (KIND_GPU instances); `tritonhf deploy --device gpu` sizes the base for it too."""
-ADAPTER_NOTE = f"""Not part of any kustomization: the Prometheus adapter reads one configuration of its own. Merge these
+ADAPTER_NOTE = """Not part of any kustomization: the Prometheus adapter reads one configuration of its own. Merge these
 rules into it (Helm chart prometheus-community/prometheus-adapter: values `rules.custom`); the HPA's
-metric {HPA_METRIC} is the per-pod series this rule makes."""
+metric is the per-pod series this rule makes."""
 HEADER = "# Generated by `tritonhf deploy kubernetes`; change it with kustomize patches, or generate it again.\n"
 DEPLOY_MARKER = ".tritonhf-deploy.json"
 
@@ -651,9 +573,9 @@ def deploy(built: storage.Files, options: DeployOptions, output: Path) -> dict[s
         # kustomize refuses an overlay inside its base's directory (a cycle): the base is base/, and DIR's own
         # kustomization is the base too, so that `kubectl apply -k DIR` deploys it
         write_yaml(staging / "kustomization.yaml", kustomization(["base"]))
-        write_yaml(staging / "prometheus-adapter-rules.yaml", adapter_rules(options), ADAPTER_NOTE)
+        write_yaml(staging / "prometheus-adapter-rules.yaml", adapter_rules(facts, options), ADAPTER_NOTE)
         gpu = staging / "overlays" / "gpu"
-        write_yaml(gpu / "deployment-gpu.yaml", gpu_patch(options), GPU_NOTE)
+        write_yaml(gpu / "deployment-gpu.yaml", gpu_patch(facts, options), GPU_NOTE)
         write_yaml(gpu / "kustomization.yaml", kustomization(["../../base"], patches=[{"path": "deployment-gpu.yaml"}]))
         for name, body in serving.items():
             write_yaml(staging / "overlays" / "kserve" / name, body)
@@ -695,13 +617,14 @@ def next_steps(options: DeployOptions, output: Path) -> str:
     elif secret and location.scheme == "as":
         lines.append(
             f"kubectl create secret generic {secret} --from-literal=AZURE_STORAGE_ACCOUNT=... "
-            "--from-literal=AZURE_STORAGE_KEY=..."
+            "--from-literal=AZURE_STORAGE_KEY=KEY --from-literal=AZURE_STORAGE_ACCESS_KEY=KEY"
+            "   # the server reads the first two, KServe's storage initializer the last"
         )
     lines += [
         f"kubectl apply -k {output}                    # Deployment, Service, PDB, HPA, ServiceMonitor",
         f"kubectl apply -k {output}/overlays/gpu       # or: the same on GPU nodes",
         f"kubectl apply -k {output}/overlays/kserve    # or: KServe (ServingRuntime + InferenceService)",
-        f"# HPA metric {HPA_METRIC}: merge {output}/prometheus-adapter-rules.yaml into the Prometheus adapter's rules",
+        f"# the HPA's metric {options.metric}: merge {output}/prometheus-adapter-rules.yaml into the adapter's",
     ]
     return "\n".join(lines)
 

@@ -431,8 +431,8 @@ def staging_for(output: str) -> Path:
     location = storage.parse(output)
     if location.local:
         return Path(output)
-    if location.scheme == "pvc":
-        raise TritonHFError(f"{output}: build into a directory, then copy it onto the volume")
+    if location.scheme != "s3":  # before the build, not after it
+        raise TritonHFError(f"{output}: build into a directory, then copy it there (tritonhf push: s3:// only)")
     return cache_dir() / "builds" / re.sub(r"[^A-Za-z0-9._-]+", "_", output)
 
 

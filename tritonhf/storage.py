@@ -33,6 +33,7 @@ from tritonhf import TritonHFError
 from tritonhf.repository import MARKER
 
 SCHEMES = ("s3", "gs", "as", "pvc")
+PUSHING = ".tritonhf.pushing"  # beside the manifest while a push is under way
 # Triton's S3 path grammar (s3.h): an endpoint is named only together with its port.
 S3_ENDPOINT = re.compile(r"^(?P<protocol>https?://)?(?P<host>[0-9A-Za-z.\-]+):(?P<port>[0-9]+)/(?P<rest>.*)$")
 
@@ -131,34 +132,50 @@ def local_files(root: Path) -> list[str]:
 def push(repository: Path, uri: str) -> int:
     """Copy a built repository to object storage, so that build and serve can run on different machines.
 
-    The manifest goes last (its presence marks a complete upload) and objects under the
-    prefix that the new repository lacks are deleted, so the server never loads a model
-    left over from an earlier build. Returns the number of files copied.
+    A push replaces everything under the prefix: objects the new repository lacks are
+    deleted, so the server never loads a model left over from an earlier build. So it
+    refuses a bucket's root, and a prefix holding objects it did not push. The earlier
+    manifest goes first and the new one last: ``tritonhf deploy`` reads a prefix only
+    when its push completed. Returns the number of files copied.
     """
     location = parse(uri)
     if not (repository / MARKER).exists():
         raise TritonHFError(f"{repository} is not a repository built by tritonhf (no {MARKER})")
     if location.scheme != "s3":
+        account, _, container = location.container.partition("/")
         commands = {
             "gs": f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {repository} {uri}",
-            "as": "az storage blob sync --account-name ACCOUNT --container CONTAINER --source"
-            f" {repository} --destination {location.prefix or '.'}",
+            "as": f"az storage blob sync --account-name {account} --container {container} --source {repository}"
+            f" --destination {location.prefix or '.'}",
         }
         if location.scheme not in commands:
             raise TritonHFError(f"{uri}: not object storage")
         raise TritonHFError(f"tritonhf pushes to s3:// only; for {uri} use: {commands[location.scheme]}")
+    if not location.prefix:
+        raise TritonHFError(f"{uri}: push under a prefix (s3://bucket/prefix): a push replaces everything under it")
     files = local_files(repository)
     client = s3_client(location)
     existing = {key for key, _ in Files(uri).objects()}  # listed before the upload
-    stale = sorted(existing - set(files))
-    if MARKER in existing:  # a push over an earlier one: its manifest must not vouch for the files in between
+    if existing and not {MARKER, PUSHING} & existing:
+        raise TritonHFError(
+            f"{uri} holds objects that tritonhf did not push (no {MARKER}); a push would replace them:"
+            " choose another prefix, or remove them first"
+        )
+    stale = sorted(existing - set(files) - {PUSHING})
+
+    def put(name: str, source: Path) -> None:
+        client.upload_file(str(source), location.container, location.key(name))
+
+    put(PUSHING, repository / MARKER)  # a push under way: the next one may replace it, even if this one dies
+    if MARKER in existing:  # the earlier manifest must not vouch for the mix of two builds in between
         client.delete_object(Bucket=location.container, Key=location.key(MARKER))
     for name in tqdm([f for f in files if f != MARKER], desc=f"push to {uri}", unit="file"):
-        client.upload_file(str(repository / name), location.container, location.key(name))
+        put(name, repository / name)
     for start in range(0, len(stale), 1000):  # S3's bulk delete takes 1000 keys
         keys = [{"Key": location.key(name)} for name in stale[start : start + 1000]]
         failed = client.delete_objects(Bucket=location.container, Delete={"Objects": keys}).get("Errors", [])
         if failed:  # S3 answers 200 and lists the keys it did not delete
             raise TritonHFError(f"{uri}: could not delete {len(failed)} stale objects: {failed[:3]}")
-    client.upload_file(str(repository / MARKER), location.container, location.key(MARKER))  # complete
+    put(MARKER, repository / MARKER)  # complete
+    client.delete_object(Bucket=location.container, Key=location.key(PUSHING))
     return len(files)

@@ -24,12 +24,13 @@ restarts within ``window`` seconds, is left unloaded with the reason in the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +55,14 @@ class Stub:
     instance: str  # argv[8], e.g. gpt2_0_0
 
 
-def stubs(server_pid: int) -> list[Stub]:
-    """The live stub processes of model instances under the server.
+def stubs(server_pid: int, models: Collection[str] | None = None) -> list[Stub]:
+    """The live stub processes of model instances under the server (of ``models``, if given).
 
     The model is read from the instance name, not from the model's path (argv[1]): a
     repository on object storage is copied to a temporary directory named at random.
     Left out: zombies (dead ones), and the short-lived stub a model load starts to
-    complete the model's config, which is named after the model alone and exits by design.
+    complete the model's config, which is named after the model alone and exits by design
+    (a model named like an instance, ``x_0_0``, would pass for one of ``x``: ``models`` tells).
     """
     found = []
     for child in psutil.Process(server_pid).children(recursive=True):
@@ -68,7 +70,7 @@ def stubs(server_pid: int) -> list[Stub]:
             argv = child.cmdline()
             if child.status() == psutil.STATUS_ZOMBIE or not argv or Path(argv[0]).name != STUB or len(argv) <= 8:
                 continue
-            if match := INSTANCE.match(argv[8]):
+            if (match := INSTANCE.match(argv[8])) and (models is None or match["model"] in models):
                 found.append(Stub(child.pid, match["model"], argv[8]))
         except psutil.Error:  # gone, or a zombie, between listing and reading
             continue
@@ -119,9 +121,14 @@ class Supervisor:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="tritonhf-supervisor", daemon=True)
         self.healers: list[threading.Thread] = []
+        self.models: set[str] = set()  # the repository's, from the server's index at the start
+
+    def stubs(self) -> list[Stub]:
+        return stubs(self.server.process.pid, self.models)
 
     def __enter__(self) -> Supervisor:
-        self.known = {stub.pid: stub for stub in stubs(self.server.process.pid)}
+        self.models = {model["name"] for model in json.loads(self.server.control("index"))}
+        self.known = {stub.pid: stub for stub in self.stubs()}
         self.thread.start()
         logger.info("supervising %d model processes of tritonserver %d", len(self.known), self.server.process.pid)
         return self
@@ -163,7 +170,7 @@ class Supervisor:
         if self.server.process is None or self.server.process.poll() is not None:
             return []
         with self.lock:  # the snapshot too: a healer adds its new processes to ``known`` under this lock
-            alive = {stub.pid: stub for stub in stubs(self.server.process.pid)}
+            alive = {stub.pid: stub for stub in self.stubs()}
             healing = {model for model, health in self.health.items() if health.healing}
             dead = [stub for pid, stub in self.known.items() if pid not in alive and stub.model not in healing]
             self.known = {pid: stub for pid, stub in alive.items() if stub.model not in healing}
@@ -227,7 +234,7 @@ class Supervisor:
                 self.report(model, "reload failed", f"model {model}: {cause}", logging.ERROR)
                 continue
             with self.lock:
-                self.known.update({s.pid: s for s in stubs(self.server.process.pid) if s.model == model})
+                self.known.update({s.pid: s for s in self.stubs() if s.model == model})
                 health.healing = False
             self.report(model, "serving", f"model {model}: serving again after {time.monotonic() - started:.1f} s")
             return
