@@ -128,6 +128,12 @@ def test_a_push_deletes_what_the_new_build_lacks(s3: S3, pushed: tuple[str, Path
     assert ("POST", f"/{s3.bucket}?delete") in writes, "the stale objects went in one bulk delete"
 
 
+def test_serve_refuses_a_repository_being_pushed(s3: S3, capsys: pytest.CaptureFixture[str]) -> None:
+    s3.client().put_object(Bucket=s3.bucket, Key=f"halfway/{PUSHING}", Body=b"{}")
+    assert cli.main(["serve", "--model-repository", s3.uri("halfway")]) == 1
+    assert "a push is under way" in capsys.readouterr().err
+
+
 def test_a_push_never_replaces_what_it_did_not_push(s3: S3, pushed: tuple[str, Path]) -> None:
     s3.client().put_object(Bucket=s3.bucket, Key="shared/notes.txt", Body=b"someone else's")
     for target in (f"s3://{s3.endpoint}/{s3.bucket}", s3.uri("shared")):  # the bucket's root; a foreign prefix

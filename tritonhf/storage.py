@@ -122,6 +122,21 @@ class Files:
                 yield item["Key"][len(prefix) :], item["Size"]
 
 
+def check_not_pushing(uri: str | Path) -> None:
+    """Refuse an s3:// repository that a tritonhf push is writing (or died writing): a mix of two builds."""
+    location = parse(uri)
+    if location.scheme != "s3":
+        return
+    client = s3_client(location)
+    try:
+        client.head_object(Bucket=location.container, Key=location.key(PUSHING))
+    except client.exceptions.ClientError as err:
+        if err.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+            return
+        raise TritonHFError(f"{uri}: {err}") from None
+    raise TritonHFError(f"{uri}: a push is under way, or died half-way ({PUSHING}): push again, then serve")
+
+
 def local_files(root: Path) -> list[str]:
     """A local repository's files, relative; a local server's bytecode (__pycache__) is not the repository's."""
     return sorted(

@@ -38,6 +38,7 @@ import psutil
 
 from tritonhf import TritonHFError
 from tritonhf.server import TritonServer
+from tritonhf.storage import check_not_pushing
 
 logger = logging.getLogger(__name__)
 STUB = "triton_python_backend_stub"
@@ -263,6 +264,7 @@ def serve(
     take the two ports after ``http_port`` unless given. The supervisor heals a model
     whose backend process dies.
     """
+    check_not_pushing(repository)
     grpc_port, metrics_port = grpc_port or http_port + 1, metrics_port or http_port + 2
     server = TritonServer(repository, http_port, grpc_port, metrics_port, host=host, grace=grace)
     signal.signal(signal.SIGTERM, interrupt)
