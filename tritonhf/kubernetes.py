@@ -121,9 +121,10 @@ class Pod:
         self.mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
 
     def scratch(self) -> int:
-        """/tmp: the server's copy of a repository on object storage, twice. Triton removes its copy when it
-        unloads a model; a server killed outright leaves it behind, and the emptyDir outlives a restart of the
-        container. A second crash's leftover overflows the limit: the pod is evicted, and replaced with a clean one."""
+        """/tmp: ``in_tmp`` copies of the repository, and 1 GiB. From object storage that is 2.2 (server_pod):
+        Triton removes its copy when it unloads a model, but a server killed outright leaves it behind, and the
+        emptyDir outlives a restart of the container; a second leftover overflows the limit, and the pod is
+        evicted and replaced with a clean one."""
         return int(self.facts.total_bytes * self.in_tmp) + 1024 * MiB
 
     def resources(self) -> Object:
