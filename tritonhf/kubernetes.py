@@ -31,8 +31,6 @@ import argparse
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,7 +39,7 @@ from typing import Any
 import yaml
 
 from tritonhf import TritonHFError, storage
-from tritonhf.repository import replace_dir
+from tritonhf.repository import staged
 from tritonhf.sizing import Facts, MiB, read_facts
 
 Object = dict[str, Any]
@@ -564,10 +562,7 @@ def deploy(built: storage.Files, options: DeployOptions, output: Path) -> dict[s
     if device == "cpu" and facts.device == "gpu":
         raise TritonHFError("the repository's models run on the GPU (KIND_GPU): deploy it with --device gpu")
     objects, serving = base(facts, options, device), kserve(facts, options, device)
-    output = output.resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged(output.resolve(), DEPLOY_MARKER) as staging:
         for name, body in objects.items():
             write_yaml(staging / "base" / name, body)
         write_yaml(staging / "base" / "kustomization.yaml", kustomization(objects, options.namespace))
@@ -590,9 +585,6 @@ def deploy(built: storage.Files, options: DeployOptions, output: Path) -> dict[s
             "assumed_weights": facts.unknown,
         }
         (staging / DEPLOY_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
-        replace_dir(staging, output, marker=DEPLOY_MARKER)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"base": len(objects), "gpu": len(objects), "kserve": len(serving)}
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.tensors import PROMPT
 from tritonhf.backends.python_hf.tutorial import OUTPUTS as TUTORIAL_OUTPUTS
 from tritonhf.buildlog import libraries_to
-from tritonhf.repository import LOCAL_WEIGHTS, Manifest, read_manifest, replace_dir, write_manifest, write_model
+from tritonhf.repository import LOCAL_WEIGHTS, Manifest, read_manifest, staged, write_manifest, write_model
 from tritonhf.variants import (
     CLASSIFICATION,
     DEFAULT_VARIANTS,
@@ -223,9 +221,7 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
     runtime = choose_runtime(options.runtime, requested) if exported else options.runtime
     manifest: Manifest = {}
     target = options.output.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged(target) as staging:
         for (entry, variants), task in zip(tqdm(plans, desc="writing models", unit="model"), tasks):
             for variant in [v for v in variants if v.generic]:
                 served = dataclasses.replace(entry, variant=variant)
@@ -249,9 +245,6 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
                     "dtype": made.dtype,
                 }
         write_manifest(staging, manifest)
-        replace_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     if exported:
         why = (
             " (auto: this server lacks their native backends)" if options.runtime == "auto" and runtime == FUSED else ""

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +48,18 @@ def write_model(root: Path, config: model_config.Config, weights: str | None = N
         shutil.copytree(weights, version / LOCAL_WEIGHTS, copy_function=link_or_copy)
     model_config.write(config, root / config["name"])
     return version
+
+
+@contextmanager
+def staged(target: Path, marker: str = MARKER) -> Iterator[Path]:
+    """A directory to write beside ``target``, swapped in whole (replace_dir) if the block ends without error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        replace_dir(staging, target, marker)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_dir(new: Path, target: Path, marker: str = MARKER) -> None:

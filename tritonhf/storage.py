@@ -21,6 +21,7 @@ the same copy and the error says which command.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,6 +98,11 @@ class Files:
         if self.root is not None and not (self.root / MARKER).exists():
             raise TritonHFError(f"{self.root} is not a repository built by tritonhf (no {MARKER})")
 
+    @functools.cached_property
+    def client(self) -> Any:
+        """One S3 client for every read (deploy reads each model's config.pbtxt)."""
+        return s3_client(self.location)
+
     def sizes(self) -> dict[str, int]:
         """Relative path -> bytes, every file."""
         if self.root is not None:
@@ -106,7 +112,7 @@ class Files:
     def read(self, relative: str) -> str:
         if self.root is not None:
             return (self.root / relative).read_text()
-        client = s3_client(self.location)
+        client = self.client
         try:
             body = client.get_object(Bucket=self.location.container, Key=self.location.key(relative))["Body"]
         except client.exceptions.NoSuchKey:
@@ -115,7 +121,7 @@ class Files:
 
     def objects(self) -> Iterator[tuple[str, int]]:
         """S3: (path relative to the prefix, size) of every object under it."""
-        client, location = s3_client(self.location), self.location
+        client, location = self.client, self.location
         prefix = f"{location.prefix}/" if location.prefix else ""
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=location.container, Prefix=prefix):
             for item in page.get("Contents", []):
@@ -169,8 +175,9 @@ def push(repository: Path, uri: str) -> int:
     if not location.prefix:
         raise TritonHFError(f"{uri}: push under a prefix (s3://bucket/prefix): a push replaces everything under it")
     files = local_files(repository)
-    client = s3_client(location)
-    existing = {key for key, _ in Files(uri).objects()}  # listed before the upload
+    remote = Files(uri)
+    client = remote.client
+    existing = {key for key, _ in remote.objects()}  # listed before the upload
     if existing and not {MARKER, PUSHING} & existing:
         raise TritonHFError(
             f"{uri} holds objects that tritonhf did not push (no {MARKER}); a push would replace them:"
