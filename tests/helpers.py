@@ -64,7 +64,7 @@ def until(condition: Callable[[], bool], timeout: float = 60, what: str = "condi
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)  # not a busy loop: the servers under test share the machine's cores
+        time.sleep(0.001)
 
 
 class Pieces:
