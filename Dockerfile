@@ -34,9 +34,11 @@ ENV HF_HUB_OFFLINE=1
 
 # Non-root from here: the NGC image's triton-server user (uid 1000), as the Kubernetes manifests run it.
 USER 1000:1000
-EXPOSE 8000 8001 8002
+# HTTP, gRPC, metrics, and serve's probes (/v2/health/ready and /live on 8003: README, "Probes that tell the truth")
+EXPOSE 8000 8001 8002 8003
 # tritonhf serve runs the tritonserver on PATH under its supervisor: a model whose backend process dies is
 # reloaded, readiness is false meanwhile, SIGTERM drains. The container opens the ports to the network.
 STOPSIGNAL SIGTERM
-# --grace 25: drains within Kubernetes' default 30 s termination grace period (docker stop: use -t 30).
-CMD ["tritonhf", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--grace", "25"]
+# --grace 15: drains 15 s and stops everything within 25 s, inside Kubernetes' default 30 s termination grace
+# period (docker stop: use -t 30). `tritonhf deploy kubernetes` passes its own --grace and grace period.
+CMD ["tritonhf", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--grace", "15"]

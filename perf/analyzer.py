@@ -17,6 +17,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tritonhf.server import GRPC_CONTROL_HEADER
+
 # perf_analyzer CSV column -> (our metric name, factor to our unit). Latencies arrive in us.
 COLUMNS = {
     "Concurrency": ("concurrency", 1.0),
@@ -48,6 +50,7 @@ class PerfOptions:
     max_trials: int = 6
     streaming: bool = False  # gRPC streaming: required by decoupled (streaming) models
     profile_path: Path | None = None  # --profile-export-file: every request's send and response times and outputs
+    control_key: str = ""  # TritonServer.control_key: perf_analyzer reads the model config, a restricted API
 
     def argv(self) -> list[str]:
         windows = (
@@ -68,6 +71,8 @@ class PerfOptions:
             "-f", str(self.csv_path),
             *(["--streaming"] if self.streaming else []),
             *(["--profile-export-file", str(self.profile_path)] if self.profile_path else []),
+            # -H is sent as gRPC metadata too, whatever --help says (seen with 2.51)
+            *(["-H", f"{GRPC_CONTROL_HEADER}:{self.control_key}"] if self.control_key else []),
         ]  # fmt: skip
 
 

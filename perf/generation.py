@@ -84,7 +84,14 @@ def profile_stats(path: Path) -> dict[str, float | None]:
 
 
 def measure_mixed(
-    model: str, streaming: bool, url: str, data: Path, concurrency: int, results: Path, env: dict[str, str]
+    model: str,
+    streaming: bool,
+    url: str,
+    data: Path,
+    concurrency: int,
+    results: Path,
+    env: dict[str, str],
+    control_key: str = "",
 ) -> dict[str, float]:
     """One model under the mixed workload: windows of 2 x concurrency answers (16 at least), then the profile's metrics.
 
@@ -103,6 +110,7 @@ def measure_mixed(
         request_count=max(2 * concurrency, 16),
         streaming=streaming,
         profile_path=results / f"{stem}.profile.json",
+        control_key=control_key,
     )
     measured = measure(options, env, relaxed_percent=ANY_WINDOWS)
     return {

@@ -202,7 +202,7 @@ def measure_steps(
         }
         try:
             before = snapshot(server.metrics_url)
-            measured = measure(step_options(options, served, concurrency, server.grpc_url, data, results), env)
+            measured = measure(step_options(options, served, concurrency, server, data, results), env)
             side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
         except (PerfAnalyzerError, OSError) as err:  # a noisy step (or a dead server) is reported; the sweep goes on
             rows.append({**row, "error": str(err).splitlines()[-1]})
@@ -253,6 +253,7 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
                             options.mixed_concurrency,
                             results,
                             env,
+                            server.control_key,
                         ),
                     }
                 )
@@ -287,12 +288,13 @@ def second_server(options: SuiteOptions, standins: dict[str, Path], results: Pat
 
 
 def step_options(
-    options: SuiteOptions, served: Served, concurrency: int, url: str, data: Path, results: Path
+    options: SuiteOptions, served: Served, concurrency: int, server: TritonServer, data: Path, results: Path
 ) -> PerfOptions:
     """Generation answers arrive a batch at a time: windows of 2 x concurrency answers (8 at least).
     The baseline answers one request a second, smoothly: time windows, or a window would take minutes."""
+    csv_path = results / f"{served.name}.c{concurrency}.csv"
     base = PerfOptions(
-        served.name, url, data, concurrency, results / f"{served.name}.c{concurrency}.csv", options.window_ms
+        served.name, server.grpc_url, data, concurrency, csv_path, options.window_ms, control_key=server.control_key
     )
     if served.task != "text-generation":
         return base

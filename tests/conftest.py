@@ -101,8 +101,8 @@ class S3:
         return storage.s3_client(storage.parse(self.uri("")))
 
     def keys(self, prefix: str) -> set[str]:
-        """Every object key under ``prefix/``, relative to it."""
-        return {key for key, _ in storage.Files(self.uri(prefix)).objects()}
+        """Every object key under ``prefix/``, relative to it (a prefix of builds: the pointer and every build)."""
+        return {key for key, _ in storage.objects(self.client(), storage.parse(self.uri(prefix)))}
 
     def writes(self, since: int = 0) -> list[tuple[str, str]]:
         """(method, path) of every write the server logged from byte ``since`` of its log on, in order."""

@@ -26,6 +26,7 @@ PROMPTS = [
 ]
 LENGTHS = [3 + 5 * (i % 7) for i in range(len(PROMPTS))]  # new tokens, 3..33, one per prompt
 Outputs = dict[str, np.ndarray]
+POLL_S = 0.01  # how often until() looks
 
 
 def bytes_input(rows: Sequence[str | bytes], name: str = "prompt") -> grpcclient.InferInput:
@@ -40,31 +41,41 @@ def burst(
     model: str,
     requests: Sequence[list[grpcclient.InferInput]],
     parameters: Sequence[Mapping[str, Any]] | None = None,
+    latencies: list[float] | None = None,
 ) -> list[Outputs | InferenceServerException]:
     """Send every request at once (async gRPC), with its request parameters, and wait for all answers, in request
-    order."""
+    order; ``latencies``, if given, gets each request's seconds from its send to its answer (or error)."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
-    outputs = [o.name for o in client.get_model_config(model).config.output]
+    outputs = [o.name for o in client.get_model_metadata(model).outputs]  # open: the config is an admin API
     answers: queue.Queue = queue.Queue()
+    sent = []
     for index, inputs in enumerate(requests):
         extra = dict(parameters[index]) if parameters and parameters[index] else None
+        sent.append(time.monotonic())
         client.async_infer(
-            model, inputs, callback=lambda result, error, i=index: answers.put((i, result, error)), parameters=extra
+            model,
+            inputs,
+            callback=lambda result, error, i=index: answers.put((i, result, error, time.monotonic())),
+            parameters=extra,
         )
     results: list = [None] * len(requests)
+    answered = [0.0] * len(requests)
     for _ in requests:
-        index, result, error = answers.get(timeout=120)
+        index, result, error, answered[index] = answers.get(timeout=120)
         results[index] = error if error else {name: result.as_numpy(name) for name in outputs}
+    if latencies is not None:
+        latencies[:] = [end - start for start, end in zip(sent, answered)]
     client.close()
     return results
 
 
 def until(condition: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
-    """Wait for a condition, failing (not hanging) if it never holds."""
+    """Wait for a condition, failing (not hanging) if it never holds. It looks every POLL_S: a test that must act
+    the moment something happens waits on that event itself (test_streaming.SharedStream), not on this loop."""
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.001)
+        time.sleep(POLL_S)
 
 
 class Pieces:

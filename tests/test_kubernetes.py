@@ -23,10 +23,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tritonhf import cli, storage
-from tritonhf.kubernetes import GPU_TOLERATIONS, PRESTOP_S, DeployOptions, Pod, queue_time_query
+from tritonhf import TritonHFError, cli, storage
+from tritonhf.kubernetes import GPU_TOLERATIONS, PRESTOP_S, DeployOptions, Pod, peer, queue_time_query
 from tritonhf.repo_builder import BuildOptions, build, plan
-from tritonhf.server import TritonServer
+from tritonhf.repository import sealed_id
+from tritonhf.server import UNLOAD_S, TritonServer
 from tritonhf.sizing import Facts, Model, read_facts
 
 from .conftest import CLASSIFIER, GEN_MAX_LEN
@@ -37,8 +38,16 @@ SCHEMAS = Path(os.environ.get("TRITONHF_K8S_SCHEMAS") or ROOT.parent / "shared" 
 # The oldest Kubernetes the manifests need (the preStop sleep action and the PDB's unhealthyPodEvictionPolicy are
 # on by default since 1.30; kubectl here is 1.32) and the newest kubernetes-validate knows.
 VERSIONS = ("1.32.0", kubernetes_validate.latest_version())
-CORE_KINDS = {"Deployment", "Service", "ServiceAccount", "PodDisruptionBudget", "HorizontalPodAutoscaler", "ConfigMap"}
-COUNTS = {"": 6, "overlays/gpu": 6, "overlays/kserve": 4}
+CORE_KINDS = {
+    "Deployment",
+    "Service",
+    "ServiceAccount",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+    "ConfigMap",
+    "NetworkPolicy",
+}
+COUNTS = {"": 7, "overlays/gpu": 7, "overlays/kserve": 5}
 URIS = {
     "s3-endpoint": "s3://minio.storage:9000/models/prod/repo",
     "s3-aws": "s3://my-models/prod/repo",
@@ -181,11 +190,13 @@ def test_probes_point_at_the_health_endpoints_on_served_ports(rendered: dict[str
         container = container_of(rendered[overlay])
         ports = {port["containerPort"] for port in container["ports"]}
         args = dict(zip(container["args"][::2], container["args"][1::2]))  # flag, value pairs
-        http = int(args["--http-port"])
-        assert http in ports
+        http, health = int(args["--http-port"]), int(args["--health-port"])
+        assert {http, health} <= ports and health != http  # serve's probes, not Triton's readiness (daemon.py)
         for name, path in [("startupProbe", "/v2/health/live"), ("livenessProbe", "/v2/health/live")]:
-            assert container[name]["httpGet"] == {"path": path, "port": http}, (overlay, name)
-        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": http}
+            assert container[name]["httpGet"] == {"path": path, "port": health}, (overlay, name)
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": health}
+        startup = container["startupProbe"]  # serve gives up loading when the kubelet would
+        assert float(args["--start-timeout"]) == startup["periodSeconds"] * startup["failureThreshold"]
     kserve = container_of(rendered["overlays/kserve"])
     assert "--http-port" in kserve["args"] and kserve["args"][kserve["args"].index("--http-port") + 1] == "8080"
     assert kserve["args"][kserve["args"].index("--grpc-port") + 1] == "9000"  # KServe's grpc-v2 port
@@ -194,6 +205,7 @@ def test_probes_point_at_the_health_endpoints_on_served_ports(rendered: dict[str
 def test_service_and_monitor_reach_the_named_ports(rendered: dict[str, Objects]) -> None:
     objects = rendered[""]
     named = {port["name"]: port["containerPort"] for port in container_of(objects)["ports"]}
+    assert named.pop("health") == 8003  # the kubelet's, from the node: not in the Service
     assert named == {"http": 8000, "grpc": 8001, "metrics": 8002}
     service = one(objects, "Service")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
@@ -272,7 +284,8 @@ def test_termination_grace_covers_the_drain(rendered: dict[str, Objects]) -> Non
             spec = one(objects, "InferenceService")["spec"]["predictor"]
         else:
             spec = one(objects, "Deployment")["spec"]["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] >= PRESTOP_S + grace + 10, "pre-stop, drain, then unload"
+        # serve stops everything within grace + UNLOAD_S of SIGTERM (daemon.py): the kubelet's SIGKILL comes later
+        assert spec["terminationGracePeriodSeconds"] > PRESTOP_S + grace + UNLOAD_S, "pre-stop, drain, then unload"
 
 
 def test_the_entry_point_is_the_supervisor(rendered: dict[str, Objects]) -> None:
@@ -313,9 +326,12 @@ def test_the_hpa_metric_is_the_one_the_adapter_rule_makes(
 
 
 @pytest.mark.parametrize("uri", URIS.values(), ids=URIS.keys())
-def test_credentials_come_from_a_secret_never_inline(uri: str, deployed: Callable[..., Path], kubectl: str) -> None:
+def test_credentials_come_from_a_secret_never_inline(
+    uri: str, deployed: Callable[..., Path], kubectl: str, request: pytest.FixtureRequest
+) -> None:
     output = deployed(uri)
     location = storage.parse(uri)
+    exact = f"/{sealed_id(request.getfixturevalue('repository'))}" if location.scheme == "s3" else ""  # --built's
     for overlay in ("", "overlays/kserve"):
         objects = render(kubectl, output / overlay)
         assert not any(body["kind"] == "Secret" for body in objects)
@@ -331,8 +347,8 @@ def test_credentials_come_from_a_secret_never_inline(uri: str, deployed: Callabl
             assert (
                 predictor.get("storageUri")
                 == {
-                    "s3-endpoint": "s3://models/prod/repo",
-                    "s3-aws": "s3://my-models/prod/repo",
+                    "s3-endpoint": f"s3://models/prod/repo{exact}",
+                    "s3-aws": f"s3://my-models/prod/repo{exact}",
                     "gs": "gs://my-models/prod/repo",
                     "as": "https://account.blob.core.windows.net/container/prod/repo",
                     "pvc": "pvc://models-claim/prod/repo",
@@ -344,7 +360,7 @@ def test_credentials_come_from_a_secret_never_inline(uri: str, deployed: Callabl
         writable = {mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")}
         assert writable == {"/dev/shm", "/tmp"}, "the repository and the credentials are mounted read-only"
         if location.scheme == "s3":
-            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys() and repository == uri
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys() and repository == uri + exact
         elif location.scheme == "as":
             assert {"AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"} <= env.keys() and repository == uri
         elif location.scheme == "gs":
@@ -393,6 +409,63 @@ def test_kserve_runtime_speaks_v2_on_its_ports(rendered: dict[str, Objects]) -> 
     storage_bytes = quantity_bytes(container["resources"]["limits"]["ephemeral-storage"])
     repository_bytes = quantity_bytes(container_of(rendered[""])["resources"]["limits"]["ephemeral-storage"]) / 2.2
     assert storage_bytes > repository_bytes, "the storage initializer's copy counts against the pod's disk"
+
+
+def served_pod(objects: Objects) -> tuple[dict[str, str], dict[str, Any]]:
+    """The labels the server's pods carry (KServe's, for an InferenceService's), and their pod spec's own fields."""
+    if any(body["kind"] == "Deployment" for body in objects):
+        template = one(objects, "Deployment")["spec"]["template"]
+        return template["metadata"]["labels"], template["spec"]
+    predictor = one(objects, "InferenceService")
+    return {"serving.kserve.io/inferenceservice": predictor["metadata"]["name"]}, predictor["spec"]["predictor"]
+
+
+def test_the_network_policy_admits_clients_to_the_served_ports_and_monitoring_to_metrics(
+    rendered: dict[str, Objects],
+) -> None:
+    """By default pods of the same namespace reach HTTP and gRPC, the monitoring namespace the metrics, on the
+    ports `tritonhf serve` listens on (named ports resolved through the container's); the probes' port gets no
+    rule, since the kubelet probes from the node, which a policy never blocks."""
+    for overlay in COUNTS:
+        objects = rendered[overlay]
+        labels, pod = served_pod(objects)
+        policy = one(objects, "NetworkPolicy")["spec"]
+        assert subset(policy["podSelector"]["matchLabels"], labels) and policy["policyTypes"] == ["Ingress"]
+        container = container_of(objects)
+        named = {port["name"]: port["containerPort"] for port in container["ports"]}
+        serve = cli.parser().parse_args(["serve", *container["args"]])
+        grpc = serve.grpc_port or serve.http_port + 1
+        metrics = serve.metrics_port or serve.http_port + 2
+        admitted = {}
+        for rule in policy["ingress"]:
+            for port in rule["ports"]:
+                assert port["protocol"] == "TCP" and (isinstance(port["port"], int) or port["port"] in named)
+                admitted[named.get(port["port"], port["port"])] = rule["from"]
+        monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        assert admitted == {serve.http_port: [{"podSelector": {}}], grpc: [{"podSelector": {}}], metrics: monitoring}
+        assert pod["shareProcessNamespace"] is False, "the server's command line (its key) stays in its container"
+
+
+def test_allow_from_selects_the_clients(deployed: Callable[..., Path], kubectl: str, schemas: Path) -> None:
+    """Each --allow-from is one peer, its terms all required; a term outside the grammar is refused."""
+    allow = ["namespace:ingress-nginx", "namespace:team=ml,pod:app.kubernetes.io/name=gateway", "pod:role=client"]
+    output = deployed(URIS["image"], *(f"--allow-from={peer}" for peer in allow), "--monitoring-namespace", "prom")
+    for overlay in ("", "overlays/kserve"):
+        policy = one(render(kubectl, output / overlay), "NetworkPolicy")
+        validate(policy, schemas)
+        clients, scrapers = (rule["from"] for rule in policy["spec"]["ingress"])
+        assert clients == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
+            {
+                "namespaceSelector": {"matchLabels": {"team": "ml"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}},
+            },
+            {"podSelector": {"matchLabels": {"role": "client"}}},
+        ]
+        assert scrapers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "prom"}}}]
+    for bad in ("ingress-nginx", "pod:app", "pods:app=x", "namespace:", "namespace:team=ml,", "pod:app=a b"):
+        with pytest.raises(TritonHFError, match="--allow-from"):
+            peer(bad)
 
 
 def test_sizing_follows_the_models() -> None:

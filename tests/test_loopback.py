@@ -1,20 +1,24 @@
 """A Kubernetes Service in front of replicas, on loopback: the local stand-in for a cluster.
 
 In a cluster, a Deployment runs N pods of ``tritonhf serve --model-repository s3://...``; each
-pod's readinessProbe asks ``/v2/health/ready``, and the Service (kube-proxy) sends new
+pod's readinessProbe asks serve's own probe endpoint, and the Service (kube-proxy) sends new
 connections only to pods whose probe passes. Here the same pieces run for real on 127.0.0.1,
 nothing mocked: moto's S3 server holds a repository pushed by ``tritonhf build --output s3://``,
 two ``tritonhf serve`` processes (each in a session of its own, like a pod) read it from there,
-and haproxy plays the Service: its active health check on ``/v2/health/ready`` is the
-readinessProbe (INTER_S = periodSeconds, FALL = failureThreshold, RISE = successThreshold), and
-it retries nothing, as kube-proxy does not: the clients retry once.
+and haproxy plays the Service: its active health check is the generated Deployment's
+readinessProbe (its path, on the port ``serve --health-port`` opens, its thresholds; the period
+scaled down), and it retries nothing, as kube-proxy does not: the clients retry, on the policy
+the README gives a Service's clients (RetryPolicy).
 
 Proven here: a repository goes build -> push -> serve from object storage and answers as the
-in-process model does; a push removes what the new build lacks; when a replica is killed
+in-process model does, served from a verified local copy of the exact build (test_pushes.py: builds
+are immutable and checked); when a replica is killed
 outright (SIGKILL to every process of it, as the kernel's OOM killer or a lost node does), it
-leaves the rotation within the check interval bound, clients that retry once lose no request
+leaves the rotation within the check interval bound, clients that retry lose no request
 and get no wrong answer, and a replica restarted from the same URI takes traffic again once its
-readiness says so, not before.
+readiness says so, not before; when one model's process is killed inside a replica under load,
+the replica leaves the rotation while its supervisor heals the model and comes back, the same
+clients again losing nothing.
 
 Left to a real cluster: kube-proxy's own modes (iptables/IPVS pick an endpoint per
 connection, at random), the endpoint controller's propagation delay, graceful pod deletion
@@ -38,39 +42,35 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from tritonhf import TritonHFError, cli
+from tritonhf import cli, kubernetes, storage
+from tritonhf.daemon import READY
 from tritonhf.repo_builder import staging_for
-from tritonhf.repository import MARKER
+from tritonhf.repository import local_files, sealed_id
 from tritonhf.server import free_port
-from tritonhf.storage import PUSHING, local_files, push
-from tritonhf.supervisor import STUB, stubs
+from tritonhf.sizing import read_facts
+from tritonhf.storage import BUILDS, POINTER
+from tritonhf.supervisor import STUB, Stub, stubs
 
 from .conftest import CLASSIFIER, S3
 from .helpers import PROMPTS, in_process, until
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-# The readiness check, as a readinessProbe sets it: periodSeconds, failureThreshold, successThreshold.
-INTER_S, FALL, RISE = 0.5, 2, 2
-# Out of rotation within (FALL + 1) * INTER_S of the kill: the last passing check came at most just before it, the
-# next one comes within INTER_S and fails at once (the port refuses), and FALL - 1 more follow, INTER_S apart; one
-# more INTER_S covers the scheduling of the checks and the 50 ms sampling of haproxy's state. The slack is for a
-# loaded 2-core CI machine, where the replicas, the clients and haproxy share the cores.
+# The readiness check is the generated readinessProbe (readiness(), from tritonhf.kubernetes) with its periodSeconds
+# divided by PERIOD_SCALE, so that a replica's fall is seen in a second, not in ten.
+PERIOD_SCALE = 10
+# The slack of the detection bounds (Check): for a loaded 2-core CI machine, where the replicas, the clients and
+# haproxy share the cores.
 SLACK_S = 1.5
-IN_ROTATION_BOUND_S = (FALL + 1) * INTER_S + SLACK_S
-# A client's one retry waits out that bound. An immediate retry is not enough behind a Service that retries
-# nothing: until the checks fail, the dead replica is still picked, and it is picked the more often because it
-# refuses at once (kube-proxy's random pick per connection is no better). Measured here with immediate retries:
-# about half of them met the dead replica again and were lost. So the retry policy a client needs follows from
-# the probe: a backoff longer than periodSeconds * (failureThreshold + 1), plus the endpoints' propagation.
-RETRY_AFTER_S = IN_ROTATION_BOUND_S
+SUPERVISOR_POLL_S = 0.25  # how often the supervisor looks at the model processes (README, Reliability)
 CLIENTS = 8  # client threads, each with one request in flight
 WARM_S, DOWN_S, REVIVED_S = 3.0, 3.0, 4.0  # load before the kill, after the replica left the rotation, after revival
 SCORE_ATOL = 1e-5  # float32 scores under dynamic batching (padding) against the request run alone in process
@@ -102,44 +102,9 @@ def expected(pushed: tuple[str, Path]) -> dict[str, tuple[str, float]]:
     }
 
 
-def test_a_push_deletes_what_the_new_build_lacks(s3: S3, pushed: tuple[str, Path], tmp_path: Path) -> None:
-    local = pushed[1]
-    assert s3.keys(PREFIX) == set(local_files(local)), "build --output s3:// uploaded exactly the build"
-    repository = tmp_path / "repo"
-    shutil.copytree(local, repository, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(repository / CLASSIFIER, repository / "retired")
-    target = s3.uri("prune/repo")
-    assert push(repository, target) == len(local_files(repository))
-    assert s3.keys("prune/repo") == set(local_files(repository))
-    s3.client().put_object(Bucket=s3.bucket, Key="prune/repo-next/keep", Body=b"a neighbour sharing the prefix's text")
-    shutil.rmtree(repository / "retired")
-    since = s3.log.stat().st_size
-    push(repository, target)
-    assert s3.keys("prune/repo") == set(local_files(repository)), "the removed model's objects were deleted"
-    assert s3.keys("prune/repo-next") == {"keep"}, "a push deletes under its own prefix only"
-    assert s3.keys(PREFIX) == set(local_files(local))
-    # As the S3 server saw it: a push under way is marked first, then the earlier manifest goes, the new one
-    # comes last, so that no manifest vouched for the prefix while it held a mix of both builds.
-    manifest, pushing = (f"/{s3.bucket}/prune/repo/{name}" for name in (MARKER, PUSHING))
-    until(lambda: ("DELETE", pushing) in s3.writes(since), timeout=10, what="the server to log the push's end")
-    writes = s3.writes(since)
-    assert writes[:2] == [("PUT", pushing), ("DELETE", manifest)], writes
-    assert writes[-2:] == [("PUT", manifest), ("DELETE", pushing)], writes
-    assert ("POST", f"/{s3.bucket}?delete") in writes, "the stale objects went in one bulk delete"
-
-
-def test_serve_refuses_a_repository_being_pushed(s3: S3, capsys: pytest.CaptureFixture[str]) -> None:
-    s3.client().put_object(Bucket=s3.bucket, Key=f"halfway/{PUSHING}", Body=b"{}")
-    assert cli.main(["serve", "--model-repository", s3.uri("halfway")]) == 1
-    assert "a push is under way" in capsys.readouterr().err
-
-
-def test_a_push_never_replaces_what_it_did_not_push(s3: S3, pushed: tuple[str, Path]) -> None:
-    s3.client().put_object(Bucket=s3.bucket, Key="shared/notes.txt", Body=b"someone else's")
-    for target in (f"s3://{s3.endpoint}/{s3.bucket}", s3.uri("shared")):  # the bucket's root; a foreign prefix
-        with pytest.raises(TritonHFError, match="prefix"):
-            push(pushed[1], target)
-    assert s3.keys("shared") == {"notes.txt"}
+def test_build_output_s3_pushes_the_build(s3: S3, pushed: tuple[str, Path]) -> None:
+    build = sealed_id(pushed[1])
+    assert s3.keys(PREFIX) == {POINTER} | {f"{build}/{name}" for name in local_files(pushed[1])}
 
 
 # --- replicas: `tritonhf serve` from the s3:// URI, each like a pod ----------------------------------------
@@ -161,6 +126,7 @@ class Replica:
     def __init__(self, name: str, uri: str, workdir: Path) -> None:
         self.name, self.uri, self.workdir = name, uri, workdir
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.health_port = free_port()  # serve's probes: a pod's readinessProbe asks this port
         self.process: subprocess.Popen[bytes] | None = None
         self.groups: set[int] = set()
         self.copies: set[Path] = set()  # Triton's copies of the models
@@ -171,6 +137,7 @@ class Replica:
         self.logs.append(self.workdir / f"{self.name}-{len(self.logs) + 1}.log")
         argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", self.uri, "--grace", "5"]
         ports = ["--http-port", self.http_port, "--grpc-port", self.grpc_port, "--metrics-port", self.metrics_port]
+        ports += ["--health-port", self.health_port]
         env = {**os.environ, "TMPDIR": str(self.workdir)}  # where the CLI puts the server's log
         with self.logs[-1].open("wb") as log:
             self.process = subprocess.Popen(
@@ -181,7 +148,7 @@ class Replica:
 
     def ready(self) -> bool:
         try:
-            return call(self.http_port, "GET", "/v2/health/ready", timeout=2)[0] == 200
+            return call(self.health_port, "GET", READY, timeout=2)[0] == 200
         except (OSError, http.client.HTTPException):
             return False
 
@@ -206,6 +173,11 @@ class Replica:
                         copy = Path(argv[1]).parents[1]
                         if copy.parent == Path("/tmp") and copy.name.startswith("folder"):
                             self.copies.add(copy)
+
+    def stubs(self) -> list[Stub]:
+        """The model processes of the replica's tritonserver."""
+        [server] = [p for p in psutil.Process(self.process.pid).children() if p.name() == "tritonserver"]
+        return stubs(server.pid)
 
     def terminate(self) -> None:
         """SIGTERM, once, as at a pod's deletion: the CLI drains and stops its server."""
@@ -313,10 +285,13 @@ def show_logs(pair: tuple[Replica, ...], request: pytest.FixtureRequest, failed_
 
 
 def test_serve_from_object_storage_answers_as_in_process(
-    replicas: tuple[Replica, Replica], expected: dict[str, tuple[str, float]]
+    replicas: tuple[Replica, Replica], expected: dict[str, tuple[str, float]], pushed: tuple[str, Path]
 ) -> None:
+    build = sealed_id(pushed[1])
     for replica in replicas:
-        assert "starting tritonserver on s3://" in replica.logs[-1].read_text()
+        log = replica.logs[-1].read_text()
+        assert f"build {pushed[0]}/{build}: " in log, log  # downloaded, or the other replica's copy reused
+        assert f"starting tritonserver on {replica.workdir / BUILDS / build} " in log, log
         for prompt, want in expected.items():
             status, body = call(replica.http_port, "POST", MODEL_PATH, infer_body(prompt))
             assert status == 200, body
@@ -326,11 +301,11 @@ def test_serve_from_object_storage_answers_as_in_process(
 def test_a_model_served_from_object_storage_heals(
     replicas: tuple[Replica, Replica], expected: dict[str, tuple[str, float]]
 ) -> None:
-    """The supervisor finds the stubs of models the server copied from S3 to a random directory, and heals them."""
+    """The supervisor finds the stubs of models served from the verified copy of the build, and heals them."""
     replica = replicas[1]
     (server,) = [p for p in psutil.Process(replica.process.pid).children() if p.name() == "tritonserver"]
     (stub,) = stubs(server.pid)
-    assert stub.model == CLASSIFIER and "/tmp/folder" in psutil.Process(stub.pid).cmdline()[1]
+    assert stub.model == CLASSIFIER and f"/{BUILDS}/" in psutil.Process(stub.pid).cmdline()[1]
     os.kill(stub.pid, signal.SIGKILL)
     until(lambda: "serving again" in replica.logs[-1].read_text(), timeout=60, what="the supervisor to heal it")
     until(replica.ready, timeout=30, what="readiness")
@@ -341,6 +316,47 @@ def test_a_model_served_from_object_storage_heals(
 
 
 # --- haproxy: the Service and its readiness checks --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """haproxy's health check, as the generated Deployment's readinessProbe sets it: its path (asked on the
+    replica's ``--health-port``), periodSeconds / PERIOD_SCALE, failureThreshold, successThreshold."""
+
+    path: str
+    inter_s: float
+    fall: int
+    rise: int
+
+    @property
+    def in_rotation_bound_s(self) -> float:
+        """A dead replica is out of rotation within (fall + 1) checks: the last passing check came at most just
+        before its death, the next comes within inter_s and fails at once (the port refuses), and fall - 1 more
+        follow, inter_s apart; one more inter_s covers the checks' scheduling and the 50 ms sampling of haproxy's
+        state; then the slack."""
+        return (self.fall + 1) * self.inter_s + SLACK_S
+
+    @property
+    def healing_bound_s(self) -> float:
+        """A replica healing a model: its supervisor sees the death within a poll, its readiness turns false, and
+        the checks fail as above."""
+        return SUPERVISOR_POLL_S + self.in_rotation_bound_s
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy.for_probe(self.inter_s, self.fall)
+
+
+@pytest.fixture(scope="module")
+def check(pushed: tuple[str, Path]) -> Check:
+    """The readinessProbe of the Deployment ``tritonhf deploy`` generates for the pushed repository."""
+    options = kubernetes.DeployOptions(model_repository=pushed[0])
+    objects = kubernetes.base(read_facts(storage.Files(pushed[1])), options, "cpu")
+    [container] = objects["deployment.yaml"]["spec"]["template"]["spec"]["containers"]
+    probe, args = container["readinessProbe"], container["args"]
+    assert args[args.index("--health-port") + 1] == str(probe["httpGet"]["port"]), "the probe asks serve's probes"
+    period = probe["periodSeconds"] / PERIOD_SCALE
+    return Check(probe["httpGet"]["path"], period, probe["failureThreshold"], probe.get("successThreshold", 1))
 
 
 @pytest.fixture(scope="module")
@@ -359,9 +375,11 @@ class Balancer:
     the client, as through kube-proxy. State is read from the stats socket (``show stat``).
     """
 
-    def __init__(self, binary: str, servers: dict[str, int], workdir: Path) -> None:
+    def __init__(self, binary: str, replicas: Sequence[Replica], check: Check, workdir: Path) -> None:
         self.port, self.socket = free_port(), workdir / "haproxy.sock"
-        backends = "\n".join(f"    server {name} 127.0.0.1:{port} check" for name, port in servers.items())
+        backends = "\n".join(
+            f"    server {r.name} 127.0.0.1:{r.http_port} check port {r.health_port}" for r in replicas
+        )
         config = f"""
 global
     stats socket {self.socket} mode 600 level admin
@@ -380,9 +398,9 @@ frontend service
 backend replicas
     balance roundrobin
     option httpchk
-    http-check send meth GET uri /v2/health/ready
+    http-check send meth GET uri {check.path}
     http-check expect status 200
-    default-server inter {round(INTER_S * 1000)}ms fall {FALL} rise {RISE}
+    default-server inter {round(check.inter_s * 1000)}ms fall {check.fall} rise {check.rise}
 {backends}
 """
         path = workdir / "haproxy.cfg"
@@ -425,13 +443,14 @@ backend replicas
 
 
 class Poller(threading.Thread):
-    """haproxy's view every 50 ms: each server's status changes, with when they were seen, and the last rows."""
+    """haproxy's view every 50 ms: each server's status changes, with when they were seen, and every sample."""
 
     def __init__(self, balancer: Balancer) -> None:
         super().__init__(daemon=True)
         self.balancer, self.stopping = balancer, threading.Event()
         self.changes: list[tuple[float, str, str]] = []  # (when, server, status)
         self.rows: dict[str, dict[str, str]] = {}
+        self.samples: list[tuple[float, dict[str, dict[str, str]]]] = []
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -441,23 +460,55 @@ class Poller(threading.Thread):
                     if name not in self.rows or self.rows[name]["status"] != row["status"]:
                         self.changes.append((now, name, row["status"]))
                 self.rows = rows
+                self.samples.append((now, rows))
             time.sleep(0.05)
 
     def first(self, name: str, states: tuple[str, ...], after: float) -> float | None:
         """When the server was first seen in one of ``states`` after a time (DOWN: out of rotation; UP: in)."""
         return next((t for t, n, s in self.changes if n == name and t > after and s in states), None)
 
+    def sessions_while_down(self, name: str, start: float, end: float) -> int:
+        """The sessions haproxy gave the server from its first to its last sample as DOWN between two times."""
+        down = [rows[name] for t, rows in self.samples if start <= t < end and rows[name]["status"].startswith("DOWN")]
+        return int(down[-1]["stot"] or 0) - int(down[0]["stot"] or 0) if down else 0
+
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=10)
 
 
-# --- clients that retry once ------------------------------------------------------------------------------
+# --- clients that retry on the README's policy ------------------------------------------------------------
+
+# Triton's answers while a model is being reloaded: not loaded (HTTP 404 in 2.51), or its process died (HTTP 500)
+RELOADING = ("has no available versions", "is not ready", "is not healthy")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The README's advice to a Service's clients: retry what a replica that can't serve answers (a refused or reset
+    connection, HTTP 5xx, or Triton's answer for a model being reloaded), half a probe period later, doubling,
+    until the waits add up to periodSeconds x (failureThreshold + 2): the longest such a replica may stay in
+    rotation, and a period more for the endpoints to change. An immediate retry is not enough behind a Service
+    that retries nothing: until the checks fail the replica is still picked, the more often as it answers at once
+    (seen here with immediate retries: about half of them met the dead replica again)."""
+
+    delays: tuple[float, ...]  # before each retry
+
+    @classmethod
+    def for_probe(cls, period_s: float, failures: int) -> RetryPolicy:
+        delays: list[float] = []
+        while sum(delays) < period_s * (failures + 2):
+            delays.append(period_s / 2 * 2 ** len(delays))
+        return cls(tuple(delays))
+
+    @staticmethod
+    def retryable(status: int, body: bytes) -> bool:
+        return status >= 500 or any(text.encode() in body for text in RELOADING)
 
 
 @dataclass
 class Sent:
-    """One client request: its span, why each failed attempt failed (none, one, or two if lost), its answer."""
+    """One client request: its span, why each failed attempt failed, its answer (None: lost)."""
 
     prompt: str
     start: float
@@ -472,11 +523,10 @@ class Sent:
 
 class Clients:
     """CLIENTS threads sending inference requests through the balancer, back to back, each on a keep-alive
-    connection of its own. A request that fails (refused, reset, HTTP 5xx: haproxy's 502/503 included) is retried
-    once, on a fresh connection, RETRY_AFTER_S later: the whole of a Kubernetes client's retry policy here."""
+    connection of its own; a request that fails retryably is sent again on a fresh connection, on the policy."""
 
-    def __init__(self, port: int) -> None:
-        self.port, self.stopping = port, threading.Event()
+    def __init__(self, port: int, policy: RetryPolicy) -> None:
+        self.port, self.policy, self.stopping = port, policy, threading.Event()
         self.sent: list[Sent] = []
         self.threads = [threading.Thread(target=self.loop, args=(i,), daemon=True) for i in range(CLIENTS)]
         for thread in self.threads:
@@ -489,9 +539,8 @@ class Clients:
             prompt = PROMPTS[number % len(PROMPTS)]
             number += CLIENTS
             sent = Sent(prompt, time.monotonic())
-            for attempt in range(2):  # the first attempt and one retry
-                if attempt:
-                    time.sleep(RETRY_AFTER_S)
+            for delay in (0.0, *self.policy.delays):
+                time.sleep(delay)
                 try:
                     connection.request("POST", MODEL_PATH, infer_body(prompt), {"Content-Type": "application/json"})
                     response = connection.getresponse()
@@ -502,8 +551,8 @@ class Clients:
                         except (ValueError, KeyError, IndexError):  # answered, but not a classification: lost
                             sent.failures.append((time.monotonic(), f"bad answer: {body[:200]!r}"))
                         break
-                    why = f"HTTP {response.status}"
-                    if response.status < 500:  # not a replica going away: wrong, and not to be retried
+                    why = " ".join([f"HTTP {response.status}", *(t for t in RELOADING if t.encode() in body)])
+                    if not self.policy.retryable(response.status, body):  # wrong, and not to be retried
                         sent.failures.append((time.monotonic(), f"{why}: {body[:200]!r}"))
                         break
                 except (OSError, http.client.HTTPException) as err:
@@ -523,6 +572,49 @@ class Clients:
     def between(self, start: float, end: float) -> list[Sent]:
         return [sent for sent in self.sent if start <= sent.start < end]
 
+    def outcome(self, expected: dict[str, tuple[str, float]]) -> dict[str, Any]:
+        """Requests, retried, lost and wrong (with the first few), and why attempts failed."""
+        retried, lost = [s for s in self.sent if s.failures], [s for s in self.sent if s.lost]
+        wrong = [
+            (s.prompt, s.got, expected[s.prompt]) for s in self.sent if s.got and not agrees(s.got, expected[s.prompt])
+        ]
+        return {
+            "requests": len(self.sent),
+            "retried": len(retried),
+            "retries": sum(len(s.failures) for s in retried) - len(lost),  # a lost request's last failure: no retry
+            "lost": len(lost),
+            "wrong": len(wrong),
+            "failures": sorted({why for s in retried for _, why in s.failures}),
+            "lost_first": [s.failures for s in lost[:5]],
+            "wrong_first": wrong[:5],
+        }
+
+
+@contextlib.contextmanager
+def service(
+    binary: str, replicas: Sequence[Replica], check: Check, workdir: Path
+) -> Iterator[tuple[Balancer, Poller, Clients]]:
+    """haproxy in front of the replicas once both are in rotation, its state sampled, the clients sending."""
+    with contextlib.ExitStack() as stack:
+        balancer = Balancer(binary, replicas, check, workdir)
+        stack.callback(balancer.stop)
+        balancer.wait_up([r.name for r in replicas])
+        poller = Poller(balancer)
+        poller.start()
+        stack.callback(poller.stop)
+        clients = Clients(balancer.port, check.retry)
+        stack.callback(clients.stop)
+        yield balancer, poller, clients
+
+
+def report(capsys: pytest.CaptureFixture[str], what: str, figures: dict[str, Any]) -> None:
+    """The figures on the terminal, and as JSON where TRITONHF_FAILOVER_REPORT names a file (one key per test)."""
+    with capsys.disabled():
+        print(f"\n{what}: {json.dumps(figures)}")
+    if path := os.environ.get("TRITONHF_FAILOVER_REPORT"):
+        earlier = json.loads(Path(path).read_text()) if Path(path).exists() else {}
+        Path(path).write_text(json.dumps({**earlier, what: figures}, indent=2) + "\n")
+
 
 def delta(after: dict[str, dict[str, str]], before: dict[str, dict[str, str]], name: str, column: str) -> int:
     return int(after[name][column] or 0) - int(before[name][column] or 0)
@@ -532,21 +624,13 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
     replicas: tuple[Replica, Replica],
     expected: dict[str, tuple[str, float]],
     haproxy: str,
+    check: Check,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     started = time.monotonic()
     victim, survivor = replicas
-    with contextlib.ExitStack() as stack:
-        balancer = Balancer(haproxy, {r.name: r.http_port for r in replicas}, tmp_path)
-        stack.callback(balancer.stop)
-        balancer.wait_up([r.name for r in replicas])
-        poller = Poller(balancer)
-        poller.start()
-        stack.callback(poller.stop)
-        clients = Clients(balancer.port)
-        stack.callback(clients.stop)
-
+    with service(haproxy, replicas, check, tmp_path) as (balancer, poller, clients):
         time.sleep(WARM_S)
         loaded = poller.rows
         killed_at = time.monotonic()
@@ -571,22 +655,16 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
         time.sleep(REVIVED_S)
         final = balancer.stat()
         ended = time.monotonic()
-        clients.stop()
-    sent = clients.sent
-    retried = [s for s in sent if s.failures]
-    lost = [s for s in sent if s.lost]
-    wrong = [(s.prompt, s.got, expected[s.prompt]) for s in sent if s.got and not agrees(s.got, expected[s.prompt])]
+    outcome = clients.outcome(expected)
+    retried = [s for s in clients.sent if s.failures]
     in_rotation_s = down_at - killed_at
     after_revival = {r.name: delta(final, revived, r.name, "stot") for r in replicas}
     figures = {
-        "requests": len(sent),
-        "retries": len(retried),
-        "lost": len(lost),
-        "wrong": len(wrong),
+        **outcome,
         "in_rotation_s": round(in_rotation_s, 3),
-        "in_rotation_bound_s": IN_ROTATION_BOUND_S,
-        "retry_after_s": RETRY_AFTER_S,
-        "check": {"inter_s": INTER_S, "fall": FALL, "rise": RISE},
+        "in_rotation_bound_s": check.in_rotation_bound_s,
+        "retry_delays_s": check.retry.delays,
+        "check": {"path": check.path, "inter_s": check.inter_s, "fall": check.fall, "rise": check.rise},
         "clients": CLIENTS,
         "before_kill": {r.name: int(loaded[r.name]["stot"]) for r in replicas},  # haproxy started with the load
         "dead_replica_after_kill": {
@@ -595,32 +673,74 @@ def test_a_killed_replica_leaves_the_rotation_and_comes_back(
             "eresp": delta(at_down, loaded, victim.name, "eresp"),
         },
         "dead_replica_once_down": delta(while_down, at_down, victim.name, "stot"),
-        "failures": sorted({why for s in retried for _, why in s.failures}),
         "restart_to_up_s": round(back_at - restarted_at, 2),
         "after_revival": after_revival,
-        "requests_per_s": round(len(sent) / (ended - started), 1),
+        "requests_per_s": round(outcome["requests"] / (ended - started), 1),
         "duration_s": round(time.monotonic() - started, 1),
     }
-    with capsys.disabled():
-        print(
-            f"\nfailover: {figures['requests']} requests, {figures['retries']} retried, {figures['lost']} lost;"
-            f" the killed replica in rotation {in_rotation_s:.2f} s after the kill"
-            f" (bound {figures['in_rotation_bound_s']:.1f} s); after revival {after_revival};"
-            f" {figures['duration_s']} s"
-        )
-    if report := os.environ.get("TRITONHF_FAILOVER_REPORT"):
-        Path(report).write_text(json.dumps(figures, indent=2) + "\n")
+    report(capsys, "failover", figures)
 
-    assert not lost, f"{len(lost)} requests failed after their retry: {[s.failures for s in lost[:5]]}"
-    assert not wrong, wrong[:5]
+    assert not outcome["lost"], figures
+    assert not outcome["wrong"], figures
     assert retried, "the kill cost no request a retry: did the killed replica take traffic?"
-    assert in_rotation_s <= IN_ROTATION_BOUND_S, figures
+    assert in_rotation_s <= check.in_rotation_bound_s, figures
     assert figures["dead_replica_once_down"] == 0, "haproxy sent the replica requests after marking it DOWN"
     # Only the kill's window costs retries: requests already sent to the dead replica, and those haproxy
     # sent it until its checks failed; none while it comes back (haproxy waits for its readiness).
     first, last = min(s.failures[0][0] for s in retried), max(s.failures[0][0] for s in retried)
-    assert killed_at <= first and last <= down_at + INTER_S, (killed_at, first, last, down_at)
+    assert killed_at <= first and last <= down_at + check.inter_s, (killed_at, first, last, down_at)
     warm = clients.between(started, killed_at)
     assert figures["before_kill"][victim.name] >= 0.2 * len(warm), figures
     assert after_revival[victim.name] >= 0.2 * sum(after_revival.values()), figures
     assert survivor.process.poll() is None
+
+
+def test_a_model_killed_inside_a_replica_heals_out_of_rotation(
+    replicas: tuple[Replica, Replica],
+    expected: dict[str, tuple[str, float]],
+    haproxy: str,
+    check: Check,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The replica stays; one model's process in it is killed under load. Its supervisor heals the model, its
+    readiness is false meanwhile, so the Service takes it out of rotation and back once healed; the clients,
+    retrying on the policy, lose nothing and get no wrong answer."""
+    healing, other = replicas
+    healed_before = healing.logs[-1].read_text().count("serving again")
+    with service(haproxy, replicas, check, tmp_path) as (balancer, poller, clients):
+        time.sleep(WARM_S)
+        loaded = poller.rows
+        [stub] = healing.stubs()
+        killed_at = time.monotonic()
+        os.kill(stub.pid, signal.SIGKILL)
+        until(lambda: poller.first(healing.name, ("DOWN",), killed_at), timeout=30, what="haproxy to mark it DOWN")
+        down_at = poller.first(healing.name, ("DOWN",), killed_at)
+        until(lambda: poller.first(healing.name, ("UP",), down_at), timeout=READY_TIMEOUT_S, what="it to be UP again")
+        up_at = poller.first(healing.name, ("UP",), down_at)
+        back = balancer.stat()
+        time.sleep(REVIVED_S)
+        final = balancer.stat()
+    outcome = clients.outcome(expected)
+    figures = {
+        **outcome,
+        "detected_s": round(down_at - killed_at, 3),
+        "detection_bound_s": check.healing_bound_s,
+        "out_of_rotation_s": round(up_at - down_at, 2),
+        "retry_delays_s": check.retry.delays,
+        "heals": healing.logs[-1].read_text().count("serving again") - healed_before,
+        "before_kill": {r.name: int(loaded[r.name]["stot"]) for r in replicas},
+        "sessions_while_down": poller.sessions_while_down(healing.name, down_at, up_at),
+        "after_heal": {r.name: delta(final, back, r.name, "stot") for r in replicas},
+        "other_replica": sorted({s for t, n, s in poller.changes if n == other.name}),
+    }
+    report(capsys, "heal in rotation", figures)
+
+    assert not outcome["lost"], figures
+    assert not outcome["wrong"], figures
+    assert outcome["retried"], "the kill cost no request a retry: did the healing replica take traffic?"
+    assert figures["detected_s"] <= check.healing_bound_s, figures
+    assert figures["heals"] == 1 and healing.process.poll() is None, "healed once, in the same replica"
+    assert figures["sessions_while_down"] == 0, "haproxy sent the healing replica requests while it was DOWN"
+    assert figures["other_replica"] == ["UP"], "the other replica stayed in rotation"
+    assert figures["after_heal"][healing.name] >= 0.2 * sum(figures["after_heal"].values()), figures

@@ -30,7 +30,9 @@ def test_argv_is_built_from_the_options(tmp_path: Path) -> None:
     counted = dataclasses.replace(options, request_count=64).argv()
     assert counted[counted.index("--measurement-mode") + 1] == "count_windows"
     assert counted[counted.index("--measurement-request-count") + 1] == "64" and "--measurement-interval" not in counted
-    assert "--streaming" not in argv and "--profile-export-file" not in argv
+    assert "--streaming" not in argv and "--profile-export-file" not in argv and "-H" not in argv
+    keyed = dataclasses.replace(options, control_key="k").argv()
+    assert keyed[keyed.index("-H") + 1] == "triton-grpc-protocol-tritonhf-control-key:k", "the key as gRPC metadata"
     streamed = dataclasses.replace(options, streaming=True, profile_path=tmp_path / "p.json").argv()
     assert "--streaming" in streamed and streamed[streamed.index("--profile-export-file") + 1] == str(
         tmp_path / "p.json"
@@ -69,6 +71,7 @@ def test_a_real_measurement(server: TritonServer, tmp_path: Path, variant: str) 
         tmp_path / "r.csv",
         window_ms=1500,
         stability_percent=50,
+        control_key=server.control_key,
     )
     measured = measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)  # plumbing, not stability
     side = server_side(before, snapshot(server.metrics_url), served.network, served.pipeline)
@@ -93,6 +96,7 @@ def test_the_mixed_generation_workload(server: TritonServer, tmp_path: Path) -> 
             4,
             tmp_path,
             find_installation().env,
+            server.control_key,
         )
         for streaming in (False, True)
     }

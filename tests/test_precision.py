@@ -7,8 +7,10 @@ whichever answer its flags call for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,11 +63,21 @@ def test_cpu_flags_are_read_from_the_kernel(tmp_path: Path) -> None:
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-def test_a_cgroup_cpu_limit_caps_the_cpus(tmp_path: Path) -> None:
-    limit = tmp_path / "cpu.max"
-    for text, cpus in (("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000", 1)):
-        limit.write_text(text)
-        assert hardware.cpu_quota(limit) == cpus, text
+def cgroup_files(layout: str, quota: str, period: str) -> dict[str, str]:
+    """A container's CPU limit as each cgroup layout writes it (no limit: v2 ``max``, v1 ``-1``)."""
+    if layout == "v2":
+        return {"cpu.max": f"{quota.replace('-1', 'max')} {period}\n"}
+    return {f"{layout}/cpu.cfs_quota_us": f"{quota}\n", f"{layout}/cpu.cfs_period_us": f"{period}\n"}
+
+
+@pytest.mark.parametrize("layout", ["v2", "cpu", "cpu,cpuacct"])  # cgroup v2; v1's cpu controller, both mounts
+def test_a_cgroup_cpu_limit_caps_the_cpus(layout: str, tmp_path: Path) -> None:
+    for quota, cpus in (("-1", None), ("200000", 2), ("150000", 2), ("50000", 1)):
+        root = tmp_path / quota
+        for name, text in cgroup_files(layout, quota, "100000").items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+        assert hardware.cpu_quota(root) == cpus, (layout, quota)
     assert hardware.cpu_quota(tmp_path / "missing") is None
 
 
@@ -145,6 +157,51 @@ def test_a_failed_gate_serves_float32(
     assert served.precision.dtype == "float32"
     if cpu_bf16():
         assert served.precision.reason == "bfloat16 did not pass the parity gate"
+
+
+def overflow_float16(model: Any) -> None:
+    """Word embeddings x 1e7: past float16's largest value (65504) they are inf, and everything after is NaN.
+    float32 doesn't notice: the embeddings' LayerNorm takes the scale out again."""
+    model.distilbert.embeddings.word_embeddings.weight.mul_(1e7)
+
+
+def offset_logits(model: Any) -> None:
+    """Both classes' logits + 1000: softmax takes the shift out in float32, but at 1000 bfloat16's 8-bit mantissa
+    steps by 4, and the margins between the classes (hundredths) round away."""
+    model.classifier.bias.add_(1000.0)
+
+
+@pytest.mark.parametrize(("dtype", "defect"), [("float16", overflow_float16), ("bfloat16", offset_logits)])
+def test_the_gate_rejects_a_precision_that_breaks_the_model(
+    tiny: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    dtype: str,
+    defect: Callable[[Any], None],
+) -> None:
+    """The same classifier, sound and with a defect that only ``dtype`` feels, gated in one build in ``dtype``
+    (asked for explicitly: the host's CPU flags decide nothing here): the sound one passes and serves in it, the
+    broken one fails and serves float32, and the build says so."""
+    broken = tmp_path / f"{defect.__name__.replace('_', '-')}"
+    shutil.copytree(tiny[CLASSIFIER], broken)
+    task = load_task(str(broken), "text-classification", dtype="float32")
+    with torch.no_grad():
+        defect(task.model)
+    task.model.save_pretrained(broken)
+    sound = load_task(str(tiny[CLASSIFIER]), "text-classification", dtype="float32")
+    assert (task(PROMPTS)["label"] == sound(PROMPTS)["label"]).all(), "the defect is invisible in float32"
+    repository = build(
+        plan([], [str(tiny[CLASSIFIER]), str(broken)], [], 16),
+        BuildOptions(output=tmp_path / "repo", variants=("python",), dtype=dtype),
+    )
+    out = capsys.readouterr().out
+    manifest = read_manifest(repository)
+    assert verified(repository, CLASSIFIER) == [dtype] and manifest[CLASSIFIER]["dtype"] == dtype, out
+    assert verified(repository, broken.name) == [] and manifest[broken.name]["dtype"] == "float32", out
+    assert f"{broken.name}: {dtype} failed the parity gate; it serves float32 instead" in out
+    [verdict] = precision.verify([(broken.name, str(broken), task)], dtype, "cpu")[broken.name]
+    assert verdict.cached and verdict.dtype == dtype and not verdict.passed
+    assert verdict.checks["argmax agreement"] < 0.5, "wrong on most prompts, not a near miss"
 
 
 def test_generation_gate_figures(tiny: dict[str, Path]) -> None:

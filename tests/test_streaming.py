@@ -7,8 +7,10 @@ Every test talks to the real tritonserver; references are transformers' own
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,17 +139,85 @@ def test_seeded_sampling_is_reproducible(server: TritonServer) -> None:
 # --- continuous batching, observed ---------------------------------------------------------
 
 
+class SharedStream:
+    """Several requests on one gRPC stream: their pieces in the one order the server sent them.
+
+    Each piece is (request id, new tokens, final). The model sends every row's piece of a step in turn, and one
+    stream keeps their order, so which piece came before which is the order of the steps, however fast or slow
+    the machine runs them. ``wait_for`` wakes on each piece (no polling).
+    """
+
+    def __init__(self, server: TritonServer, model: str) -> None:
+        self.model = model
+        self.order: list[tuple[str, int, bool]] = []
+        self.errors: list[InferenceServerException] = []
+        self.arrived = threading.Condition()
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.client.start_stream(callback=self.receive)
+
+    def send(self, request_id: str, prompt: str, parameters: dict[str, Any]) -> None:
+        tensor = grpcclient.InferInput("prompt", [1], "BYTES")  # a stream model takes one prompt, unbatched
+        tensor.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+        self.client.async_stream_infer(self.model, [tensor], request_id=request_id, parameters=parameters)
+
+    def receive(self, result: Any, error: InferenceServerException | None) -> None:
+        with self.arrived:
+            if error:
+                self.errors.append(error)
+            else:
+                response = result.get_response()
+                final = response.parameters["triton_final_response"].bool_param
+                self.order.append((response.id, int(result.as_numpy("new_tokens")[0]), final))
+            self.arrived.notify_all()
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: condition() or self.errors, timeout), f"timed out waiting for {what}"
+        assert not self.errors, [(e.status(), e.message(), e.debug_details()) for e in self.errors]
+
+    def tokens(self, request_id: str, before: int | None = None) -> int:
+        """The request's tokens in the pieces (of the first ``before`` pieces on the stream)."""
+        return sum(n for rid, n, _ in self.order[:before] if rid == request_id)
+
+    def finished(self, request_id: str) -> int | None:
+        """Where the request's final piece is in the order, once it came."""
+        return next((i for i, (rid, _, final) in enumerate(self.order) if rid == request_id and final), None)
+
+    def close(self) -> None:
+        self.client.stop_stream()
+        self.client.close()
+
+
 def test_a_late_request_is_admitted_at_a_step_boundary(server: TritonServer) -> None:
-    early = [
-        Streamed(server, "gpt2_stream", PROMPTS[i], {"max_new_tokens": 200, "min_new_tokens": 200}) for i in (1, 2)
-    ]
-    until(lambda: early[0].tokens >= 5, what="the early requests to be decoding")
-    late = Streamed(server, "gpt2_stream", PROMPTS[3], {"max_new_tokens": 4, "min_new_tokens": 4}).wait()
-    early = [call.wait() for call in early]
-    first_late, last_early = late.pieces[0][0], min(call.pieces[-1][0] for call in early)
-    assert first_late < last_early, "the late request's first token came before the early ones finished"
-    assert late.pieces[-1][0] < last_early, "and it finished first: it did not wait for the batch"
-    assert min(len(call.pieces) for call in early) > 100
+    """Two long answers decoding; a short request sent once both have tokens joins them and finishes first.
+
+    Judged by the order of the pieces on one stream, never by clocks: the late request's pieces interleave with
+    the early ones' (it decoded in their batch), and its final piece comes while they still have tokens to go
+    (it did not wait for the batch to drain)."""
+    early, late_tokens = 240, 8
+    stream = SharedStream(server, "gpt2_stream")
+    try:
+        for name, i in (("early-1", 1), ("early-2", 2)):
+            stream.send(name, PROMPTS[i], {"max_new_tokens": early, "min_new_tokens": early})
+        stream.wait_for(lambda: stream.tokens("early-1") and stream.tokens("early-2"), "both early rows to decode")
+        stream.send("late", PROMPTS[3], {"max_new_tokens": late_tokens, "min_new_tokens": late_tokens})
+        stream.wait_for(lambda: all(stream.finished(r) is not None for r in ("early-1", "early-2", "late")), "all")
+    finally:
+        stream.close()
+    order = stream.order
+    first = next(i for i, (rid, _, _) in enumerate(order) if rid == "late")
+    last = stream.finished("late")
+    assert stream.tokens("late") == late_tokens and order[last][2]
+    for name in ("early-1", "early-2"):
+        assert stream.tokens(name) == early
+        assert stream.tokens(name, first) >= 1, f"{name} was decoding when the late request joined"
+        during = {rid for rid, _, _ in order[first:last]}
+        assert name in during, f"{name} went on decoding with the late request in its batch"
+        assert stream.tokens(name, last + 1) < early, f"the late request finished before {name}: it did not wait"
+    print(
+        f"\nlate request: first piece at {first}, final at {last} of {len(order)} pieces; early rows then had"
+        f" {[stream.tokens(n, last + 1) for n in ('early-1', 'early-2')]} of {early} tokens"
+    )
 
 
 def test_cancelling_a_stream_frees_its_slot(server: TritonServer, models: dict[str, TextGeneration]) -> None:

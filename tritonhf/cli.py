@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tritonhf import TritonHFError, client, repo_builder
 from tritonhf import kubernetes as k8s
+from tritonhf.logs import FORMATS
+from tritonhf.server import UNLOAD_S
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,24 +33,54 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=None, help="default: the HTTP port + 1")
     serve.add_argument("--metrics-port", type=int, default=None, help="default: the HTTP port + 2")
     serve.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="the probes' endpoint: /v2/health/ready (every model serving) and /v2/health/live (default: the HTTP"
+        " port + 3)",
+    )
+    serve.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to bind; 0.0.0.0 opens the server to the network (default: %(default)s)",
     )
     serve.add_argument(
-        "--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown (default: %(default)s)"
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get at shutdown; everything is stopped within this plus"
+        f" {UNLOAD_S} s (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--start-timeout",
+        type=float,
+        default=300.0,
+        help="seconds the models may take to load before serve gives up (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--log-format", choices=FORMATS, default="text", help="Triton's and the supervisor's logs (default: text)"
     )
     serve.add_argument(
         "--max-restarts",
         type=int,
         default=5,
-        help="restarts of a crashed model within 10 minutes before it is left unloaded (default: %(default)s)",
+        help="restarts of a crashed model within 10 minutes before serve gives up and exits 1 (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="a crashed model's reloads wait 0, 1, 2, 4, ... times this many seconds (default: %(default)s)",
     )
     serve.set_defaults(run=run_serve)
 
-    push = commands.add_parser("push", help="copy a built repository to object storage (s3://)")
+    push = commands.add_parser("push", help="copy a built repository to object storage (s3://) as a build of its own")
     push.add_argument("repository", type=Path, help="a repository tritonhf built")
-    push.add_argument("uri", help="s3://[host:port/]bucket/prefix (credentials: AWS_* in the environment)")
+    push.add_argument(
+        "uri",
+        help="s3://[host:port/]bucket/prefix: the build goes to prefix/<build id>/ (credentials: AWS_* in the"
+        " environment)",
+    )
     push.set_defaults(run=run_push)
 
     deploy = commands.add_parser("deploy", help="deployment manifests for a built repository")
@@ -153,16 +185,29 @@ def run_perf(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from tritonhf.supervisor import serve
+    from tritonhf.daemon import ServeOptions, serve
 
-    ports = (args.grpc_port, args.metrics_port)
-    serve(args.model_repository, args.http_port, args.host, args.grace, args.max_restarts, *ports)
+    serve(
+        ServeOptions(
+            repository=args.model_repository,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            health_port=args.health_port,
+            host=args.host,
+            grace=args.grace,
+            start_timeout=args.start_timeout,
+            max_restarts=args.max_restarts,
+            backoff=args.backoff,
+            log_format=args.log_format,
+        )
+    )
 
 
 def run_push(args: argparse.Namespace) -> None:
     from tritonhf.storage import push
 
-    print(f"pushed {push(args.repository, args.uri)} files to {args.uri}")
+    print(push(args.repository, args.uri))
 
 
 def run_standins(args: argparse.Namespace) -> None:
@@ -184,7 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except TritonHFError as err:
-        print(f"tritonhf {args.command}: {err}", file=sys.stderr)
+        if getattr(args, "log_format", "text") == "json":  # serve's last event is JSON like the others
+            logging.getLogger("tritonhf").error("tritonhf %s: %s", args.command, err)
+        else:
+            print(f"tritonhf {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

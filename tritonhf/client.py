@@ -2,7 +2,7 @@
 
 The tutorial's client copied the input shape from the model metadata, which
 breaks once ``max_batch_size`` > 0 (the shape then starts with -1). Here the
-batch axis is the number of prompts, and every prompt is one row. ``--param``
+batch axis (the -1) is the number of prompts, and every prompt is one row. ``--param``
 sends request parameters (generation: ``max_new_tokens=32``, ``do_sample=true``);
 ``--stream`` reads a ``<name>_stream`` model over gRPC streaming and prints its
 pieces as they arrive.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,20 +41,24 @@ def infer(
     protocol: str = "http",
     parameters: Mapping[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Send the prompts as one request of shape [rows, 1]; every output, by name."""
+    """Send the prompts as one request of shape [rows, 1]; every output, by name.
+
+    The shapes come from the model's metadata (open to every client; its config is an admin API): a batched
+    model's ``prompt`` is [-1, 1], one prompt per row; an unbatched one's is [1].
+    """
     module = client_module(protocol)
     client = module.InferenceServerClient(url or DEFAULT_URLS[protocol])
     try:
-        config = client.get_model_config(model, **({"as_json": True} if protocol == "grpc" else {}))
-        config = config.get("config", config)
-        batched = int(config.get("max_batch_size", 0)) > 0
-        if not batched and len(prompts) != 1:
+        meta = client.get_model_metadata(model, **({"as_json": True} if protocol == "grpc" else {}))
+        [shape] = [[int(d) for d in tensor["shape"]] for tensor in meta["inputs"] if tensor["name"] == "prompt"]
+        shape = [len(prompts) if d == -1 else d for d in shape]
+        if math.prod(shape) != len(prompts):
             raise TritonHFError(f"model {model} does not batch: send one prompt at a time")
-        data = np.array([p.encode("utf-8") for p in prompts], dtype=object).reshape((-1, 1) if batched else (1,))
-        prompt = module.InferInput("prompt", list(data.shape), "BYTES")
+        data = np.array([p.encode("utf-8") for p in prompts], dtype=object).reshape(shape)
+        prompt = module.InferInput("prompt", shape, "BYTES")
         prompt.set_data_from_numpy(data)
         result = client.infer(model, [prompt], parameters=dict(parameters or {}) or None)
-        return {output["name"]: result.as_numpy(output["name"]) for output in config["output"]}
+        return {output["name"]: result.as_numpy(output["name"]) for output in meta["outputs"]}
     except module.InferenceServerException as err:
         raise TritonHFError(f"{model}: {err.message()}") from None
     except OSError as err:  # the HTTP client's connection errors

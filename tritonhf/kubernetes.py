@@ -5,7 +5,7 @@ What is written (``DIR`` = ``--output``)::
     DIR/kustomization.yaml            the base: plain Kubernetes (kubectl apply -k DIR)
     DIR/base/kustomization.yaml       the same base, where the overlays find it, with one file per object:
         serviceaccount.yaml, deployment.yaml, service.yaml, poddisruptionbudget.yaml,
-        horizontalpodautoscaler.yaml, servicemonitor.yaml
+        horizontalpodautoscaler.yaml, servicemonitor.yaml, networkpolicy.yaml
     DIR/prometheus-adapter-rules.yaml not in the base: the rule that makes the HPA's metric,
                                       for the Prometheus adapter's own configuration
     DIR/overlays/gpu/                 the base on GPU nodes (nvidia.com/gpu, the GPU taint)
@@ -28,6 +28,7 @@ the startup probe's budget from an estimate of the load time. The entry point is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -39,7 +40,10 @@ from typing import Any
 import yaml
 
 from tritonhf import TritonHFError, storage
-from tritonhf.repository import staged
+from tritonhf.daemon import LIVE, READY
+from tritonhf.placement import node_affinity
+from tritonhf.repository import sealed_id, staged
+from tritonhf.server import EXIT_MARGIN_S, UNLOAD_S
 from tritonhf.sizing import Facts, MiB, read_facts
 
 Object = dict[str, Any]
@@ -50,8 +54,8 @@ KSERVE_HTTP, KSERVE_GRPC = 8080, 9000
 IN_IMAGE = "/models"  # where the Dockerfile builds the repository
 MOUNT = "/mnt/models"  # where a PVC is mounted, and where KServe's storage initializer puts storageUri
 USER = 1000  # the NGC image's triton-server user
+HEALTH = 8003  # tritonhf serve's probes (daemon.py): Triton's own readiness skips a model unloaded to be healed
 PRESTOP_S = 5  # endpoints are removed while the pod still serves; then SIGTERM starts the drain
-UNLOAD_S = 15  # after the drain: the models unload and the processes exit
 SECRET_DIR = "/var/run/secrets/tritonhf-storage"
 
 CREDENTIALS = {  # the environment each object store's client reads (Triton's and boto3's)
@@ -76,6 +80,8 @@ class DeployOptions:
     grace_s: int = 25
     queue_target_us: int = 50_000
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    allow_from: tuple[str, ...] = ()  # who may reach the inference ports, each a peer(); none: this namespace's pods
+    monitoring_namespace: str = "monitoring"  # who may scrape the metrics port (kube-prometheus-stack's default)
 
     @property
     def metric(self) -> str:
@@ -99,7 +105,7 @@ class Pod:
     facts: Facts
     options: DeployOptions
     device: str
-    in_tmp: float  # copies of the repository in /tmp: the server's own, of object storage (see scratch)
+    in_tmp: float  # copies of the repository in /tmp, of object storage (see scratch)
     elsewhere: float = 0.0  # copies on other disk volumes of the pod (KServe's storage initializer's)
     http: int = HTTP
     volumes: list[Object] = field(default_factory=list)
@@ -119,10 +125,12 @@ class Pod:
         self.mounts.append({"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})})
 
     def scratch(self) -> int:
-        """/tmp: ``in_tmp`` copies of the repository, and 1 GiB. From object storage that is 2.2 (server_pod):
-        Triton removes its copy when it unloads a model, but a server killed outright leaves it behind, and the
-        emptyDir outlives a restart of the container; a second leftover overflows the limit, and the pod is
-        evicted and replaced with a clean one."""
+        """/tmp: ``in_tmp`` copies of the repository, and 1 GiB (server_pod). From s3:// that is one: ``tritonhf
+        serve`` downloads the exact build to /tmp/tritonhf-builds/<build id>/ and Triton serves that directory,
+        copying nothing; the emptyDir outlives a restart of the container, which reuses the verified copy, and a
+        download cut short is removed before the next starts. From gs:// and as:// it is 2.2: Triton copies each
+        model itself and removes the copy when it unloads the model, but a server killed outright leaves it
+        behind; a second leftover overflows the limit, and the pod is evicted and replaced with a clean one."""
         return int(self.facts.total_bytes * self.in_tmp) + 1024 * MiB
 
     def resources(self) -> Object:
@@ -138,14 +146,19 @@ class Pod:
             amounts["nvidia.com/gpu"] = "1"
         return {"requests": dict(amounts), "limits": dict(amounts)}
 
+    @property
+    def start_budget_s(self) -> int:
+        """How long the models may take to load: the startup probe's budget and ``serve --start-timeout`` both."""
+        return math.ceil(max(120, 60 + 2 * self.facts.load_estimate_s(self.device)) / 10) * 10
+
     def probes(self) -> Object:
-        """Startup gates liveness while the models load (the HTTP port opens only then); readiness
-        follows Triton's strict readiness, which the supervisor turns false while it heals a model."""
-        budget = max(120, 60 + 2 * self.facts.load_estimate_s(self.device))
+        """On tritonhf serve's probes (daemon.py), which open once the models loaded: startup gates liveness
+        meanwhile; readiness is false while any model is down (healing, backing off, given up) or the pod
+        drains; liveness is false once a model was given up (serve then exits too)."""
         return {
-            "startupProbe": probe("/v2/health/live", self.http, period=10, failures=math.ceil(budget / 10)),
-            "livenessProbe": probe("/v2/health/live", self.http, period=10, failures=3, timeout=5),
-            "readinessProbe": probe("/v2/health/ready", self.http, period=5, failures=2, timeout=3),
+            "startupProbe": probe(LIVE, HEALTH, period=10, failures=self.start_budget_s // 10),
+            "livenessProbe": probe(LIVE, HEALTH, period=10, failures=3, timeout=5),
+            "readinessProbe": probe(READY, HEALTH, period=5, failures=2, timeout=3),
         }
 
     def container(self, name: str, repository: str, ports: list[Object], extra_args: Iterable[str] = ()) -> Object:
@@ -161,12 +174,16 @@ class Pod:
                 "0.0.0.0",
                 "--http-port",
                 str(self.http),
+                "--health-port",
+                str(HEALTH),
                 *extra_args,
                 "--grace",
                 str(self.options.grace_s),
+                "--start-timeout",
+                str(self.start_budget_s),
             ],
             "env": self.env,
-            "ports": ports,
+            "ports": [*ports, {"name": "health", "containerPort": HEALTH, "protocol": "TCP"}],
             "resources": self.resources(),
             **self.probes(),
             "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_S}}},
@@ -190,7 +207,8 @@ class Pod:
 
     @property
     def termination_grace_s(self) -> int:
-        return PRESTOP_S + self.options.grace_s + UNLOAD_S
+        """The kubelet's SIGKILL comes after serve's own budget (its drain, the unload) and a margin."""
+        return PRESTOP_S + self.options.grace_s + UNLOAD_S + EXIT_MARGIN_S
 
 
 def probe(path: str, port: int, *, period: int, failures: int, timeout: int = 3) -> Object:
@@ -243,7 +261,7 @@ def named_ports(http: int, grpc: int, metrics: int) -> list[Object]:
 def server_pod(facts: Facts, options: DeployOptions, device: str) -> tuple[Pod, str]:
     """The Deployment's pod, wired to the repository: (the pod, where the server reads the repository)."""
     location = storage.parse(options.model_repository)
-    pod = Pod(facts, options, device, in_tmp=2.2 if location.remote else 0.0)
+    pod = Pod(facts, options, device, in_tmp=1.0 if location.scheme == "s3" else 2.2 if location.remote else 0.0)
     repository = options.model_repository
     if location.scheme == "pvc":
         claim = {"persistentVolumeClaim": {"claimName": location.container, "readOnly": True}}
@@ -262,6 +280,7 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
         "spec": {
             "serviceAccountName": options.name,
             "automountServiceAccountToken": False,
+            "shareProcessNamespace": False,  # no other container may read the server's command line: its key
             "securityContext": pod.security(),
             "terminationGracePeriodSeconds": pod.termination_grace_s,
             "topologySpreadConstraints": [
@@ -278,6 +297,8 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
     }
     if device == "gpu":
         template["spec"]["tolerations"] = GPU_TOLERATIONS
+    if affinity := node_affinity(facts.host):  # nodes whose CPU has what the build's choices need
+        template["spec"]["affinity"] = affinity
     return {
         "serviceaccount.yaml": {
             "apiVersion": "v1",
@@ -367,10 +388,58 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
                 "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
             },
         },
+        "networkpolicy.yaml": network_policy(options, selector(options), ["http", "grpc"]),
     }
 
 
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # every namespace carries its name under it (Kubernetes >= 1.22)
+LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+
+
+def peer(text: str) -> Object:
+    """One ``--allow-from``: its terms as a NetworkPolicy peer, which a client must match in full.
+
+    ``namespace:NAME`` or ``namespace:KEY=VALUE`` select namespaces, ``pod:KEY=VALUE`` pods (of the policy's
+    own namespace, unless a namespace term is there too); several terms of a kind must all hold."""
+    selectors: dict[str, dict[str, str]] = {}
+    for term in text.split(","):
+        kind, _, labels = term.partition(":")
+        key, equals, value = labels.partition("=")
+        if kind == "namespace" and not equals:
+            key, value = NAMESPACE_LABEL, labels
+        valid = kind in ("namespace", "pod") and LABEL_KEY.fullmatch(key) and LABEL_VALUE.fullmatch(value)
+        if not valid or not (equals or value):  # pod:KEY alone, or namespace: with no name
+            raise TritonHFError(
+                f"--allow-from {text!r}: {term!r} is not namespace:NAME, namespace:KEY=VALUE or pod:KEY=VALUE"
+            )
+        selectors.setdefault(f"{kind}Selector", {})[key] = value
+    return {name: {"matchLabels": labels} for name, labels in selectors.items()}
+
+
+def network_policy(options: DeployOptions, pods: dict[str, str], inference: list[str | int]) -> Object:
+    """Ingress to the server's pods: the inference ports from ``--allow-from`` (default: pods of the same
+    namespace), the metrics port from the monitoring namespace, nothing else; egress stays open (object storage).
+
+    No rule for the probes' port: the kubelet probes from the pod's node, and Kubernetes always admits traffic
+    from a pod's own node, whatever the policies say. Enforced only where the network plugin implements
+    NetworkPolicy (Calico, Cilium, ...); elsewhere the object is accepted and does nothing."""
+    clients = [peer(text) for text in options.allow_from] or [{"podSelector": {}}]
+    monitoring = {"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: options.monitoring_namespace}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(options),
+        "spec": {
+            "podSelector": {"matchLabels": pods},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": clients, "ports": [{"port": port, "protocol": "TCP"} for port in inference]},
+                {"from": [monitoring], "ports": [{"port": "metrics", "protocol": "TCP"}]},
+            ],
+        },
+    }
 
 
 def queue_time_query(matchers: str, served: Sequence[str], group: str = "") -> str:
@@ -421,7 +490,10 @@ def gpu_patch(facts: Facts, options: DeployOptions) -> Object:
 
 
 def kserve_storage_uri(location: storage.Location) -> str | None:
-    """KServe's storage initializer's form of the repository URI; None: the repository is in the image."""
+    """KServe's storage initializer's form of the repository URI; None: the repository is in the image.
+
+    For s3:// it is the exact build (deploy resolved it): the initializer copies that build's files, seal
+    included, to /mnt/models, and ``tritonhf serve`` checks them there before Triton loads them."""
     if location.local:
         return None
     if location.scheme == "as":  # KServe names Azure blobs by their HTTPS address
@@ -450,6 +522,9 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
     }
     if device == "gpu":
         runtime_spec["tolerations"] = GPU_TOLERATIONS
+    if affinity := node_affinity(facts.host):
+        runtime_spec["affinity"] = affinity
+    predictor_pods = {"serving.kserve.io/inferenceservice": options.name}  # KServe labels its pods so
     pods = f'pod=~"{options.name}-predictor-.*"' + (f',namespace="{options.namespace}"' if options.namespace else "")
     model: Object = {"modelFormat": {"name": "triton", "version": "2"}, "runtime": options.name}
     if uri:
@@ -487,6 +562,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
                     "minReplicas": options.replicas,
                     "maxReplicas": options.max_replicas,
                     "terminationGracePeriodSeconds": pod.termination_grace_s,
+                    "shareProcessNamespace": False,  # as in the base: the server's key stays in its container
                     "securityContext": pod.security(),
                     "autoScaling": {
                         "metrics": [
@@ -513,10 +589,12 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
             "kind": "PodMonitor",
             "metadata": metadata(options),
             "spec": {
-                "selector": {"matchLabels": {"serving.kserve.io/inferenceservice": options.name}},
+                "selector": {"matchLabels": predictor_pods},
                 "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
             },
         },
+        # RawDeployment: clients reach the pods directly (no Knative activator to admit); gRPC is not a named port
+        "networkpolicy.yaml": network_policy(options, predictor_pods, ["http", KSERVE_GRPC]),
     }
 
 
@@ -614,7 +692,7 @@ def next_steps(options: DeployOptions, output: Path) -> str:
             "   # the server reads the first two, KServe's storage initializer the last"
         )
     lines += [
-        f"kubectl apply -k {output}                    # Deployment, Service, PDB, HPA, ServiceMonitor",
+        f"kubectl apply -k {output}                    # Deployment, Service, PDB, HPA, ServiceMonitor, NetworkPolicy",
         f"kubectl apply -k {output}/overlays/gpu       # or: the same on GPU nodes",
         f"kubectl apply -k {output}/overlays/kserve    # or: KServe (ServingRuntime + InferenceService)",
         f"# the HPA's metric {options.metric}: merge {output}/prometheus-adapter-rules.yaml into the adapter's",
@@ -665,6 +743,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the autoscaler's target: queue time per request (default: %(default)s)",
     )
     add("--prometheus-url", default=defaults.prometheus_url, help="KServe's KEDA scaler queries it")
+    add(
+        "--allow-from",
+        action="append",
+        default=[],
+        metavar="PEER",
+        help="who the NetworkPolicy lets reach the HTTP and gRPC ports; repeat for more. PEER: comma-separated terms"
+        " a client must all match: namespace:NAME, namespace:KEY=VALUE (namespaces by label), pod:KEY=VALUE (pods"
+        " by label; of this namespace unless a namespace term is given too). Default: every pod of this namespace",
+    )
+    add(
+        "--monitoring-namespace",
+        default=defaults.monitoring_namespace,
+        help="the namespace whose pods (Prometheus) may scrape the metrics port (default: %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -682,10 +774,35 @@ def run(args: argparse.Namespace) -> None:
         grace_s=args.grace,
         queue_target_us=round(args.queue_target_ms * 1000),
         prometheus_url=args.prometheus_url,
+        allow_from=tuple(args.allow_from),
+        monitoring_namespace=args.monitoring_namespace,
     )
     built = args.built or args.model_repository
     if args.built is None and storage.parse(built).local and not Path(built).exists():
         raise TritonHFError(f"{built} is a path inside the image: pass the built repository with --built DIR")
-    counts = deploy(storage.Files(built), options, args.output)
+    files = storage.Files(built)
+    options = dataclasses.replace(options, model_repository=exact_build(args.model_repository, args.built, files))
+    counts = deploy(files, options, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{target} {count} objects" for target, count in counts.items()))
+    print(f"the pods serve {options.model_repository}")
     print(next_steps(options, args.output))
+
+
+def exact_build(uri: str, built: Path | None, files: storage.Files) -> str:
+    """The build the pods serve, written into their template: a new build is a new template, so a rollout.
+
+    s3://: with ``--built``, that build's id below the prefix (push it there); without, the build the
+    prefix's pointer names (``files`` resolved it). A build's own URI is kept, if it is ``--built``'s.
+    Other URIs as given (gs://, as://: no pointer is read; name a build's prefix yourself).
+    """
+    location = storage.parse(uri)
+    if location.scheme != "s3":
+        return uri
+    if built is None:
+        return files.location.uri
+    build = sealed_id(built)
+    if build is None:  # built before seals: the pointer says which build
+        return storage.resolve(uri)
+    if location.build not in (None, build):
+        raise TritonHFError(f"{uri} is build {location.build}, --built {built} is build {build}")
+    return uri if location.build else location.child(build)

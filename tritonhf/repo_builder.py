@@ -22,13 +22,22 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tritonhf import TritonHFError, cache_dir, model_config, precision, storage
+from tritonhf import TritonHFError, cache_dir, model_config, placement, precision, storage
 from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_threads, default_instances
 from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.tensors import PROMPT
 from tritonhf.backends.python_hf.tutorial import OUTPUTS as TUTORIAL_OUTPUTS
 from tritonhf.buildlog import libraries_to
-from tritonhf.repository import LOCAL_WEIGHTS, Manifest, read_manifest, staged, write_manifest, write_model
+from tritonhf.repository import (
+    LOCAL_WEIGHTS,
+    Manifest,
+    read_manifest,
+    seal,
+    sealed_id,
+    staged,
+    write_manifest,
+    write_model,
+)
 from tritonhf.variants import (
     CLASSIFICATION,
     DEFAULT_VARIANTS,
@@ -201,8 +210,9 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         requested = by_names(options.variants)
     except ValueError as err:
         raise TritonHFError(str(err)) from None
-    if not options.instances:
-        options = dataclasses.replace(options, instances=default_instances(options.device))
+    sized = None if options.instances else default_instances(options.device)  # from this host's CPUs
+    if sized:
+        options = dataclasses.replace(options, instances=sized)
     plans = [(entry, variants_for(entry, requested)) for entry in entries]
     tasks = load(entries, options.dtype)
     in_torch = [  # served by PyTorch in the build's precision: eager, or a reduced-precision export
@@ -244,7 +254,9 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
                     "runtime": runtime,
                     "dtype": made.dtype,
                 }
+        placement.write(staging, placement.record(manifest, options.dtype, options.device, sized))
         write_manifest(staging, manifest)
+        seal(staging)  # last: every file's sha256, checked wherever the build is copied and served
     if exported:
         why = (
             " (auto: this server lacks their native backends)" if options.runtime == "auto" and runtime == FUSED else ""
@@ -437,7 +449,7 @@ def run(args: argparse.Namespace) -> Path:
     width = max(map(len, manifest)) + 2
     for name, served in manifest.items():
         print(f"  {name:<{width}} {served['task']:<20} {served['variant']:<12} {served['dtype']:<9} {served['source']}")
-    print(f"wrote {len(manifest)} served models to {path}")
+    print(f"wrote {len(manifest)} served models to {path} (build {sealed_id(path)})")
     if not storage.parse(args.output).local:
-        print(f"pushed {storage.push(path, args.output)} files to {args.output}")
+        print(storage.push(path, args.output))
     return path

@@ -1,16 +1,25 @@
-"""A model repository on disk: the generic model's files, local weights, the manifest, the atomic swap.
+"""A model repository on disk: the generic model's files, local weights, the manifest, the seal, the atomic swap.
 
 Both writers of a repository (repo_builder.py for the Python-backend models,
 ensembles.py for the exported variants) put their models in through these.
+
+A finished build is sealed: ``HASHES`` records every other file's sha256 in
+``sha256sum``'s format (so ``sha256sum -c .tritonhf.sha256`` checks a copy by
+hand), and the build's id is derived from that record. The same files give the
+same id wherever they are built or copied; one changed byte gives another id.
+Every copy of a build (pushed to object storage, downloaded by ``tritonhf
+serve``, copied by KServe) is checked against its record before it is served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -20,6 +29,9 @@ from tritonhf import TritonHFError, model_config
 MARKER = ".tritonhf.json"  # marks a directory this builder owns (and may replace) and lists its models
 LOCAL_WEIGHTS = "hf_model"  # where a local model directory is copied, inside the version dir
 Manifest = dict[str, dict[str, str]]  # served name -> source, task, variant[, runtime]
+HASHES = ".tritonhf.sha256"  # the seal: every other file's sha256, one "<hex>  <path>" line each, sorted by path
+BUILD_ID = re.compile(r"^[0-9a-f]{16}$")  # the first 16 hex digits of the seal's own sha256
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -86,3 +98,85 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 def read_manifest(repository: Path) -> Manifest:
     """The models a tritonhf-built repository serves: name -> {source, task, variant[, runtime]}."""
     return json.loads((repository / MARKER).read_text())
+
+
+def local_files(root: Path) -> list[str]:
+    """A local repository's files, relative; a local server's bytecode (__pycache__) is not the repository's."""
+    return sorted(
+        str(path.relative_to(root)) for path in root.rglob("*") if path.is_file() and "__pycache__" not in path.parts
+    )
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def record(hashes: Mapping[str, str]) -> str:
+    """The seal's text: sorted, so that the same files always give the same text, and so the same build id."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(hashes.items()))
+
+
+def parse_record(text: str, where: str) -> dict[str, str]:
+    """Relative path -> sha256, from a seal's text."""
+    hashes = {}
+    for line in text.splitlines():
+        digest, _, name = line.partition("  ")
+        if not DIGEST.match(digest) or not name or name.startswith("/") or ".." in name.split("/"):
+            raise TritonHFError(f"{where}: {HASHES} is malformed at {line[:120]!r}")
+        hashes[name] = digest
+    return hashes
+
+
+def build_id(record_text: str) -> str:
+    """A build's id, from its seal: content-derived, so a build pushed twice is the same build."""
+    return hashlib.sha256(record_text.encode()).hexdigest()[:16]
+
+
+def seal(root: Path) -> str:
+    """Record the sha256 of every file of a finished repository (all but the record itself and bytecode); returns
+    the build id. Called last in a build: whatever files the build wrote are sealed, the manifest included."""
+    names = [name for name in local_files(root) if name != HASHES]
+    if odd := [name for name in names if "\n" in name or "\\" in name]:
+        raise TritonHFError(f"{root}: file names with a newline or a backslash cannot be sealed: {odd[:3]}")
+    text = record({name: sha256(root / name) for name in names})
+    (root / HASHES).write_text(text)
+    return build_id(text)
+
+
+def sealed_id(root: Path) -> str | None:
+    """The build id of a sealed repository (from its record, unchecked); None for one built before seals."""
+    path = root / HASHES
+    return build_id(path.read_text()) if path.exists() else None
+
+
+def check_listing(where: str, hashes: Iterable[str], present: Iterable[str]) -> None:
+    """Refuse a copy of a build that lacks a recorded file or holds one the build did not have."""
+    expected, found = set(hashes), set(present) - {HASHES}
+    if missing := sorted(expected - found):
+        raise TritonHFError(f"{where}: {missing[0]} is missing (recorded in {HASHES}; {len(missing)} missing in all)")
+    if unexpected := sorted(found - expected):
+        raise TritonHFError(
+            f"{where}: {unexpected[0]} is not part of the build (not in {HASHES}; {len(unexpected)} such files)"
+        )
+
+
+def mismatch(where: str, name: str, found: str, expected: str) -> TritonHFError:
+    return TritonHFError(
+        f"{where}: {name} does not match the build: sha256 {found[:16]}..., recorded {expected[:16]}... in {HASHES}"
+        " (changed after the build, or corrupted); refusing to serve it"
+    )
+
+
+def verify(root: Path, build: str | None = None) -> str:
+    """Check a local copy of a build against its seal (and, if given, its id): every recorded file there and
+    unchanged, no other file. Returns the build id; raises naming the first file that differs."""
+    text = (root / HASHES).read_text()
+    if build is not None and build_id(text) != build:
+        raise TritonHFError(f"{root}: {HASHES} is not build {build}'s record (its id is {build_id(text)})")
+    hashes = parse_record(text, str(root))
+    check_listing(str(root), hashes, local_files(root))
+    for name, expected in hashes.items():
+        if (found := sha256(root / name)) != expected:
+            raise mismatch(str(root), name, found, expected)
+    return build_id(text)

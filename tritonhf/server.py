@@ -29,8 +29,15 @@ from pathlib import Path
 from types import TracebackType
 
 from tritonhf import TritonHFError, cache_dir
+from tritonhf.logs import Events, Sink
 from tritonhf.storage import parse
 
+# One shutdown budget: after SIGTERM in-flight requests get the grace period (Triton's exit timeout), the models
+# UNLOAD_S more to unload and their processes to exit; then whatever is left is killed. A pod's
+# terminationGracePeriodSeconds adds its preStop and EXIT_MARGIN_S to that (kubernetes.py), so that the kubelet's
+# SIGKILL never comes first.
+UNLOAD_S = 10
+EXIT_MARGIN_S = 5
 HARMLESS = ("unable to create stream", "Failed to initialize NVML", "DCGM", "CudaDriverHelper", "pinned memory")
 
 
@@ -105,17 +112,25 @@ def model_errors(log: str) -> list[str]:
     return [line for line in lines if not any(text in line for text in HARMLESS)]
 
 
-CONTROL_HEADER = "tritonhf-control-key"  # the model repository API (load/unload) answers only with it
+CONTROL_HEADER = "tritonhf-control-key"  # the admin APIs answer only with it
+GRPC_CONTROL_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"  # the name Triton reads it under from gRPC metadata
+# Triton's admin APIs, closed to anyone without the key: load/unload, the log level and file, tracing, shared-memory
+# regions, and model configs. Open: health, metadata, inference and statistics (what monitoring scrapes).
+RESTRICTED = ("model-repository", "logging", "trace", "shared-memory", "model-config")
 
 
 class TritonServer:
     """A running tritonserver, as a context manager; ports are free ones unless given.
 
     Models are under explicit control: every model of the repository is loaded at
-    start, and the repository API (load, unload, index) is restricted to holders of
-    a key made anew at every start (``control_key``): the supervisor (supervisor.py)
-    holds it, clients don't. The endpoints bind ``host`` (127.0.0.1 unless opened).
+    start, and Triton's admin APIs (RESTRICTED: the repository's load, unload and
+    index, logging, trace, shared memory, model configs) answer only holders of a
+    key made anew at every start (``control_key``): the supervisor (supervisor.py)
+    and the perf suite hold it, clients don't. The endpoints bind ``host`` (127.0.0.1 unless opened).
     On stop, in-flight requests get ``grace`` seconds (Triton's exit timeout).
+
+    The server's output goes to ``log_path`` (a temporary file unless given), or event by event to ``log_sink``
+    (``tritonhf serve``: stdout, logs.py), with a bounded tail kept for error messages.
     """
 
     def __init__(
@@ -128,6 +143,7 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         host: str = "127.0.0.1",
         grace: float = 30.0,
+        log_sink: Sink | None = None,
     ) -> None:
         # a directory, or object storage the server reads itself (storage.py: s3://, gs://, as://)
         self.repository = str(repository) if parse(repository).remote else Path(repository).resolve()
@@ -136,11 +152,12 @@ class TritonServer:
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        if log_path is None:
+        self.log_sink, self.events = log_sink, None
+        if log_path is None and log_sink is None:
             descriptor, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(descriptor)  # the server's own handle is opened at start
             log_path = Path(name)
-        self.log_path = log_path
+        self.log_path: Path | None = log_path
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
         self.forced = False  # the last stop had to kill a server that would not exit in time
@@ -162,8 +179,15 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.local_host}:{self.metrics_port}/metrics"
 
+    @property
+    def log_where(self) -> str:
+        return str(self.log_path) if self.log_path else "stdout"
+
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """The server's output so far (piped: its last lines)."""
+        if self.events is not None:
+            return self.events.text()
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def start(self, timeout: float = 300.0) -> TritonServer:
         install = find_installation()
@@ -176,16 +200,22 @@ class TritonServer:
             *(f"--{endpoint}-address={self.host}" for endpoint in ("http", "grpc", "metrics")),
             "--model-control-mode=explicit",
             "--load-model=*",
-            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self.control_key}",
-            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self.control_key}",
+            f"--http-restricted-api={','.join(RESTRICTED)}:{CONTROL_HEADER}={self.control_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{CONTROL_HEADER}={self.control_key}",
             f"--exit-timeout-secs={max(1, round(self.grace))}",
             *([f"--backend-directory={install.backend_dir}"] if install.backend_dir else []),
             *self.extra_args,
         ]
-        with self.log_path.open("wb") as log:
+        if self.log_sink is not None:
             self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=install.env, start_new_session=True
             )
+            self.events = Events(self.process.stdout, self.log_sink)
+        else:
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env=install.env, start_new_session=True
+                )
         try:
             self.wait_ready(timeout)
         except BaseException:  # Ctrl-C, SIGTERM or a timeout while loading: never leave a server behind
@@ -198,10 +228,10 @@ class TritonServer:
         while not self.ready():
             if self.process.poll() is not None:
                 errors = "\n".join(model_errors(self.log())) or self.log()[-4000:]
-                raise TritonHFError(f"tritonserver exited while loading (log: {self.log_path}):\n{errors}")
+                raise TritonHFError(f"tritonserver exited while loading (log: {self.log_where}):\n{errors}")
             if time.monotonic() > deadline:
                 raise TritonHFError(
-                    f"tritonserver not ready after {timeout:.0f} s (log: {self.log_path}):\n{self.log()[-4000:]}"
+                    f"tritonserver not ready after {timeout:.0f} s (log: {self.log_where}):\n{self.log()[-4000:]}"
                 )
             time.sleep(0.25)
 
@@ -236,11 +266,11 @@ class TritonServer:
 
         The server leads its own session (its stub processes share its process group), so a
         stub it could not stop is killed with the group, and a server past ``timeout`` too
-        (default: the grace period, plus time to unload the models).
+        (default: the grace period, plus UNLOAD_S to unload the models).
         """
         if self.process is None:
             return
-        timeout = self.grace + 30 if timeout is None else timeout
+        timeout = self.grace + UNLOAD_S if timeout is None else timeout
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -252,6 +282,8 @@ class TritonServer:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            if self.events is not None:  # the last of its output, written before we say it stopped
+                self.events.join(timeout=2)
             self.process = None
 
     def __enter__(self) -> TritonServer:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from tritonhf import TritonHFError, model_config, storage
+from tritonhf import TritonHFError, model_config, placement, storage
 from tritonhf.repository import LOCAL_WEIGHTS, MARKER
 
 MiB = 2**20
@@ -52,6 +52,7 @@ class Facts:
     models: tuple[Model, ...]
     total_bytes: int
     served: tuple[str, ...]  # what clients call (the manifest's names): not an ensemble's steps
+    host: placement.HostRecord | None = None  # the build's CPU choices and what they need (placement.py)
 
     @property
     def device(self) -> str:
@@ -117,4 +118,4 @@ def read_facts(files: storage.Files) -> Facts:
         )
     if not models:
         raise TritonHFError(f"{files.location.uri}: no models (no config.pbtxt)")
-    return Facts(tuple(models), sum(sizes.values()), served)
+    return Facts(tuple(models), sum(sizes.values()), served, placement.read(files))

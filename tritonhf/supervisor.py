@@ -9,17 +9,25 @@ names its model and instance, and a stub that died stays a zombie, whose exit
 status /proc still holds. When one dies, the supervisor
 
 1. unloads the model through the repository API (instant, with the control
-   key): from then on ``/v2/models/<name>/ready`` answers not-ready (and
-   ``/v2/health/ready`` while the model unloads and reloads: Triton's strict
-   readiness skips a model unloaded on purpose), and requests are refused at
-   once (Triton: "has no available versions", gRPC NOT_FOUND / HTTP 400)
-   instead of failing inside;
+   key): from then on ``/v2/models/<name>/ready`` answers not-ready, and so
+   does ``tritonhf serve``'s readiness probe (``down``, daemon.py: Triton's own
+   strict readiness skips a model unloaded on purpose), and requests are
+   refused at once (Triton: "has no available versions", gRPC NOT_FOUND / HTTP
+   400) instead of failing inside;
 2. loads it again: Triton restarts its stubs and brings back the ensembles that
    use it (they went down with it), then readiness is true again;
 3. logs each step with the model's name and the cause (signal or exit code).
 
 A model that keeps dying backs off (0, 1, 2, 4, ... s) and, after ``max_restarts``
-restarts within ``window`` seconds, is left unloaded with the reason in the log.
+restarts within ``window`` seconds, is left unloaded with the reason in the log;
+``tritonhf serve`` (daemon.py) then stops, so that the process manager (the kubelet)
+restarts the whole server with its own back-off.
+
+With several instances a model has several stubs. A heal snapshots them all when it
+starts and never watches them again: Triton's unload returns before the old instances
+finish their batches, so they exit while (or after) the model loads anew, and are not
+new crashes. A stub that exits while its model is not being served (unloaded on
+purpose, through the repository API) is not a crash either.
 """
 
 from __future__ import annotations
@@ -38,7 +46,6 @@ import psutil
 
 from tritonhf import TritonHFError
 from tritonhf.server import TritonServer
-from tritonhf.storage import check_not_pushing
 
 logger = logging.getLogger(__name__)
 STUB = "triton_python_backend_stub"
@@ -123,11 +130,15 @@ class Supervisor:
         self.thread = threading.Thread(target=self.run, name="tritonhf-supervisor", daemon=True)
         self.healers: list[threading.Thread] = []
         self.models: set[str] = set()  # the repository's, from the server's index at the start
+        self.retired: set[int] = set()  # stubs of a model being healed, when the heal began: never watched again
 
     def stubs(self) -> list[Stub]:
         return stubs(self.server.process.pid, self.models)
 
     def __enter__(self) -> Supervisor:
+        return self.start()
+
+    def start(self) -> Supervisor:
         self.models = {model["name"] for model in json.loads(self.server.control("index"))}
         self.known = {stub.pid: stub for stub in self.stubs()}
         self.thread.start()
@@ -149,13 +160,35 @@ class Supervisor:
                 logger.warning("model %s: unload before shutdown failed: %s", model, err)
 
     def stop(self) -> None:
-        """Stop watching, and let a reload under way finish (a server stopped mid-load waits its whole grace)."""
+        """Stop watching, and abandon a heal under way: the server's shutdown must not wait for a reload (a
+        healer's load fails or finishes as the server stops; it starts nothing new once ``stopping`` is set)."""
         self.stopping.set()
-        deadline = time.monotonic() + self.server.grace + 60
-        if self.thread.is_alive():  # first the watch, so that no healer starts after the list below
-            self.thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        for healer in self.healers:
-            healer.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=self.poll + 5)
+
+    @property
+    def given_up(self) -> list[str]:
+        return sorted(model for model, health in self.health.items() if health.given_up)
+
+    def down(self) -> dict[str, str]:
+        """The repository's models that are not serving now, and why: what readiness must not hide.
+
+        Triton's own readiness skips a model unloaded on purpose, which is how a heal, its back-off and
+        giving up all look to it; so each model's state is read from the repository index as well.
+        """
+        if self.stopping.is_set():
+            return {"*": "shutting down"}
+        states = {entry["name"]: entry for entry in json.loads(self.server.control("index", timeout=2))}
+        down = {}
+        for model in sorted(self.models):
+            health, state = self.health.get(model, Health()), states.get(model, {})
+            if health.given_up:
+                down[model] = "given up after repeated crashes"
+            elif health.healing:
+                down[model] = "restarting after a crash"
+            elif state.get("state") != "READY":
+                down[model] = f"{state.get('state', 'not in the repository')}: {state.get('reason', '')}".strip(": ")
+        return down
 
     def run(self) -> None:
         while not self.stopping.wait(self.poll):
@@ -167,22 +200,30 @@ class Supervisor:
                 logger.exception("supervisor check failed")
 
     def dead(self) -> list[Stub]:
-        """The stubs that died since the last look (those of a model being healed are not watched)."""
+        """The stubs that died since the last look (those of a model being healed, and retired ones, are not
+        watched)."""
         if self.server.process is None or self.server.process.poll() is not None:
             return []
         with self.lock:  # the snapshot too: a healer adds its new processes to ``known`` under this lock
-            alive = {stub.pid: stub for stub in self.stubs()}
+            running = self.stubs()
+            self.retired &= {stub.pid for stub in running}  # a retired stub matters until it is gone
+            alive = {stub.pid: stub for stub in running if stub.pid not in self.retired}
             healing = {model for model, health in self.health.items() if health.healing}
             dead = [stub for pid, stub in self.known.items() if pid not in alive and stub.model not in healing]
             self.known = {pid: stub for pid, stub in alive.items() if stub.model not in healing}
         return dead
 
     def check(self) -> None:
-        """One look at the processes: start healing every model whose stub died."""
+        """One look at the processes: start healing every model whose stub crashed."""
         dead = self.dead()
         for model in dict.fromkeys(stub.model for stub in dead):
             died = next(stub for stub in dead if stub.model == model)
-            self.begin(model, f"backend process {died.pid} ({died.instance}) {cause_of_death(died.pid)}")
+            cause = cause_of_death(died.pid)
+            if cause == "exited with code 0" or not self.server.ready(model):
+                # a stub exits cleanly when its model unloads; a model not served was unloaded on purpose
+                logger.info("model %s: backend process %d %s while unloading: not a crash", model, died.pid, cause)
+                continue
+            self.begin(model, f"backend process {died.pid} ({died.instance}) {cause}")
 
     def begin(self, model: str, cause: str) -> None:
         with self.lock:
@@ -190,6 +231,7 @@ class Supervisor:
             if health.healing or health.given_up or self.stopping.is_set():
                 return
             health.healing = True
+            self.retired |= {stub.pid for stub in self.stubs() if stub.model == model}  # old instances, draining
         healer = threading.Thread(target=self.heal, args=(model, cause), name=f"tritonhf-heal-{model}", daemon=True)
         self.healers = [thread for thread in self.healers if thread.is_alive()] + [healer]
         healer.start()
@@ -231,11 +273,13 @@ class Supervisor:
             try:
                 self.server.control("load", model)
             except TritonHFError as err:
+                if self.stopping.is_set():  # the server is going: the heal is abandoned, not failed
+                    break
                 cause = f"reload failed: {err}"
                 self.report(model, "reload failed", f"model {model}: {cause}", logging.ERROR)
                 continue
             with self.lock:
-                self.known.update({s.pid: s for s in self.stubs() if s.model == model})
+                self.known.update({s.pid: s for s in self.stubs() if s.model == model and s.pid not in self.retired})
                 health.healing = False
             self.report(model, "serving", f"model {model}: serving again after {time.monotonic() - started:.1f} s")
             return
@@ -243,40 +287,3 @@ class Supervisor:
     def report(self, model: str, what: str, message: str, level: int = logging.WARNING) -> None:
         logger.log(level, message)
         self.on_event(model, what)
-
-
-def interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def serve(
-    repository: Path | str,
-    http_port: int = 8000,
-    host: str = "127.0.0.1",
-    grace: float = 30.0,
-    max_restarts: int = 5,
-    grpc_port: int | None = None,
-    metrics_port: int | None = None,
-) -> None:
-    """``tritonhf serve``: start, supervise, print the endpoints; drain and stop on Ctrl-C or SIGTERM.
-
-    ``repository`` is a directory or an object-storage URI (storage.py). gRPC and metrics
-    take the two ports after ``http_port`` unless given. The supervisor heals a model
-    whose backend process dies.
-    """
-    check_not_pushing(repository)
-    grpc_port, metrics_port = grpc_port or http_port + 1, metrics_port or http_port + 2
-    server = TritonServer(repository, http_port, grpc_port, metrics_port, host=host, grace=grace)
-    signal.signal(signal.SIGTERM, interrupt)
-    print(f"starting tritonserver on {server.repository} (log: {server.log_path})", flush=True)
-    with server, Supervisor(server, max_restarts=max_restarts):
-        endpoints = f"HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}"
-        print(f"ready: {endpoints} on {host}, supervised  (Ctrl-C stops)", flush=True)
-        try:
-            while server.process is not None and server.process.poll() is None:
-                time.sleep(0.5)
-            raise TritonHFError(f"tritonserver exited (log: {server.log_path}):\n{server.log()[-4000:]}")
-        except KeyboardInterrupt:
-            for number in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the stop short
-                signal.signal(number, signal.SIG_IGN)
-            print(f"stopping: in-flight requests get up to {grace:.0f} s, new ones are refused", flush=True)

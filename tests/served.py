@@ -1,0 +1,109 @@
+"""``tritonhf serve`` as a pod runs it: the real CLI in a process and session of its own, on free ports, its stdout
+and stderr kept in files; the probe answers read as the kubelet reads them."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tritonhf import kubernetes
+from tritonhf.server import free_port
+from tritonhf.sizing import read_facts
+from tritonhf.storage import Files
+
+
+class Serve:
+    """One ``tritonhf serve`` process; ``ports`` by the container's port names (http, grpc, metrics, health)."""
+
+    def __init__(self, repository: Path | str, workdir: Path, *args: str, name: str = "serve") -> None:
+        self.ports = {port: free_port() for port in ("http", "grpc", "metrics", "health")}
+        self.out, self.err = workdir / f"{name}.out", workdir / f"{name}.err"
+        argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", str(repository)]
+        argv += [arg for port, number in self.ports.items() for arg in (f"--{port}-port", str(number))]
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.process = subprocess.Popen([*argv, *args], stdout=out, stderr=err, start_new_session=True)
+        self.processes: set[psutil.Process] = set()  # the server leads a session of its own: found and followed
+
+    def status(self, port: str, path: str, timeout: float = 3) -> int | None:
+        """The HTTP status a GET gets; None if the port refuses (not listening yet, or any more)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.ports[port], timeout=timeout)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            connection.close()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.status("health", "/v2/health/ready") != 200:
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited ({self.process.returncode}) while loading:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"serve not ready after {timeout:.0f} s:\n{self.output()}")
+            time.sleep(0.1)
+        self.follow()
+
+    def follow(self) -> None:
+        """Note every process under the CLI, so that none outlives the test."""
+        with contextlib.suppress(psutil.Error):
+            self.processes |= set(psutil.Process(self.process.pid).children(recursive=True))
+
+    def events(self, stream: str = "err") -> list[dict]:
+        """The JSON events written so far (``--log-format json``), each line one object."""
+        path = self.err if stream == "err" else self.out
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def said(self, text: str) -> bool:
+        return text in self.err.read_text(errors="replace")
+
+    def terminate(self) -> float:
+        """SIGTERM to the CLI itself, as the kubelet sends it; returns when it was sent."""
+        self.follow()
+        self.process.send_signal(signal.SIGTERM)
+        return time.monotonic()
+
+    def left(self) -> list[str]:
+        """Processes of this serve still running (zombies don't run)."""
+        return [
+            " ".join(p.cmdline())[:100] for p in self.processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
+
+    def stop(self) -> None:
+        """Whatever happened in the test, nothing of it lives on."""
+        self.follow()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(60)
+        for process in self.processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def output(self) -> str:
+        return f"--- stderr ---\n{self.err.read_text()[-4000:]}\n--- stdout ---\n{self.out.read_text()[-4000:]}"
+
+
+def generated_probes(repository: Path) -> dict[str, tuple[str, str]]:
+    """What the generated Deployment's probes ask: probe -> (container port's name, path)."""
+    facts = read_facts(Files(repository))
+    deployment = kubernetes.base(facts, kubernetes.DeployOptions(), "cpu")["deployment.yaml"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    names = {port["containerPort"]: port["name"] for port in container["ports"]}
+    return {
+        kind: (names[container[kind]["httpGet"]["port"]], container[kind]["httpGet"]["path"])
+        for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
