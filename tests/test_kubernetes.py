@@ -31,7 +31,7 @@ from tritonhf.server import UNLOAD_S, TritonServer
 from tritonhf.sizing import Facts, Model, read_facts
 
 from .conftest import CLASSIFIER, GEN_MAX_LEN
-from .helpers import PROMPTS, alone, metric
+from .helpers import PROMPTS, alone, metric, until
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = Path(os.environ.get("TRITONHF_K8S_SCHEMAS") or ROOT.parent / "shared" / "k8s-schemas")
@@ -548,6 +548,8 @@ def test_the_queue_rule_counts_each_client_request_once(ensemble_server: TritonS
     before = requests()
     for prompt in PROMPTS[:6]:
         alone(ensemble_server, facts.served[0], [prompt])
+    # the counters move just after the answers (helpers.settled_counters): wait for every step's, then compare
+    until(lambda: sum(requests().values()) - sum(before.values()) >= 6 * 4, timeout=10, what="the counters")
     grown = {name: count - before[name] for name, count in requests().items()}
     assert sum(count for name, count in grown.items() if served.fullmatch(name)) == 6
     assert sum(grown.values()) == 6 * 4, "the ensemble and each of its three steps count every request"

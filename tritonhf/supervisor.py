@@ -278,6 +278,8 @@ class Supervisor:
                 cause = f"reload failed: {err}"
                 self.report(model, "reload failed", f"model {model}: {cause}", logging.ERROR)
                 continue
+            if self.stopping.is_set():  # loaded as the server stops: nothing to watch, nobody to tell
+                return
             with self.lock:
                 self.known.update({s.pid: s for s in self.stubs() if s.model == model and s.pid not in self.retired})
                 health.healing = False
