@@ -51,10 +51,9 @@ import psutil
 import pytest
 
 from tritonhf import cli, kubernetes, storage
-from tritonhf.daemon import READY
 from tritonhf.repo_builder import staging_for
 from tritonhf.repository import local_files, sealed_id
-from tritonhf.server import free_port
+from tritonhf.server import READY, free_port
 from tritonhf.sizing import read_facts
 from tritonhf.storage import BUILDS, POINTER
 from tritonhf.supervisor import STUB, Stub, stubs

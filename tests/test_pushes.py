@@ -202,6 +202,30 @@ def test_serve_refuses_a_build_that_differs_from_its_record(s3: S3, builds: dict
         storage.materialize(str(local))
 
 
+def test_a_copy_somebody_else_made_must_be_the_build_deploy_names(
+    s3: S3, builds: dict[str, Path], tmp_path: Path
+) -> None:
+    """KServe's storage initializer copies the build to /mnt/models: the runtime passes serve the build's id, and
+    serve refuses a copy without its seal, or sealed as another build (a tampered copy sealed anew)."""
+    pushed = storage.push(builds["a"], s3.uri("kserve-copy/repo"))
+    output = tmp_path / "k8s"
+    assert cli.main(["deploy", "kubernetes", "--model-repository", pushed.uri, "--output", str(output)]) == 0
+    runtime = yaml.safe_load((output / "overlays" / "kserve" / "servingruntime.yaml").read_text())
+    (container,) = runtime["spec"]["containers"]
+    args = container["args"]
+    assert cli.parser().parse_args(["serve", *args]).build == pushed.build, "what serve will be asked for"
+    copy = tmp_path / "mnt-models"
+    shutil.copytree(builds["a"], copy)
+    assert storage.materialize(str(copy), build=pushed.build) == str(copy)
+    other = sealed_id(builds["b"])
+    with pytest.raises(TritonHFError, match=f"not build {other}'s record \\(its id is {pushed.build}\\)"):
+        storage.materialize(str(copy), build=other)
+    (copy / HASHES).unlink()
+    assert storage.materialize(str(copy)) == str(copy), "unsealed and not asked for a build: served, with a warning"
+    with pytest.raises(TritonHFError, match=f"no {HASHES}, so not provably build {pushed.build}"):
+        storage.materialize(str(copy), build=pushed.build)
+
+
 @pytest.fixture
 def replicas(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Replica]]:
     """Replicas the test starts; every process of them stopped at the end, their output shown if it failed."""

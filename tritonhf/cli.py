@@ -67,6 +67,12 @@ def parser() -> argparse.ArgumentParser:
         help="restarts of a crashed model within 10 minutes before serve gives up and exits 1 (default: %(default)s)",
     )
     serve.add_argument(
+        "--build",
+        default=None,
+        help="the build id a local repository must be (its sha256 seal's; a copy somebody else made, such as KServe's"
+        " storage initializer's): refused otherwise (default: any sealed build)",
+    )
+    serve.add_argument(
         "--backoff",
         type=float,
         default=1.0,
@@ -199,6 +205,7 @@ def run_serve(args: argparse.Namespace) -> None:
             start_timeout=args.start_timeout,
             max_restarts=args.max_restarts,
             backoff=args.backoff,
+            build=args.build,
             log_format=args.log_format,
         )
     )

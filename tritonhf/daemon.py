@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,11 +39,11 @@ from pathlib import Path
 from types import FrameType
 
 from tritonhf import TritonHFError, logs, placement, storage
-from tritonhf.server import UNLOAD_S, TritonServer
+from tritonhf.server import LIVE, READY, UNLOAD_S, TritonServer
 from tritonhf.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
-READY, LIVE = "/v2/health/ready", "/v2/health/live"
+PROBE_TIMEOUT_S = 1.0  # each of the two questions to Triton: the answer must beat the probe's 3 s timeout
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ServeOptions:
     start_timeout: float = 300.0
     max_restarts: int = 5
     backoff: float = 1.0
+    build: str | None = None  # the build id a local copy must be (deploy sets it where KServe makes the copy)
     log_format: str = "text"
 
 
@@ -73,10 +76,10 @@ class Probes(ThreadingHTTPServer):
         if self.draining.is_set():
             return False, {"*": "shutting down"}
         try:
-            down = self.supervisor.down()
+            down = self.supervisor.down(timeout=PROBE_TIMEOUT_S)
         except TritonHFError as err:  # Triton does not answer its repository index
             return False, {"*": str(err)}
-        if not down and not self.supervisor.server.ready():
+        if not down and not self.supervisor.server.ready(timeout=PROBE_TIMEOUT_S):
             down = {"*": "tritonserver is not ready"}
         return not down, down
 
@@ -123,20 +126,25 @@ class ProbeHandler(BaseHTTPRequestHandler):
 
 
 class Shutdown:
-    """SIGTERM and SIGINT: the first one starts the shutdown (KeyboardInterrupt in the main thread), and the clock of
-    its budget; later ones are ignored, so that nothing cuts the drain short."""
+    """SIGTERM and SIGINT. While the server starts, the first one interrupts (KeyboardInterrupt); once it serves,
+    it only asks the main loop to stop (``requested``), so that no exception lands in the middle of the stop. The
+    first one also starts the clock of the budget; later ones are ignored: nothing cuts the drain short."""
 
     def __init__(self) -> None:
         self.since: float | None = None
+        self.raising = True
+        self.requested = threading.Event()
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, self.interrupt)
 
     def interrupt(self, signum: int, frame: FrameType | None) -> None:
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, signal.SIG_IGN)
+        if self.since is not None:
+            return
         self.since = time.monotonic()
         logger.info("%s: shutting down", signal.Signals(signum).name)
-        raise KeyboardInterrupt
+        self.requested.set()
+        if self.raising:
+            raise KeyboardInterrupt
 
     def left(self, budget: float) -> float:
         """What remains of ``budget`` seconds since the signal (all of it, if none came)."""
@@ -146,10 +154,14 @@ class Shutdown:
 def serve(options: ServeOptions) -> None:
     """Start, supervise, answer the probes; drain and stop on SIGTERM or Ctrl-C; stop too after giving up on a model
     (TritonHFError: the process exits 1, to be restarted whole)."""
+    started = time.monotonic()  # --start-timeout counts from here, as the startup probe counts from the start
     logs.configure(options.log_format)
     shutdown = Shutdown()
-    repository = storage.materialize(options.repository)  # a local, verified copy of the exact build
+    repository = storage.materialize(options.repository, build=options.build)  # a verified copy of the build
     placement.check_host(repository)  # the build's CPU choices hold on this host, or serve refuses
+    # the models' bytecode lives apart, never in the repository's __pycache__, which the seal does not cover: a
+    # .pyc planted there is never imported (the server's processes inherit this environment)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "tritonhf-pycache")
     http = options.http_port
     server = TritonServer(
         repository,
@@ -163,31 +175,14 @@ def serve(options: ServeOptions) -> None:
     budget = options.grace + UNLOAD_S
     logger.info("starting tritonserver on %s (drain %.0f s, stopped within %.0f s)", repository, options.grace, budget)
     try:
-        server.start(options.start_timeout)  # stops the server itself if it fails or is interrupted
+        server.start(max(1.0, options.start_timeout - (time.monotonic() - started)))  # stops itself if it fails
+        shutdown.raising = False
     except KeyboardInterrupt:
+        server.stop(timeout=shutdown.left(budget))  # interrupted inside start, it stopped already
         logger.info("stopped while loading")
         return
     supervisor = Supervisor(server, max_restarts=options.max_restarts, backoff=options.backoff)
-    probes, exited = None, None
-    try:
-        supervisor.start()
-        probes = Probes(supervisor, options.host, options.health_port or http + 3).start()
-        logger.info(
-            "ready: HTTP %s  gRPC %s  metrics %s  probes http://%s:%d%s,%s on %s, supervised (Ctrl-C stops)",
-            *(server.http_url, server.grpc_url, server.metrics_url, server.local_host),
-            *(probes.server_port, READY, LIVE, options.host),
-        )
-        while (exited := server.process.poll()) is None and not supervisor.given_up:
-            time.sleep(0.25)
-    except KeyboardInterrupt:
-        logger.info("stopping: in-flight requests get up to %.0f s, new ones are refused", options.grace)
-    finally:
-        if probes is not None:
-            probes.draining.set()  # out of the Service first
-        supervisor.stop()  # a heal under way is abandoned: the drain comes first
-        server.stop(timeout=shutdown.left(budget))
-        if probes is not None:
-            probes.close()
+    exited = supervise(server, supervisor, options, shutdown, budget)
     if supervisor.given_up:
         raise TritonHFError(
             f"gave up on {', '.join(supervisor.given_up)} after {options.max_restarts} restarts: stopped, so that"
@@ -196,3 +191,33 @@ def serve(options: ServeOptions) -> None:
     if exited is not None:
         raise TritonHFError(f"tritonserver exited with code {exited}:\n{server.log()[-4000:]}")
     logger.info("stopped%s", " (forced: past the budget)" if server.forced else "")
+
+
+def supervise(
+    server: TritonServer, supervisor: Supervisor, options: ServeOptions, shutdown: Shutdown, budget: float
+) -> int | None:
+    """Serve until a signal, a model given up or the server's exit; then stop within the budget: out of the
+    Service first, then Triton signalled at once (a heal under way is abandoned). Returns Triton's own exit code,
+    if it exited by itself."""
+    probes, exited = None, None
+    try:
+        supervisor.start()
+        probes = Probes(supervisor, options.host, options.health_port or options.http_port + 3).start()
+        logger.info(
+            "ready: HTTP %s  gRPC %s  metrics %s  probes http://%s:%d%s,%s on %s, supervised (Ctrl-C stops)",
+            *(server.http_url, server.grpc_url, server.metrics_url, server.local_host),
+            *(probes.server_port, READY, LIVE, options.host),
+        )
+        while (exited := server.process.poll()) is None and not supervisor.given_up:
+            if shutdown.requested.wait(0.25):
+                logger.info("stopping: in-flight requests get up to %.0f s, new ones are refused", options.grace)
+                break
+    finally:
+        if probes is not None:
+            probes.draining.set()
+        supervisor.stopping.set()
+        server.stop(timeout=shutdown.left(budget))
+        supervisor.stop()
+        if probes is not None:
+            probes.close()
+    return exited

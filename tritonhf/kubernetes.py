@@ -40,10 +40,9 @@ from typing import Any
 import yaml
 
 from tritonhf import TritonHFError, storage
-from tritonhf.daemon import LIVE, READY
 from tritonhf.placement import node_affinity
 from tritonhf.repository import sealed_id, staged
-from tritonhf.server import EXIT_MARGIN_S, UNLOAD_S
+from tritonhf.server import EXIT_MARGIN_S, LIVE, READY, UNLOAD_S
 from tritonhf.sizing import Facts, MiB, read_facts
 
 Object = dict[str, Any]
@@ -258,6 +257,13 @@ def named_ports(http: int, grpc: int, metrics: int) -> list[Object]:
     ]
 
 
+def expect_build(location: storage.Location) -> tuple[str, ...]:
+    """serve's ``--build``, where the pod serves a copy somebody else made of an exact build (KServe's storage
+    initializer, a PVC): its seal must be there and be this build's. (Serving s3:// itself, serve downloads the
+    build the URI names and checks it.)"""
+    return ("--build", location.build) if location.build else ()
+
+
 def server_pod(facts: Facts, options: DeployOptions, device: str) -> tuple[Pod, str]:
     """The Deployment's pod, wired to the repository: (the pod, where the server reads the repository)."""
     location = storage.parse(options.model_repository)
@@ -274,7 +280,8 @@ def server_pod(facts: Facts, options: DeployOptions, device: str) -> tuple[Pod, 
 def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]:
     """The plain-Kubernetes objects, by file name."""
     pod, repository = server_pod(facts, options, device)
-    container = pod.container(CONTAINER, repository, named_ports(HTTP, GRPC, METRICS))
+    copied = expect_build(storage.parse(options.model_repository)) if repository.startswith(MOUNT) else ()
+    container = pod.container(CONTAINER, repository, named_ports(HTTP, GRPC, METRICS), copied)
     template: Object = {
         "metadata": {"labels": labels(options), "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER}},
         "spec": {
@@ -511,7 +518,7 @@ def kserve(facts: Facts, options: DeployOptions, device: str) -> dict[str, Objec
         {"name": "http", "containerPort": KSERVE_HTTP, "protocol": "TCP"},
         {"name": "metrics", "containerPort": METRICS, "protocol": "TCP"},
     ]
-    extra = ("--grpc-port", str(KSERVE_GRPC), "--metrics-port", str(METRICS))
+    extra = ("--grpc-port", str(KSERVE_GRPC), "--metrics-port", str(METRICS), *expect_build(location))
     container = pod.container("kserve-container", MOUNT if uri else options.model_repository, ports, extra)
     runtime_spec: Object = {
         "annotations": {"prometheus.kserve.io/port": str(METRICS), "prometheus.kserve.io/path": "/metrics"},
@@ -666,7 +673,7 @@ def deploy(built: storage.Files, options: DeployOptions, output: Path) -> dict[s
     return {"base": len(objects), "gpu": len(objects), "kserve": len(serving)}
 
 
-def next_steps(options: DeployOptions, output: Path) -> str:
+def next_steps(options: DeployOptions, output: Path, facts: Facts | None = None) -> str:
     """What to run after ``deploy``: the Secret (if any), then apply."""
     location = storage.parse(options.model_repository)
     lines = []
@@ -697,6 +704,17 @@ def next_steps(options: DeployOptions, output: Path) -> str:
         f"kubectl apply -k {output}/overlays/kserve    # or: KServe (ServingRuntime + InferenceService)",
         f"# the HPA's metric {options.metric}: merge {output}/prometheus-adapter-rules.yaml into the adapter's",
     ]
+    if not options.allow_from:
+        lines.append(
+            "# the NetworkPolicy admits inference traffic from this namespace's pods only: add --allow-from"
+            " namespace:NAME for an ingress controller or gateway in another namespace"
+        )
+    affinity = node_affinity(facts.host) if facts is not None else None
+    if affinity and "requiredDuringSchedulingIgnoredDuringExecution" in affinity["nodeAffinity"]:
+        lines.append(
+            "# the pods require CPU features (Node Feature Discovery labels, README 'Where a repository is served'):"
+            " without NFD on the cluster they stay Pending"
+        )
     return "\n".join(lines)
 
 
@@ -785,7 +803,7 @@ def run(args: argparse.Namespace) -> None:
     counts = deploy(files, options, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{target} {count} objects" for target, count in counts.items()))
     print(f"the pods serve {options.model_repository}")
-    print(next_steps(options, args.output))
+    print(next_steps(options, args.output, read_facts(files)))
 
 
 def exact_build(uri: str, built: Path | None, files: storage.Files) -> str:

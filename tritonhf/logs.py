@@ -12,6 +12,7 @@ The supervisor's own records go through ``logging`` to stderr, in the same forma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "V": "DEBUG"}
 HEADER = re.compile(r"^(?P<level>[IWEV])\d{4} (?P<time>\d\d:\d\d:\d\d\.\d+) +(?P<thread>\d+) (?P<where>[^\]\s]+)\] ?")
 QUIET_S = 0.1  # an event's last continuation line is written once the output pauses this long
 TAIL_LINES = 2000
+LONGEST = 1 << 16  # a line without its end (a progress bar's carriage returns) is handed on at this length
 
 Sink = Callable[[list[str]], None]
 
@@ -68,7 +70,7 @@ class Events:
     """Reads a process's output on a thread of its own and hands it on event by event; keeps a bounded tail."""
 
     def __init__(self, stream: IO[bytes], write: Sink) -> None:
-        self.fd, self.write = stream.fileno(), write
+        self.stream, self.fd, self.write = stream, stream.fileno(), write
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self.thread = threading.Thread(target=self.pump, name="tritonserver-log", daemon=True)
         self.thread.start()
@@ -82,7 +84,8 @@ class Events:
 
         def flush() -> None:
             if pending:
-                self.write(list(pending))
+                with contextlib.suppress(OSError, ValueError):  # our stdout is gone: read on, or the server blocks
+                    self.write(list(pending))
                 pending.clear()
 
         while True:
@@ -94,6 +97,8 @@ class Events:
             if not chunk:  # the process closed its output: it is gone
                 break
             *lines, rest = (rest + chunk).split(b"\n")
+            if len(rest) > LONGEST:
+                lines, rest = [*lines, rest], b""
             for raw in lines:
                 line = raw.decode(errors="replace")
                 self.tail.append(line)
@@ -103,6 +108,7 @@ class Events:
         if rest:
             pending.append(rest.decode(errors="replace"))
         flush()
+        self.stream.close()
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)

@@ -37,6 +37,7 @@ from tritonhf.storage import parse
 # terminationGracePeriodSeconds adds its preStop and EXIT_MARGIN_S to that (kubernetes.py), so that the kubelet's
 # SIGKILL never comes first.
 UNLOAD_S = 10
+READY, LIVE = "/v2/health/ready", "/v2/health/live"  # Triton's health paths; serve's probes answer on the same
 EXIT_MARGIN_S = 5
 HARMLESS = ("unable to create stream", "Failed to initialize NVML", "DCGM", "CudaDriverHelper", "pinned memory")
 
@@ -235,11 +236,11 @@ class TritonServer:
                 )
             time.sleep(0.25)
 
-    def ready(self, model: str | None = None) -> bool:
-        """The server's readiness (every loaded model ready), or one model's: what Kubernetes probes."""
-        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+    def ready(self, model: str | None = None, timeout: float = 2.0) -> bool:
+        """Triton's readiness (every loaded model ready), or one model's."""
+        path = f"/v2/models/{model}/ready" if model else READY
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=timeout) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False

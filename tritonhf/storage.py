@@ -38,7 +38,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -286,7 +286,7 @@ def lock(path: Path, mode: int) -> IO[bytes] | None:
     return file
 
 
-def materialize(uri: str | Path, builds: Path | None = None) -> Path | str:
+def materialize(uri: str | Path, builds: Path | None = None, build: str | None = None) -> Path | str:
     """What ``tritonhf serve`` hands the server: a verified local copy of the exact build.
 
     s3://: the build (a prefix's through its pointer) is downloaded to
@@ -296,12 +296,15 @@ def materialize(uri: str | Path, builds: Path | None = None) -> Path | str:
     other builds' copies that no running server holds are removed. A local repository
     with a record is checked in place (KServe's copy in /mnt/models). gs:// and as://
     are handed to Triton unverified (no SDK here), with a warning. A mismatch, a missing
-    file or one the build lacks refuses with the file's name.
+    file or one the build lacks refuses with the file's name. ``build``: the id a local
+    copy must have (one somebody else copied, KServe's): then its seal is required too.
     """
     location = parse(uri)
     if location.local:
+        if build is not None and not (Path(uri) / HASHES).exists():
+            raise TritonHFError(f"{uri}: no {HASHES}, so not provably build {build}: refusing to serve it")
         if (Path(uri) / HASHES).exists():
-            logger.info("build %s: every file of %s matches its sha256", verify(Path(uri)), uri)
+            logger.info("build %s: every file of %s matches its sha256", verify(Path(uri), build), uri)
         else:
             logger.warning("%s has no %s (built by an earlier tritonhf): served unverified", uri, HASHES)
         return uri
@@ -385,5 +388,9 @@ def download(build: Location, into: Path) -> None:
         if (found := digest.hexdigest()) != hashes[name]:
             raise mismatch(build.uri, name, found, hashes[name])
 
-    with ThreadPoolExecutor(DOWNLOADS) as pool:
-        list(pool.map(fetch, sorted(hashes)))
+    pool = ThreadPoolExecutor(DOWNLOADS)
+    try:  # the first mismatch (or a signal) ends the download: what is queued is not fetched
+        for done in as_completed([pool.submit(fetch, name) for name in sorted(hashes)]):
+            done.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -13,7 +13,7 @@ status /proc still holds. When one dies, the supervisor
    does ``tritonhf serve``'s readiness probe (``down``, daemon.py: Triton's own
    strict readiness skips a model unloaded on purpose), and requests are
    refused at once (Triton: "has no available versions", gRPC NOT_FOUND / HTTP
-   400) instead of failing inside;
+   404) instead of failing inside;
 2. loads it again: Triton restarts its stubs and brings back the ensembles that
    use it (they went down with it), then readiness is true again;
 3. logs each step with the model's name and the cause (signal or exit code).
@@ -32,6 +32,7 @@ purpose, through the repository API) is not a crash either.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -168,9 +169,14 @@ class Supervisor:
 
     @property
     def given_up(self) -> list[str]:
-        return sorted(model for model, health in self.health.items() if health.given_up)
+        with self.lock:  # a first crash adds its model to ``health`` on the watch thread
+            return sorted(model for model, health in self.health.items() if health.given_up)
 
-    def down(self) -> dict[str, str]:
+    def state(self, timeout: float = 2.0) -> dict[str, dict[str, str]]:
+        """The repository index: model -> {"state": READY / UNAVAILABLE / LOADING / UNLOADING, "reason": ...}."""
+        return {entry["name"]: entry for entry in json.loads(self.server.control("index", timeout=timeout))}
+
+    def down(self, timeout: float = 2.0) -> dict[str, str]:
         """The repository's models that are not serving now, and why: what readiness must not hide.
 
         Triton's own readiness skips a model unloaded on purpose, which is how a heal, its back-off and
@@ -178,13 +184,15 @@ class Supervisor:
         """
         if self.stopping.is_set():
             return {"*": "shutting down"}
-        states = {entry["name"]: entry for entry in json.loads(self.server.control("index", timeout=2))}
+        states = self.state(timeout)
+        with self.lock:
+            health = {model: dataclasses.replace(h) for model, h in self.health.items()}
         down = {}
         for model in sorted(self.models):
-            health, state = self.health.get(model, Health()), states.get(model, {})
-            if health.given_up:
+            health_now, state = health.get(model, Health()), states.get(model, {})
+            if health_now.given_up:
                 down[model] = "given up after repeated crashes"
-            elif health.healing:
+            elif health_now.healing:
                 down[model] = "restarting after a crash"
             elif state.get("state") != "READY":
                 down[model] = f"{state.get('state', 'not in the repository')}: {state.get('reason', '')}".strip(": ")
@@ -216,14 +224,22 @@ class Supervisor:
     def check(self) -> None:
         """One look at the processes: start healing every model whose stub crashed."""
         dead = self.dead()
+        states: dict[str, dict[str, str]] | None = None
         for model in dict.fromkeys(stub.model for stub in dead):
             died = next(stub for stub in dead if stub.model == model)
             cause = cause_of_death(died.pid)
-            if cause == "exited with code 0" or not self.server.ready(model):
-                # a stub exits cleanly when its model unloads; a model not served was unloaded on purpose
-                logger.info("model %s: backend process %d %s while unloading: not a crash", model, died.pid, cause)
-                continue
-            self.begin(model, f"backend process {died.pid} ({died.instance}) {cause}")
+            if cause != "exited with code 0":  # a stub exits cleanly when its model unloads
+                try:
+                    states = self.state() if states is None else states
+                except TritonHFError:  # the server did not say: look again at the next poll
+                    with self.lock:
+                        self.known.update({stub.pid: stub for stub in dead if stub.model == model})
+                    continue
+                if states.get(model, {}).get("state") == "READY":  # served, yet its process is gone: a crash
+                    self.begin(model, f"backend process {died.pid} ({died.instance}) {cause}")
+                    continue
+            # unloaded on purpose (the repository API): its processes exit, and that is not a crash
+            logger.info("model %s: backend process %d %s while unloading: not a crash", model, died.pid, cause)
 
     def begin(self, model: str, cause: str) -> None:
         with self.lock:
