@@ -111,3 +111,21 @@ def test_the_command_starts_without_torch() -> None:
     probe = "import sys, tritonhf.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+# A section named in code or help text: README, "Title" / README 'Title' / README.md, "Title" (a prefix of the title)
+SECTION_REFERENCE = re.compile(r"README(?:\.md)?,?\s+([\"'])(.+?)\1", re.S)
+
+
+def test_every_readme_section_the_code_names_exists() -> None:
+    """A newcomer follows `--help` or a docstring to a README section: it must be there (its title, or the start of
+    it; a reference may wrap over lines and comments)."""
+    titles = [line.lstrip("#").strip() for line in (ROOT / "README.md").read_text().splitlines() if line[:1] == "#"]
+    named = {
+        (path.relative_to(ROOT), " ".join(re.sub(r"\s*#\s*|\s+", " ", title).split()))
+        for path in modules().values()
+        for _, title in SECTION_REFERENCE.findall(path.read_text())
+    }
+    assert len(named) >= 8, named  # the pattern still finds the references
+    missing = sorted((str(path), title) for path, title in named if not any(t.startswith(title) for t in titles))
+    assert not missing, missing

@@ -8,6 +8,9 @@ import collections
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,6 +120,7 @@ def test_probes_tell_the_truth_through_a_crash_loop(layout_repository: Path, tmp
     assert any("loading: gpt2:1" in e["message"] for e in served.events("out"))
     assert {e["source"] for e in served.events("out")} == {"tritonserver"}
     said = [e["message"] for e in served.events("err")]
+    assert f"models: {CLASSIFIER}, gpt2" in said, said  # what clients may call, said at start
     assert sum("unloading it" in m for m in said) == 3 and any("gave up after 2 restarts" in m for m in said), said
 
 
@@ -254,3 +258,18 @@ def test_the_start_timeout_is_serves_and_deploy_sets_it_from_the_probe(layout_re
     timeout = float(args[args.index("--start-timeout") + 1])
     assert timeout == startup["periodSeconds"] * startup["failureThreshold"] >= 120
     assert math.isclose(timeout, kubernetes.Pod(facts, kubernetes.DeployOptions(), "cpu", in_tmp=0).start_budget_s)
+
+
+def test_a_port_in_use_is_refused_at_once(layout_repository: Path) -> None:
+    """Another program (another tritonhf serve, say) listens on the HTTP port: serve says so before it loads
+    anything, instead of after every model loaded, or taking that server for its own."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        started = time.monotonic()
+        argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", str(layout_repository)]
+        done = subprocess.run([*argv, "--http-port", str(port)], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert done.returncode == 1 and f"the http port 127.0.0.1:{port} is in use" in done.stderr, done.stderr
+    assert "starting tritonserver" not in done.stderr and took < 30, took

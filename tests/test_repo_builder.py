@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def test_unloadable_model_fails_before_anything_is_written(tiny: dict[str, Path]
     target = tmp_path / "repo"
     build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     before = sorted(p.relative_to(target) for p in target.rglob("*"))
-    with pytest.raises(TritonHFError, match=r"cannot load '.*does-not-exist' for text-generation"):
+    with pytest.raises(TritonHFError, match=r"does-not-exist: no such directory"):
         build(
             plan([str(tmp_path / "does-not-exist")], [str(tiny[CLASSIFIER])], [], 16),
             BuildOptions(output=target, variants=("python",)),
@@ -178,3 +179,20 @@ def test_a_directory_tritonhf_did_not_build_is_not_replaced(tiny: dict[str, Path
         build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     assert (target / "notes.txt").read_text() == "keep me"
     assert not (target / MARKER).exists()
+
+
+def test_a_mistyped_path_or_an_unreachable_hub_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A path that does not exist fails at once, not after the hub's retries; a hub id that cannot be fetched
+    offline points to the stand-ins."""
+    import huggingface_hub.constants
+
+    from tritonhf.repo_builder import load
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the hub is not asked
+    (tmp_path / "mymodels").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for source in ("./models/my-gpt2", str(tmp_path / "nope" / "gpt2"), "mymodels/gpt2"):
+        with pytest.raises(TritonHFError, match=f"{re.escape(source)}: no such directory"):
+            load(plan([source], [], [], 8), "float32")
+    with pytest.raises(TritonHFError, match=r"(?s)cannot be reached from here.*tritonhf standins"):
+        load(plan(["someone/not-cached-here"], [], [], 8), "float32")

@@ -39,7 +39,8 @@ from pathlib import Path
 from types import FrameType
 
 from tritonhf import TritonHFError, logs, placement, storage
-from tritonhf.server import LIVE, READY, UNLOAD_S, TritonServer
+from tritonhf.repository import MARKER, read_manifest
+from tritonhf.server import LIVE, READY, UNLOAD_S, TritonServer, check_free
 from tritonhf.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -157,17 +158,17 @@ def serve(options: ServeOptions) -> None:
     started = time.monotonic()  # --start-timeout counts from here, as the startup probe counts from the start
     logs.configure(options.log_format)
     shutdown = Shutdown()
+    http = options.http_port
+    ports = {"http": http, "grpc": options.grpc_port or http + 1, "metrics": options.metrics_port or http + 2}
+    check_free(options.host, {**ports, "health": options.health_port or http + 3})  # before any download or load
     repository = storage.materialize(options.repository, build=options.build)  # a verified copy of the build
     placement.check_host(repository)  # the build's CPU choices hold on this host, or serve refuses
     # the models' bytecode lives apart, never in the repository's __pycache__, which the seal does not cover: a
     # .pyc planted there is never imported (the server's processes inherit this environment)
     os.environ["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "tritonhf-pycache")
-    http = options.http_port
     server = TritonServer(
         repository,
-        http,
-        options.grpc_port or http + 1,
-        options.metrics_port or http + 2,
+        *ports.values(),
         host=options.host,
         grace=options.grace,
         log_sink=logs.sink(options.log_format),
@@ -193,6 +194,11 @@ def serve(options: ServeOptions) -> None:
     logger.info("stopped%s", " (forced: past the budget)" if server.forced else "")
 
 
+def served_names(repository: Path | str) -> list[str]:
+    """What clients call (the manifest's names, not an ensemble's steps); none where the manifest is not local."""
+    return sorted(read_manifest(Path(repository))) if (Path(repository) / MARKER).is_file() else []
+
+
 def supervise(
     server: TritonServer, supervisor: Supervisor, options: ServeOptions, shutdown: Shutdown, budget: float
 ) -> int | None:
@@ -208,6 +214,7 @@ def supervise(
             *(server.http_url, server.grpc_url, server.metrics_url, server.local_host),
             *(probes.server_port, READY, LIVE, options.host),
         )
+        logger.info("models: %s", ", ".join(served_names(server.repository) or sorted(supervisor.models)))
         while (exited := server.process.poll()) is None and not supervisor.given_up:
             if shutdown.requested.wait(0.25):
                 logger.info("stopping: in-flight requests get up to %.0f s, new ones are refused", options.grace)

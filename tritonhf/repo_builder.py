@@ -93,6 +93,12 @@ class ModelEntry:
     def local(self) -> bool:
         return Path(self.source).is_dir()
 
+    @property
+    def looks_local(self) -> bool:
+        """Meant as a path: ./x, ../x, /x, or under a directory that exists (a hub id is owner/name)."""
+        path = Path(self.source)
+        return self.source.startswith((".", "/")) or (len(path.parts) > 1 and path.parent.is_dir())
+
 
 def plan(
     gen: Sequence[str], classify: Sequence[str], embed: Sequence[str], gen_max_len: int, gen_min_len: int = 0
@@ -159,13 +165,32 @@ def load(entries: Sequence[ModelEntry], dtype: str) -> list[Any]:
         resolve_dtype(dtype, "cpu")
     except ConfigError as err:
         raise TritonHFError(str(err)) from None
+    for entry in entries:  # before any load: a mistyped path fails at once, not after the hub's retries
+        if entry.looks_local and not entry.local:
+            raise TritonHFError(f"{entry.source}: no such directory (a path to a local model; a hub id is owner/name)")
     tasks = []
     for entry in tqdm(entries, desc="loading models", unit="model"):
         try:
             tasks.append(load_task(entry.source, entry.task, device="cpu", dtype="float32", **entry.options))
         except Exception as err:
-            raise TritonHFError(f"cannot load {entry.source!r} for {entry.task}: {err}") from err
+            hint = OFFLINE_HINT if not entry.local and unreachable(err) else ""
+            raise TritonHFError(f"cannot load {entry.source!r} for {entry.task}: {err}{hint}") from err
     return tasks
+
+
+OFFLINE_HINT = (
+    "\nthe Hugging Face Hub cannot be reached from here: build from local directories instead, e.g. the offline"
+    " stand-ins that `tritonhf standins` writes (README, 'Offline stand-ins')"
+)
+
+
+def unreachable(err: BaseException) -> bool:
+    """The hub could not be reached (no network, or HF_HUB_OFFLINE): huggingface_hub's and requests' errors."""
+    text = f"{type(err).__name__}: {err}"
+    return any(
+        sign in text
+        for sign in ("ConnectionError", "couldn't connect", "offline mode", "Max retries", "LocalEntryNotFound")
+    )
 
 
 def variants_for(entry: ModelEntry, variants: Sequence[Variant]) -> list[Variant]:

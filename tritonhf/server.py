@@ -101,6 +101,21 @@ def available_backends(install: Installation | None = None) -> set[str]:
     return {path.name for path in directory.iterdir() if path.is_dir()} if directory.is_dir() else set()
 
 
+def check_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse at once a port another program listens on: Triton would find out only after loading every model,
+    and on a port another tritonhf server holds, we would take that server for our own."""
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to listen on
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                raise TritonHFError(
+                    f"the {name} port {host}:{port} is in use ({err.strerror}): another server? stop it, or choose"
+                    f" another --{name}-port"
+                ) from None
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -191,6 +206,7 @@ class TritonServer:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def start(self, timeout: float = 300.0) -> TritonServer:
+        check_free(self.host, {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port})
         install = find_installation()
         argv = [
             str(install.binary),

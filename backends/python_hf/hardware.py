@@ -122,7 +122,7 @@ def cpu_count() -> int:
 def default_instances(device: str) -> int:
     """Model instances per model: on a CPU one single-threaded instance per core (up to MAX_CPU_INSTANCES).
 
-    Measured on 2 cores (README, "Performance"): two instances of one thread
+    Measured on 2 cores (README, "Perf"): two instances of one thread
     served DistilBERT at 1.9x the throughput of one instance of two threads at
     concurrency 16 (1.6x-2.2x across variants), because one instance's Python
     work (tokenising, Triton's tensors in and out) overlaps the other's forward
