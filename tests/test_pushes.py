@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from transformers import AutoModelForSequenceClassification
 from tritonhf import TritonHFError, cli, storage
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import HASHES, MARKER, build_id, local_files, seal, sealed_id, verify
+from tritonhf.server import free_port
 from tritonhf.storage import POINTER
 from tritonhf.supervisor import stubs
 
@@ -79,14 +79,12 @@ def pointer(s3: S3, prefix: str) -> str:
 
 def serve_cli(uri: str, workdir: Path) -> subprocess.CompletedProcess[str]:
     """``python -m tritonhf serve`` in a process of its own, its temporary directory (the verified copies) in
-    ``workdir``, for a build it must refuse. Its HTTP port is taken, so that a server it wrongly starts exits too."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = str(taken.getsockname()[1])
-        argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", uri, "--http-port", port]
-        env = {**os.environ, "TMPDIR": str(workdir)}
-        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    ``workdir``, for a build it must refuse. A server it wrongly starts gives up at once (--start-timeout 1, counted
+    from serve's start) and says so, not what the test expects."""
+    port = str(free_port())
+    argv = [sys.executable, "-m", "tritonhf", "serve", "--model-repository", uri, "--http-port", port]
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    return subprocess.run([*argv, "--start-timeout", "1"], capture_output=True, text=True, env=env, timeout=300)
 
 
 def test_build_ids_are_derived_from_the_files_and_a_push_is_idempotent(
