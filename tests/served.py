@@ -44,6 +44,18 @@ class Serve:
         finally:
             connection.close()
 
+    def http_body(self, port: str, path: str, timeout: float = 3) -> str:
+        """What a GET answers (status and body), for a failure's message."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.ports[port], timeout=timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return f"{response.status} {response.read().decode(errors='replace')}"
+        except (OSError, http.client.HTTPException) as err:
+            return f"no answer: {err!r}"
+        finally:
+            connection.close()
+
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while self.status("health", "/v2/health/ready") != 200:
