@@ -21,6 +21,17 @@ from tritonhf.sizing import read_facts
 from tritonhf.storage import Files
 
 
+def call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """One HTTP request to a local port: (status, body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
 class Serve:
     """One ``tritonhf serve`` process; ``ports`` by the container's port names (http, grpc, metrics, health)."""
 
@@ -35,26 +46,18 @@ class Serve:
 
     def status(self, port: str, path: str, timeout: float = 3) -> int | None:
         """The HTTP status a GET gets; None if the port refuses (not listening yet, or any more)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.ports[port], timeout=timeout)
         try:
-            connection.request("GET", path)
-            return connection.getresponse().status
+            return call(self.ports[port], "GET", path, timeout=timeout)[0]
         except (OSError, http.client.HTTPException):
             return None
-        finally:
-            connection.close()
 
     def http_body(self, port: str, path: str, timeout: float = 3) -> str:
         """What a GET answers (status and body), for a failure's message."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.ports[port], timeout=timeout)
         try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return f"{response.status} {response.read().decode(errors='replace')}"
+            status, body = call(self.ports[port], "GET", path, timeout=timeout)
         except (OSError, http.client.HTTPException) as err:
             return f"no answer: {err!r}"
-        finally:
-            connection.close()
+        return f"{status} {body.decode(errors='replace')}"
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

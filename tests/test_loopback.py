@@ -60,6 +60,7 @@ from tritonhf.supervisor import STUB, Stub, stubs
 
 from .conftest import CLASSIFIER, S3
 from .helpers import PROMPTS, in_process, until
+from .served import call
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -227,16 +228,6 @@ class Replica:
                 server_text = Path(server_log).read_text(errors="replace") if Path(server_log).exists() else ""
                 parts.append(f"--- {server_log} ---\n{server_text[-3000:]}")
         return "\n".join(parts)
-
-
-def call(port: int, method: str, path: str, body: bytes | None = None, timeout: float = 30) -> tuple[int, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        connection.request(method, path, body, {"Content-Type": "application/json"} if body else {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def infer_body(prompt: str) -> bytes:

@@ -37,7 +37,8 @@ from tritonhf.supervisor import stubs
 
 from .conftest import CLASSIFIER, GEN_MAX_LEN, S3
 from .helpers import PROMPTS, in_process, until
-from .test_loopback import MODEL_PATH, Replica, agrees, answer, call, infer_body
+from .served import call
+from .test_loopback import MODEL_PATH, Replica, agrees, answer, infer_body
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 Answers = dict[str, tuple[str, float]]
