@@ -134,6 +134,16 @@ def test_bad_parameters_are_named(what: str) -> None:
     assert message in str(caught.value)
 
 
+def test_one_mistake_gets_one_message() -> None:
+    """A bad max_new_tokens is not also reported as a min_new_tokens above it (the default min, 0, is fine)."""
+    for bad in (-1, 0, 101):
+        with pytest.raises(RequestError) as caught:
+            GenerationParams().updated({"max_new_tokens": bad}, 100)
+        assert str(caught.value) == f"max_new_tokens must be in 1..100, got {bad}"
+    with pytest.raises(RequestError, match=r"^min_new_tokens must be in 0..max_new_tokens \(16\), got -1$"):
+        GenerationParams().updated({"min_new_tokens": -1}, 100)
+
+
 def test_a_parameter_given_twice_is_refused(model: TextGeneration) -> None:
     with pytest.raises(RequestError, match="max_new_tokens given both as a request parameter and as an input tensor"):
         model.parse_options(({"max_new_tokens": 3}, {"max_new_tokens": np.array([[4]], dtype=np.int32)}))

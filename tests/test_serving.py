@@ -13,7 +13,9 @@ from tritonclient.utils import InferenceServerException
 
 from tritonhf import TritonHFError, cli, model_config
 from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import read_manifest
 from tritonhf.server import TritonServer
+from tritonhf.variants import VARIANTS
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN, GEN_MAX_LEN
 from .helpers import NAMES, PROMPTS, alone, assert_same, burst, bytes_input, counters_after, ok, settled_counters
@@ -152,6 +154,37 @@ def test_client_prints_the_tutorial_table(
 def test_client_reports_server_errors(server: TritonServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["client", "-m", "no-such-model", "--url", server.http_url, "--prompt", "x"]) == 1
     assert "no-such-model" in capsys.readouterr().err
+
+
+def failures(server: TritonServer, model: str) -> int:
+    """Requests the server counted as failed for a model (statistics: open to every client)."""
+    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(model)
+    return stats["model_stats"][0]["inference_stats"]["fail"]["count"]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_says_which_model_streams(
+    server: TritonServer, protocol: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--stream on a batched model, or none on a stream model: the client says what to use instead, and sends
+    nothing (a refused gRPC stream request would hold the model until the next stop's exit timeout)."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    before = failures(server, "gpt2"), failures(server, "gpt2_stream")
+    assert cli.main(["client", "-m", "gpt2", "--stream", "--url", server.grpc_url, "--prompt", "Hi"]) == 1
+    assert capsys.readouterr().err == "tritonhf client: gpt2 is not a stream model: drop --stream, or use gpt2_stream\n"
+    assert cli.main(["client", "-m", "gpt2_stream", "-i", protocol, "--url", url, "--prompt", "Hi"]) == 1
+    expected = "gpt2_stream is a stream model (it answers piece by piece): add --stream, or use gpt2"
+    assert capsys.readouterr().err == f"tritonhf client: {expected}\n"
+    assert (failures(server, "gpt2"), failures(server, "gpt2_stream")) == before, "a request was sent"
+
+
+def test_client_lists_the_models_and_close_names(server: TritonServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["client", "--list", "--url", server.http_url]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    manifest = read_manifest(server.repository)  # what the builder wrote, and how each variant is called
+    assert listed == {name: "stream" if VARIANTS[m["variant"]].streams else "batched" for name, m in manifest.items()}
+    assert cli.main(["client", "-m", "gpt", "--url", server.http_url, "--prompt", "x"]) == 1
+    assert "no model named gpt is served; did you mean gpt2, gpt2_stream?" in capsys.readouterr().err
 
 
 def test_http_client_uses_the_batch_axis(server: TritonServer) -> None:

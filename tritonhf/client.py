@@ -11,13 +11,14 @@ pieces as they arrive.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import queue
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -49,9 +50,11 @@ def infer(
     module = client_module(protocol)
     client = module.InferenceServerClient(url or DEFAULT_URLS[protocol])
     try:
-        meta = client.get_model_metadata(model, **({"as_json": True} if protocol == "grpc" else {}))
-        [shape] = [[int(d) for d in tensor["shape"]] for tensor in meta["inputs"] if tensor["name"] == "prompt"]
-        shape = [len(prompts) if d == -1 else d for d in shape]
+        meta = metadata(client, model, protocol)
+        if kind(meta) == "stream":
+            instead = alternative(client, model, protocol)
+            raise TritonHFError(f"{model} is a stream model (it answers piece by piece): add --stream{instead}")
+        shape = [len(prompts) if d == -1 else d for d in prompt_shape(meta)]
         if math.prod(shape) != len(prompts):
             raise TritonHFError(f"model {model} does not batch: send one prompt at a time")
         data = np.array([p.encode("utf-8") for p in prompts], dtype=object).reshape(shape)
@@ -72,11 +75,22 @@ def stream(
 ) -> Iterator[tuple[str, int]]:
     """One prompt to a decoupled (streaming) model over gRPC: (piece of text, new tokens in it) as they arrive.
 
-    Leaving the loop early cancels the request on the server, which frees its slot.
+    Leaving the loop early cancels the request on the server, which frees its slot. A model that does not stream
+    is refused here, before anything is sent: Triton 2.51 refuses such a request on a gRPC stream, but then holds
+    the model until its exit timeout runs out at the next stop.
     """
     import tritonclient.grpc as grpc
 
     client = grpc.InferenceServerClient(url or DEFAULT_URLS["grpc"])
+    try:
+        if kind(metadata(client, model, "grpc")) != "stream":
+            raise TritonHFError(f"{model} is not a stream model: drop --stream{alternative(client, model, 'grpc')}")
+    except grpc.InferenceServerException as err:
+        client.close()
+        raise TritonHFError(f"{model}: {err.message()}") from None
+    except BaseException:
+        client.close()
+        raise
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     finished = False
@@ -97,6 +111,71 @@ def stream(
         raise TritonHFError(f"cannot stream from {model} at {url or DEFAULT_URLS['grpc']}: {err.message()}") from None
     finally:
         client.stop_stream(cancel_requests=not finished)
+        client.close()
+
+
+Kind = Literal["batched", "stream", "one at a time"]
+ANSWERS = {"text", "label", "embedding"}  # the tutorial's outputs, and the embedders'
+HOW = {
+    "batched": "--prompt, repeated for more rows in one request",
+    "stream": "--stream (gRPC), one --prompt at a time",
+    "one at a time": "one --prompt per request",
+}
+
+
+def metadata(client: Any, model: str, protocol: str) -> dict[str, Any]:
+    """The model's metadata (open to every client); an unknown name is answered with the served names close to it."""
+    module = client_module(protocol)
+    try:
+        return client.get_model_metadata(model, **({"as_json": True} if protocol == "grpc" else {}))
+    except module.InferenceServerException as err:
+        if "unknown model" not in err.message():
+            raise
+        names = served(client, protocol)
+        close = list(dict.fromkeys([*(n for n in names if model in n), *difflib.get_close_matches(model, names)]))[:4]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise TritonHFError(f"no model named {model} is served{hint} (tritonhf client --list names them all)") from None
+
+
+def prompt_shape(meta: Mapping[str, Any]) -> list[int]:
+    return next([int(d) for d in tensor["shape"]] for tensor in meta["inputs"] if tensor["name"] == "prompt")
+
+
+def kind(meta: Mapping[str, Any]) -> Kind:
+    """How a model is called, from its metadata: a batched model's ``prompt`` has the batch axis (-1); of the
+    unbatched ones, tritonhf's stream models answer ``new_tokens`` too (the tutorial's baseline answers ``text``)."""
+    if prompt_shape(meta)[0] == -1:
+        return "batched"
+    return "stream" if any(output["name"] == "new_tokens" for output in meta["outputs"]) else "one at a time"
+
+
+def served(client: Any, protocol: str) -> list[str]:
+    """Every loaded model's name, from the statistics API (open, read-only, unlike the repository index)."""
+    stats = client.get_inference_statistics(**({"as_json": True} if protocol == "grpc" else {}))
+    return sorted({entry["name"] for entry in stats.get("model_stats", [])})
+
+
+def alternative(client: Any, model: str, protocol: str) -> str:
+    """ ", or use <the other variant>", where the server has it: gpt2 <-> gpt2_stream."""
+    other = model.removesuffix("_stream") if model.endswith("_stream") else f"{model}_stream"
+    return f", or use {other}" if other in served(client, protocol) else ""
+
+
+def listing(url: str | None = None, protocol: str = "http") -> list[tuple[str, Kind, list[str]]]:
+    """Every model a client calls, i.e. that answers a ``prompt`` with text, a label or an embedding (an ensemble's
+    inner steps answer tensors): (name, how it is called, its outputs)."""
+    client = client_module(protocol).InferenceServerClient(url or DEFAULT_URLS[protocol])
+    try:
+        rows = []
+        for name in served(client, protocol):
+            meta = metadata(client, name, protocol)
+            outputs = [output["name"] for output in meta["outputs"]]
+            if ANSWERS & set(outputs) and any(tensor["name"] == "prompt" for tensor in meta["inputs"]):
+                rows.append((name, kind(meta), outputs))
+        return rows
+    except OSError as err:
+        raise TritonHFError(f"cannot reach the server at {url or DEFAULT_URLS[protocol]}: {err}") from None
+    finally:
         client.close()
 
 
@@ -128,10 +207,9 @@ def table(outputs: dict[str, np.ndarray]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", required=True, help="model name in the repository")
-    parser.add_argument(
-        "--prompt", action="append", required=True, help="a prompt; repeat for several rows in one request"
-    )
+    parser.add_argument("-m", "--model", help="model name in the repository (--list names them)")
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for several rows in one request")
+    parser.add_argument("--list", action="store_true", help="list the served models and how each is called")
     parser.add_argument("-i", "--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--url", help="server address (default: localhost:8000 for http, localhost:8001 for grpc)")
     parser.add_argument(
@@ -150,6 +228,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    if args.list:
+        rows = listing(args.url, args.protocol)
+        width = max((len(name) for name, _, _ in rows), default=0)
+        for name, how, outputs in rows:
+            print(f"{name:<{width}}  {how:<13}  {', '.join(outputs):<16}  {HOW[how]}")
+        return None
+    if not args.model or not args.prompt:
+        raise TritonHFError("give a model (-m NAME) and --prompt TEXT, or --list to see the served models")
     parameters = dict(args.param)
     if not args.stream:
         outputs = infer(args.model, args.prompt, args.url, args.protocol, parameters)

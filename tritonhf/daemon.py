@@ -180,6 +180,8 @@ def serve(options: ServeOptions) -> None:
         shutdown.raising = False
     except KeyboardInterrupt:
         server.stop(timeout=shutdown.left(budget))  # interrupted inside start, it stopped already
+        if server.forced:
+            raise TritonHFError(f"stopped while loading, forced: {server.forced}") from None
         logger.info("stopped while loading")
         return
     supervisor = Supervisor(server, max_restarts=options.max_restarts, backoff=options.backoff)
@@ -191,7 +193,9 @@ def serve(options: ServeOptions) -> None:
         )
     if exited is not None:
         raise TritonHFError(f"tritonserver exited with code {exited}:\n{server.log()[-4000:]}")
-    logger.info("stopped%s", " (forced: past the budget)" if server.forced else "")
+    if server.forced:  # the drain did not end cleanly: a supervisor (the kubelet, systemd) should hear of it
+        raise TritonHFError(f"stopped, forced: {server.forced}")
+    logger.info("stopped")
 
 
 def served_names(repository: Path | str) -> list[str]:

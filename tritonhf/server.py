@@ -128,6 +128,20 @@ def model_errors(log: str) -> list[str]:
     return [line for line in lines if not any(text in line for text in HARMLESS)]
 
 
+EXIT_TIMEOUT = "Exit timeout expired"  # what Triton logs when its exit timeout ran out with models still loaded
+
+
+def still_loaded(log: str) -> list[str]:
+    """The models a server's log says are loaded, in the order they loaded: its loads less its unloads."""
+    loaded: dict[str, None] = {}
+    for action, name in re.findall(r"successfully (loaded|unloaded) '([^']+)'", log):
+        if action == "loaded":
+            loaded[name] = None
+        else:
+            loaded.pop(name, None)
+    return list(loaded)
+
+
 CONTROL_HEADER = "tritonhf-control-key"  # the admin APIs answer only with it
 GRPC_CONTROL_HEADER = f"triton-grpc-protocol-{CONTROL_HEADER}"  # the name Triton reads it under from gRPC metadata
 # Triton's admin APIs, closed to anyone without the key: load/unload, the log level and file, tracing, shared-memory
@@ -176,7 +190,7 @@ class TritonServer:
         self.log_path: Path | None = log_path
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
-        self.forced = False  # the last stop had to kill a server that would not exit in time
+        self.forced: str | None = None  # why the last stop was forced, if it was (None: the server exited cleanly)
 
     @property
     def local_host(self) -> str:
@@ -288,13 +302,14 @@ class TritonServer:
         if self.process is None:
             return
         timeout = self.grace + UNLOAD_S if timeout is None else timeout
-        if self.process.poll() is None:
+        signalled = self.process.poll() is None
+        if signalled:
             self.process.send_signal(signal.SIGTERM)
         try:
             try:
-                self.process.wait(timeout)
+                code = self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.forced = True  # past the grace period: killed below
+                code = None  # past the grace period: killed below
         finally:  # whatever interrupts the wait, nothing of the group lives on
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -302,6 +317,13 @@ class TritonServer:
             if self.events is not None:  # the last of its output, written before we say it stopped
                 self.events.join(timeout=2)
             self.process = None
+        if code is None:
+            self.forced = f"killed {timeout:.0f} s after SIGTERM"
+        elif signalled and code != 0 and EXIT_TIMEOUT in self.log()[-4000:]:  # the grace ran out: Triton exits 1
+            held = ", ".join(still_loaded(self.log())) or "see the log"
+            self.forced = f"Triton's {self.grace:.0f} s exit timeout ran out with models still loaded ({held})"
+        else:
+            self.forced = None
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

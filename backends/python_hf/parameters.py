@@ -154,13 +154,11 @@ class GenerationParams:
         return cls().updated(raw, max_new_limit)
 
     def check(self, max_new_limit: int) -> None:
+        max_ok = 1 <= self.max_new_tokens <= max_new_limit
         problems = [
-            (
-                not 1 <= self.max_new_tokens <= max_new_limit,
-                f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}",
-            ),
-            (
-                not 0 <= self.min_new_tokens <= self.max_new_tokens,
+            (not max_ok, f"max_new_tokens must be in 1..{max_new_limit}, got {self.max_new_tokens}"),
+            (  # compared with max_new_tokens only where that is valid: one mistake, one message
+                self.min_new_tokens < 0 or (max_ok and self.min_new_tokens > self.max_new_tokens),
                 f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got {self.min_new_tokens}",
             ),
             (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
