@@ -197,12 +197,19 @@ def test_http_client_uses_the_batch_axis(server: TritonServer) -> None:
 
 
 def test_a_model_that_fails_to_load_shows_its_error(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """... and the server's log file stays where the message says; after a clean stop, none is left in /tmp."""
     repository = build(
         plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=tmp_path / "repo", variants=("python",))
     )
+    with TritonServer(repository) as clean:
+        assert clean.log_path.is_file()
+    assert not clean.log_path.exists(), "a clean stop leaves no log behind"
     config_path = repository / CLASSIFIER / "config.pbtxt"
     config = model_config.read(config_path)
     config["parameters"]["task"] = {"string_value": "summarisation"}
     config_path.write_text(model_config.to_pbtxt(config))
-    with pytest.raises(TritonHFError, match=r"exited while loading(.|\n)*unknown task 'summarisation'"):
-        TritonServer(repository).start(timeout=120)
+    failing = TritonServer(repository)
+    with pytest.raises(TritonHFError, match=r"exited while loading(.|\n)*unknown task 'summarisation'") as caught:
+        failing.start(timeout=120)
+    assert f"(log: {failing.log_path})" in str(caught.value) and failing.log_path.is_file()
+    failing.log_path.unlink()

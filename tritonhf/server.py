@@ -159,8 +159,8 @@ class TritonServer:
     and the perf suite hold it, clients don't. The endpoints bind ``host`` (127.0.0.1 unless opened).
     On stop, in-flight requests get ``grace`` seconds (Triton's exit timeout).
 
-    The server's output goes to ``log_path`` (a temporary file unless given), or event by event to ``log_sink``
-    (``tritonhf serve``: stdout, logs.py), with a bounded tail kept for error messages.
+    The server's output goes to ``log_path`` (a temporary file unless given, removed after a clean stop), or event
+    by event to ``log_sink`` (``tritonhf serve``: stdout, logs.py), with a bounded tail kept for error messages.
     """
 
     def __init__(
@@ -183,7 +183,8 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.log_sink, self.events = log_sink, None
-        if log_path is None and log_sink is None:
+        self.temporary_log = log_path is None and log_sink is None  # removed after a clean stop, kept otherwise
+        if self.temporary_log:
             descriptor, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(descriptor)  # the server's own handle is opened at start
             log_path = Path(name)
@@ -324,6 +325,8 @@ class TritonServer:
             self.forced = f"Triton's {self.grace:.0f} s exit timeout ran out with models still loaded ({held})"
         else:
             self.forced = None
+            if self.temporary_log and code == 0:  # nothing to look into: no log file left behind in /tmp
+                self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
