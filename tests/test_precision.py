@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tritonhf import model_config, precision
+from tritonhf import cli, model_config, precision, repo_builder
 from tritonhf.backends.python_hf import hardware
 from tritonhf.backends.python_hf.hardware import Choice, choose, cpu_bf16, cpu_flags, int8_target
 from tritonhf.backends.python_hf.steps import load_step
@@ -48,6 +48,18 @@ def test_auto_takes_only_what_the_gate_passed() -> None:
     assert choose("bfloat16", "cpu", [], ZEN3).dtype == "float32", "asked for, but not verified"
     assert choose("bfloat16", "cpu", ["bfloat16"], ZEN3) == Choice("bfloat16", "requested")
     assert choose("float32", "cpu", [], SAPPHIRE_RAPIDS).dtype == "float32"
+
+
+def test_the_gate_is_for_any_host_unless_told_this_one() -> None:
+    """A repository is served elsewhere, so auto gates bf16 wherever built; --gate-for this-host skips the gate (and
+    bf16) on a CPU without native bf16, where it would take minutes for a precision this host never picks."""
+    assert precision.gated("auto", "cpu", "any-host", ZEN3) == ["bfloat16"]
+    assert precision.gated("auto", "cpu", "this-host", ZEN3) == []
+    assert precision.gated("auto", "cpu", "this-host", SAPPHIRE_RAPIDS) == ["bfloat16"]
+    assert precision.gated("bfloat16", "cpu", "this-host", ZEN3) == ["bfloat16"], "asked for: gated"
+    assert precision.gated("auto", "gpu", "this-host", ZEN3) == ["float16", "bfloat16"], "the GPU decides"
+    args = cli.parser().parse_args(["build", "--gate-for", "this-host"])
+    assert repo_builder.options_from(args).gate_for == "this-host"
 
 
 def test_in_process_auto_without_a_gate_is_float32(tiny: dict[str, Path]) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from tritonhf import TritonHFError, model_config
+from tritonhf import TritonHFError, cli, model_config
 from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
 from tritonhf.repository import MARKER, read_manifest
@@ -179,6 +180,19 @@ def test_a_directory_tritonhf_did_not_build_is_not_replaced(tiny: dict[str, Path
         build(plan([], [str(tiny[CLASSIFIER])], [], 16), BuildOptions(output=target, variants=("python",)))
     assert (target / "notes.txt").read_text() == "keep me"
     assert not (target / MARKER).exists()
+
+
+def test_standins_print_the_build_command_that_works_offline(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``tritonhf standins`` prints last is a build command that builds the tutorial's three models, offline."""
+    root = tiny["gpt2"].parent  # the session's tiny stand-ins: kept, not written again
+    assert cli.main(["standins", "--size", "tiny", "--output", str(root)]) == 0
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert command[:2] == ["tritonhf", "build"]
+    extra = ["--output", str(tmp_path / "repo"), "--variants", "python", "--dtype", "float32"]
+    assert cli.main([*command[1:], *extra]) == 0
+    assert set(read_manifest(tmp_path / "repo")) == {"opt-125m", "gpt2", CLASSIFIER}
 
 
 def test_a_mistyped_path_or_an_unreachable_hub_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

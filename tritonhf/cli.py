@@ -101,9 +101,22 @@ def parser() -> argparse.ArgumentParser:
     client.add_arguments(query)
     query.set_defaults(run=client.run)
 
-    standins = commands.add_parser("standins", help="write offline stand-ins for the tutorial's models")
-    standins.add_argument("--output", type=Path, default=Path(".cache/standins"))
-    standins.add_argument("--size", choices=("full", "tiny"), default="full")
+    standins = commands.add_parser(
+        "standins",
+        help="write offline stand-ins for the tutorial's models (random weights) and print the build command for them",
+    )
+    standins.add_argument(
+        "--output",
+        type=Path,
+        default=Path(".cache/standins"),
+        help="where, one directory per hub id (default: %(default)s)",
+    )
+    standins.add_argument(
+        "--size",
+        choices=("full", "tiny"),
+        default="full",
+        help="full: the real architectures at full size, for speed; tiny: two layers, for tests (default: %(default)s)",
+    )
     standins.set_defaults(run=run_standins)
 
     perf = commands.add_parser(
@@ -218,10 +231,12 @@ def run_push(args: argparse.Namespace) -> None:
 
 
 def run_standins(args: argparse.Namespace) -> None:
-    from tritonhf.standins import write_standins
+    from tritonhf.standins import build_command, write_standins
 
-    for hub_id, path in write_standins(args.output, args.size).items():
+    paths = write_standins(args.output, args.size)
+    for hub_id, path in paths.items():
         print(f"{hub_id:<50} {path}")
+    print(f"\nnext, to build a repository from them (offline):\n  {build_command(paths)}")
 
 
 def run_demo(args: argparse.Namespace) -> None:

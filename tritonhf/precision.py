@@ -28,7 +28,7 @@ import copy
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -47,12 +47,22 @@ MIN_NEXT_TOKEN, MIN_GREEDY, GREEDY_TOKENS = 0.95, 0.5, 16
 GENERATION_PROBES = PROBES[::7]  # 30 prompts: generation costs a forward per token
 
 
-def gated(requested: str, device: str) -> list[str]:
-    """The reduced precisions to gate: the one asked for, or every one ``auto`` may pick on ``device`` (cpu/gpu)."""
+GATE_FOR = {
+    "any-host": "gate every precision --dtype auto may pick where the repository is served",
+    "this-host": "CPU instances: gate only what this CPU picks (no native bf16: nothing, and the repository serves"
+    " float32 on any host); for a build served here, it skips a slow bf16 gate on a CPU that emulates bf16",
+}
+
+
+def gated(requested: str, device: str, gate_for: str = "any-host", flags: Collection[str] | None = None) -> list[str]:
+    """The reduced precisions to gate: the one asked for, or every one ``auto`` may pick on ``device`` (cpu/gpu)
+    where it is served, or on this host's CPU only (``gate_for`` this-host; ``flags``: its CPU flags, read if None)."""
     if requested != "auto":
         return [requested] if requested in REDUCED else []
     if device == "gpu":
         return list(REDUCED)  # float16, then bfloat16 where the GPU has it: decided at load
+    if gate_for == "this-host" and not cpu_bf16(flags):
+        return []  # this CPU serves float32: its emulated bf16 is slower, and its gate takes minutes
     return ["bfloat16"]  # a CPU with native bf16 takes it; decided at load, on the serving host
 
 
@@ -137,9 +147,11 @@ def gate(name: str, source: str, task: Any, dtype: str) -> Verdict:
     return Verdict(name, dtype, measured, limits(task.task))
 
 
-def verify(models: Sequence[tuple[str, str, Any]], requested: str, device: str) -> dict[str, list[Verdict]]:
+def verify(
+    models: Sequence[tuple[str, str, Any]], requested: str, device: str, gate_for: str = "any-host"
+) -> dict[str, list[Verdict]]:
     """Gate each (name, source, float32 task) in the dtypes ``requested`` may use on ``device``."""
-    dtypes = gated(requested, device)
+    dtypes = gated(requested, device, gate_for)
     work = [(model, dtype) for model in models for dtype in dtypes]
     verdicts: dict[str, list[Verdict]] = {name: [] for name, _, _ in models}
     for (name, source, task), dtype in tqdm(work, desc="precision gate", unit="check", disable=not work):
@@ -147,10 +159,12 @@ def verify(models: Sequence[tuple[str, str, Any]], requested: str, device: str) 
     return verdicts
 
 
-def summary(verdicts: dict[str, list[Verdict]], requested: str, device: str) -> str:
+def summary(verdicts: dict[str, list[Verdict]], requested: str, device: str, gate_for: str = "any-host") -> str:
     """What the build chose and why, then the gate's table."""
     if not any(verdicts.values()):
-        return f"dtype {requested}: float32 everywhere"
+        skipped = requested == "auto" and device == "cpu" and gate_for == "this-host" and not cpu_bf16()
+        why = " (--gate-for this-host: this CPU lacks native bf16, so bfloat16 was not gated)" if skipped else ""
+        return f"dtype {requested}: float32 everywhere{why}"
     if requested != "auto":
         head = f"dtype {requested} where it passes the gate, float32 where not"
     elif device == "gpu":

@@ -64,6 +64,7 @@ class BuildOptions:
     instances: int = 0  # per model; 0: hardware.default_instances (one single-threaded instance per CPU core)
     device: str = "cpu"
     dtype: str = "auto"
+    gate_for: str = "any-host"  # precision.GATE_FOR
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     runtime: str = "auto"  # exported variants: variants.RUNTIMES, or auto (native if the server has the backends)
     onnx_accelerator: str = "none"  # tensorrt: ONNX Runtime's TensorRT accelerator, native runtime on GPU
@@ -245,7 +246,7 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         for (entry, variants), task in zip(plans, tasks)
         if any((v.generic and v.generic.eager) or (v.exporter and v.exporter.reduced) for v in variants)
     ]
-    verdicts = precision.verify(in_torch, options.dtype, options.device)
+    verdicts = precision.verify(in_torch, options.dtype, options.device, options.gate_for)
     verified = {entry.name: [] for entry in entries}  # a model with float32 or int8 exports only: none gated
     verified.update({name: [v.dtype for v in found if v.passed] for name, found in verdicts.items()})
     exported = [
@@ -288,7 +289,7 @@ def assemble(entries: Sequence[ModelEntry], options: BuildOptions) -> Path:
         )
         print(f"exported variants: runtime {runtime}{why}: {RUNTIMES[runtime]}")
         print(parity_table(exported))
-    print(precision.summary(verdicts, options.dtype, options.device))
+    print(precision.summary(verdicts, options.dtype, options.device, options.gate_for))
     print(layout(options))
     return target
 
@@ -376,6 +377,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " (bfloat16 on CPUs with native bf16, float16 on GPUs, else float32); or float32, float16, bfloat16"
         " (default: %(default)s)",
     )
+    gate_for = "; ".join(f"{name}: {what}" for name, what in precision.GATE_FOR.items())
+    add(
+        "--gate-for",
+        choices=tuple(precision.GATE_FOR),
+        default=defaults.gate_for,
+        help=f"the precision gate, for --dtype auto: {gate_for} (default: %(default)s)",
+    )
     add(
         "--variants",
         type=lambda v: tuple(model_list(v)),
@@ -448,6 +456,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         instances=args.instances,
         device=args.device,
         dtype=args.dtype,
+        gate_for=args.gate_for,
         variants=args.variants,
         runtime=args.runtime,
         onnx_accelerator=args.onnx_accelerator,

@@ -165,13 +165,22 @@ def distilbert_sst2(size: str) -> tuple[PreTrainedTokenizerFast, transformers.Pr
 class StandIn:
     hub_id: str
     make: Callable[[str], tuple[PreTrainedTokenizerFast, transformers.PretrainedConfig, type]]
+    flag: str  # the build flag that takes it: its task
 
 
 STANDINS = (
-    StandIn("facebook/opt-125m", opt),
-    StandIn("gpt2", gpt2),
-    StandIn("distilbert-base-uncased-finetuned-sst-2-english", distilbert_sst2),
+    StandIn("facebook/opt-125m", opt, "--gen-models"),
+    StandIn("gpt2", gpt2, "--gen-models"),
+    StandIn("distilbert-base-uncased-finetuned-sst-2-english", distilbert_sst2, "--class-models"),
 )
+
+
+def build_command(paths: dict[str, Path]) -> str:
+    """``tritonhf build`` for the stand-ins at ``paths`` (hub id -> directory): the tutorial's models, offline."""
+    flags: dict[str, list[str]] = {}
+    for standin in STANDINS:
+        flags.setdefault(standin.flag, []).append(str(paths[standin.hub_id]))
+    return " ".join(["tritonhf build", *(f"{flag} {','.join(where)}" for flag, where in flags.items())])
 
 
 def write_standins(output: Path, size: str = "full", seed: int = 0) -> dict[str, Path]:
