@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tritonhf import client
+from tritonhf import cache_dir, client
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import link_or_copy, read_manifest
 from tritonhf.server import TritonServer
@@ -59,7 +60,8 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
         embed=[str(minilm(workdir / "standins"))],
         gen_max_len=16,
     )
-    build(entries, BuildOptions(output=repository))
+    # served right here: the precision gate runs only for what this CPU picks (bf16 is gated where it is native)
+    build(entries, BuildOptions(output=repository, gate_for="this-host"))
     with TritonServer(repository) as server:
         print(f"\ntritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}\n")
         for name, served in read_manifest(repository).items():
@@ -81,4 +83,39 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
                 similarity = outputs["embedding"] @ outputs["embedding"].T
                 print("cosine similarity of the three sentences (real model: the first two are close):")
                 print(np.array2string(similarity, precision=3) + "\n")
-    print("demo done: every model answered through tritonserver; the server is stopped.")
+    print("demo done: every model answered through tritonserver; the server is stopped.\n")
+    print(what_next(repository, workdir))
+
+
+def disk_use(paths: Sequence[Path]) -> list[int]:
+    """Bytes on disk under each path, as du counts them: a file hard-linked from an earlier path counts once."""
+    seen: set[tuple[int, int]] = set()
+    totals = []
+    for root in paths:
+        total = 0
+        for file in (f for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else ():
+            info = file.stat()
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
+        totals.append(total)
+    return totals
+
+
+def what_next(repository: Path, workdir: Path) -> str:
+    """The demo's last words: how to serve and query what it built, and what it left on disk (README, "After the
+    demo")."""
+    places = [repository, workdir, cache_dir()]
+    used = ", ".join(f"{place} {size / 1e9:.1f} GB" for place, size in zip(places, disk_use(places)))
+    return "\n".join(
+        [
+            "What next (README, 'After the demo'):",
+            "  source .venv/bin/activate    # puts tritonhf on PATH (or call .venv/bin/tritonhf)",
+            f"  tritonhf serve --model-repository {repository}    # serves what the demo built; Ctrl-C stops",
+            "  tritonhf client --list       # in another shell: the served models and how each is called",
+            f'  tritonhf client -m gpt2 --prompt "{PROMPTS["text-generation"][0]}"',
+            f"Left on disk: {used} (hard links counted once).",
+            f"  rm -rf {' '.join(map(str, places))}    # all of it (exports and backends are made again when needed);"
+            " make clean removes the venv too",
+        ]
+    )
