@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tritonhf import TritonHFError, cli, model_config
 from tritonhf.backends.python_hf.parameters import PARAMETERS
+from tritonhf.demo import disk_use
 from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
 from tritonhf.repository import MARKER, read_manifest
 
@@ -193,6 +194,16 @@ def test_standins_print_the_build_command_that_works_offline(
     extra = ["--output", str(tmp_path / "repo"), "--variants", "python", "--dtype", "float32"]
     assert cli.main([*command[1:], *extra]) == 0
     assert set(read_manifest(tmp_path / "repo")) == {"opt-125m", "gpt2", CLASSIFIER}
+
+
+def test_disk_use_counts_a_hard_linked_file_once(tmp_path: Path) -> None:
+    """The demo's last words say what it left on disk: the repository hard-links the stand-ins' weights."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "weights").write_bytes(b"x" * 2**20)
+    (tmp_path / "b" / "weights").hardlink_to(tmp_path / "a" / "weights")
+    one = disk_use(tmp_path / "a")
+    assert one >= 2**20 and disk_use(tmp_path / "b") == one == disk_use(tmp_path / "a", tmp_path / "b")
 
 
 def test_a_mistyped_path_or_an_unreachable_hub_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

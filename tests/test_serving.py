@@ -182,7 +182,9 @@ def test_client_lists_the_models_and_close_names(server: TritonServer, capsys: p
     assert cli.main(["client", "--list", "--url", server.http_url]) == 0
     listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     manifest = read_manifest(server.repository)  # what the builder wrote, and how each variant is called
-    assert listed == {name: "stream" if VARIANTS[m["variant"]].streams else "batched" for name, m in manifest.items()}
+    assert listed == {
+        name: "streaming" if VARIANTS[m["variant"]].streams else "batched" for name, m in manifest.items()
+    }
     assert cli.main(["client", "-m", "gpt", "--url", server.http_url, "--prompt", "x"]) == 1
     assert "no model named gpt is served; did you mean gpt2, gpt2_stream?" in capsys.readouterr().err
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tritonhf import TritonHFError
+from tritonhf.variants import VARIANTS
 
 DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}
 
@@ -51,7 +52,7 @@ def infer(
     client = module.InferenceServerClient(url or DEFAULT_URLS[protocol])
     try:
         meta = metadata(client, model, protocol)
-        if kind(meta) == "stream":
+        if kind(meta) == "streaming":
             instead = alternative(client, model, protocol)
             raise TritonHFError(f"{model} is a stream model (it answers piece by piece): add --stream{instead}")
         shape = [len(prompts) if d == -1 else d for d in prompt_shape(meta)]
@@ -83,7 +84,7 @@ def stream(
 
     client = grpc.InferenceServerClient(url or DEFAULT_URLS["grpc"])
     try:
-        if kind(metadata(client, model, "grpc")) != "stream":
+        if kind(metadata(client, model, "grpc")) != "streaming":
             raise TritonHFError(f"{model} is not a stream model: drop --stream{alternative(client, model, 'grpc')}")
     except grpc.InferenceServerException as err:
         client.close()
@@ -114,11 +115,11 @@ def stream(
         client.close()
 
 
-Kind = Literal["batched", "stream", "one at a time"]
+Kind = Literal["batched", "streaming", "one at a time"]
 ANSWERS = {"text", "label", "embedding"}  # the tutorial's outputs, and the embedders'
 HOW = {
     "batched": "--prompt, repeated for more rows in one request",
-    "stream": "--stream (gRPC), one --prompt at a time",
+    "streaming": "--stream (gRPC), one --prompt at a time",
     "one at a time": "one --prompt per request",
 }
 
@@ -146,7 +147,7 @@ def kind(meta: Mapping[str, Any]) -> Kind:
     unbatched ones, tritonhf's stream models answer ``new_tokens`` too (the tutorial's baseline answers ``text``)."""
     if prompt_shape(meta)[0] == -1:
         return "batched"
-    return "stream" if any(output["name"] == "new_tokens" for output in meta["outputs"]) else "one at a time"
+    return "streaming" if any(output["name"] == "new_tokens" for output in meta["outputs"]) else "one at a time"
 
 
 def served(client: Any, protocol: str) -> list[str]:
@@ -156,8 +157,9 @@ def served(client: Any, protocol: str) -> list[str]:
 
 
 def alternative(client: Any, model: str, protocol: str) -> str:
-    """ ", or use <the other variant>", where the server has it: gpt2 <-> gpt2_stream."""
-    other = model.removesuffix("_stream") if model.endswith("_stream") else f"{model}_stream"
+    """', or use <the other variant>' where the server has it: gpt2 <-> gpt2_stream."""
+    stream = next(variant for variant in VARIANTS.values() if variant.streams).served_name("")  # the suffix
+    other = model.removesuffix(stream) if model.endswith(stream) else model + stream
     return f", or use {other}" if other in served(client, protocol) else ""
 
 

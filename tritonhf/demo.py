@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,26 +86,18 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
     print(what_next(repository, workdir))
 
 
-def disk_use(paths: Sequence[Path]) -> list[int]:
-    """Bytes on disk under each path, as du counts them: a file hard-linked from an earlier path counts once."""
-    seen: set[tuple[int, int]] = set()
-    totals = []
-    for root in paths:
-        total = 0
-        for file in (f for f in root.rglob("*") if f.is_file() and not f.is_symlink()) if root.exists() else ():
-            info = file.stat()
-            if (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                total += info.st_blocks * 512
-        totals.append(total)
-    return totals
+def disk_use(*roots: Path) -> int:
+    """Bytes on disk under the paths, as du counts them: a file hard-linked in several places counts once."""
+    stats = [f.lstat() for root in roots if root.exists() for f in root.rglob("*") if f.is_file()]
+    return 512 * sum({(stat.st_dev, stat.st_ino): stat.st_blocks for stat in stats}.values())
 
 
 def what_next(repository: Path, workdir: Path) -> str:
     """The demo's last words: how to serve and query what it built, and what it left on disk (README, "After the
     demo")."""
     places = [repository, workdir, cache_dir()]
-    used = ", ".join(f"{place} {size / 1e9:.1f} GB" for place, size in zip(places, disk_use(places)))
+    each = ", ".join(f"{place} {disk_use(place) / 1e9:.1f} GB" for place in places)
+    used = f"{disk_use(*places) / 1e9:.1f} GB in all ({each}; the repository hard-links the stand-ins' weights)"
     return "\n".join(
         [
             "What next (README, 'After the demo'):",
@@ -114,8 +105,7 @@ def what_next(repository: Path, workdir: Path) -> str:
             f"  tritonhf serve --model-repository {repository}    # serves what the demo built; Ctrl-C stops",
             "  tritonhf client --list       # in another shell: the served models and how each is called",
             f'  tritonhf client -m gpt2 --prompt "{PROMPTS["text-generation"][0]}"',
-            f"Left on disk: {used} (hard links counted once).",
-            f"  rm -rf {' '.join(map(str, places))}    # all of it (exports and backends are made again when needed);"
-            " make clean removes the venv too",
+            f"Left on disk: {used}.",
+            f"  rm -rf {' '.join(map(str, places))}    # all of it; make clean removes the venv too",
         ]
     )
