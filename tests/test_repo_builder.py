@@ -17,6 +17,7 @@ from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.demo import disk_use
 from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
 from tritonhf.repository import MARKER, read_manifest
+from tritonhf.server import free_port
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN
 
@@ -220,4 +221,9 @@ def test_a_mistyped_path_or_an_unreachable_hub_says_so(tmp_path: Path, monkeypat
         with pytest.raises(TritonHFError, match=f"{re.escape(source)}: no such directory"):
             load(plan([source], [], [], 8), "float32")
     with pytest.raises(TritonHFError, match=r"(?s)cannot be reached from here.*tritonhf standins"):
+        load(plan(["someone/not-cached-here"], [], [], 8), "float32")
+    # online, but the hub does not answer (here: a closed port): said before any download and its retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TritonHFError, match=r"(?s)^someone/not-cached-here: not in the local Hugging Face cache\n.*"):
         load(plan(["someone/not-cached-here"], [], [], 8), "float32")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +171,8 @@ def load(entries: Sequence[ModelEntry], dtype: str) -> list[Any]:
     for entry in entries:  # before any load: a mistyped path fails at once, not after the hub's retries
         if entry.looks_local and not entry.local:
             raise TritonHFError(f"{entry.source}: no such directory (a path to a local model; a hub id is owner/name)")
+    if (needed := [e.source for e in entries if not e.local and not in_hub_cache(e.source)]) and not hub_reachable():
+        raise TritonHFError(f"{', '.join(needed)}: not in the local Hugging Face cache{OFFLINE_HINT}")
     tasks = []
     for entry in tqdm(entries, desc="loading models", unit="model"):
         try:
@@ -183,6 +187,28 @@ OFFLINE_HINT = (
     "\nthe Hugging Face Hub cannot be reached from here: build from local directories instead, e.g. the offline"
     " stand-ins that `tritonhf standins` writes (README, 'Offline stand-ins')"
 )
+
+
+def in_hub_cache(hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the hub (HF_ENDPOINT) before loading: unreachable, a build fails at once, not after the
+    download's retries (53 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except OSError:
+        return False
+    return True
 
 
 def unreachable(err: BaseException) -> bool:
