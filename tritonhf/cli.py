@@ -97,6 +97,24 @@ def parser() -> argparse.ArgumentParser:
     k8s.add_arguments(kubernetes)
     kubernetes.set_defaults(run=k8s.run)
 
+    tune = commands.add_parser(
+        "tune", help="measure on this machine and write a repository whose plain names serve what won (README, 'Tune')"
+    )
+    tune.add_argument("--model-repository", type=Path, default=Path("model_repository"), help="a built repository")
+    tune.add_argument("--output", type=Path, required=True, help="the tuned repository, written whole")
+    tune.add_argument(
+        "--models",
+        type=repo_builder.model_list,
+        default=[],
+        help="plain names to tune (default: every classifier and embedder)",
+    )
+    tune.add_argument(
+        "--p99-ms", type=float, default=None, help="the p99 latency bound (default: none, throughput only)"
+    )
+    tune.add_argument("--budget-minutes", type=float, default=30.0, help="for all models (default: %(default)s)")
+    tune.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer's window (default: %(default)s)")
+    tune.set_defaults(run=run_tune)
+
     query = commands.add_parser("client", help="query a served model (same as client.py)")
     client.add_arguments(query)
     query.set_defaults(run=client.run)
@@ -237,6 +255,18 @@ def run_standins(args: argparse.Namespace) -> None:
     for hub_id, path in paths.items():
         print(f"{hub_id:<50} {path}")
     print(f"\nnext, to build a repository from them (offline):\n  {build_command(paths)}")
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    from tritonhf.tune import TuneOptions, tune
+
+    if args.output.resolve() == args.model_repository.resolve():
+        raise TritonHFError("--output must differ from --model-repository: the built repository is kept as it is")
+    tune(
+        TuneOptions(
+            args.model_repository, args.output, tuple(args.models), args.p99_ms, args.budget_minutes, args.window_ms
+        )
+    )
 
 
 def run_demo(args: argparse.Namespace) -> None:

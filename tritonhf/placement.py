@@ -41,6 +41,7 @@ from tritonhf.backends.python_hf.hardware import (
     cpu_model,
     int8_target,
 )
+from tritonhf.repository import MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -196,12 +197,35 @@ def check_host(repository: Path | str, flags: Collection[str] | None = None, cpu
         )
         logger.warning(note)
         return [note]
-    refusals, warnings = problems(host, cpu_flags() if flags is None else flags, cpu_count() if cpus is None else cpus)
+    flags, cpus = cpu_flags() if flags is None else flags, cpu_count() if cpus is None else cpus
+    refusals, warnings = problems(host, flags, cpus)
     if refusals:
         raise TritonHFError(f"{location.uri} can't be served on this host:\n  " + "\n  ".join(refusals))
+    if location.local:
+        warnings += tuned_here(Path(location.uri), flags, cpus)
     for line in warnings:
         logger.warning(line)
     return warnings
+
+
+def tuned_here(repository: Path, flags: Collection[str], cpus: int) -> list[str]:
+    """Say where ``tritonhf tune`` measured a repository's choices; warn where this host differs (they still hold,
+    but were not measured here)."""
+    manifest = json.loads((repository / MARKER).read_text()) if (repository / MARKER).is_file() else {}
+    tuned = {name: entry["tuned"] for name, entry in manifest.items() if "tuned" in entry}
+    if not tuned:
+        return []
+    first = next(iter(tuned.values()))
+    logger.info("tuned on %s (%d CPUs, %s): %s", first["cpu"], first["cpus"], first["date"], ", ".join(tuned))
+    here = {flag for flag in RECORDED_FLAGS if flag in flags}
+    if set(first["flags"]) == here and first["cpus"] == cpus:
+        return []
+    there = " ".join(first["flags"]) or "none"
+    warning = (
+        f"tuned on another machine ({first['cpu']}, {first['cpus']} CPUs, flags {there}): this host has {cpus} CPUs"
+        f" and {' '.join(sorted(here)) or 'none'}; run tritonhf tune here to measure it"
+    )
+    return [warning]
 
 
 def nfd_label(flag: str) -> str:

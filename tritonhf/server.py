@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import re
 import secrets
@@ -24,9 +25,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tritonhf import TritonHFError, cache_dir
 from tritonhf.logs import Events, Sink
@@ -174,6 +177,7 @@ class TritonServer:
         host: str = "127.0.0.1",
         grace: float = 30.0,
         log_sink: Sink | None = None,
+        models: tuple[str, ...] = ("*",),
     ) -> None:
         # a directory, or object storage the server reads itself (storage.py: s3://, gs://, as://)
         self.repository = str(repository) if parse(repository).remote else Path(repository).resolve()
@@ -190,6 +194,7 @@ class TritonServer:
             log_path = Path(name)
         self.log_path: Path | None = log_path
         self.extra_args = extra_args
+        self.models = models  # loaded at start (explicit model control: more are loaded with control())
         self.process: subprocess.Popen[bytes] | None = None
         self.forced: str | None = None  # why the last stop was forced, if it was (None: the server exited cleanly)
 
@@ -231,7 +236,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             *(f"--{endpoint}-address={self.host}" for endpoint in ("http", "grpc", "metrics")),
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *(f"--load-model={model}" for model in self.models),
             f"--http-restricted-api={','.join(RESTRICTED)}:{CONTROL_HEADER}={self.control_key}",
             f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{CONTROL_HEADER}={self.control_key}",
             f"--exit-timeout-secs={max(1, round(self.grace))}",
@@ -276,14 +281,21 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def control(self, action: str, model: str | None = None, timeout: float = 600.0) -> bytes:
+    def control(
+        self, action: str, model: str | None = None, timeout: float = 600.0, config: Mapping[str, Any] | None = None
+    ) -> bytes:
         """The model repository API, with the key: ``load`` / ``unload`` a model, or ``index`` the repository.
+        ``config``: load the model with this configuration instead of its config.pbtxt (model_config's dict form).
 
         Returns the body; TritonHFError with Triton's message if it refuses.
         """
         path = f"/v2/repository/models/{model}/{action}" if model else f"/v2/repository/{action}"
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
         request = urllib.request.Request(
-            f"http://{self.http_url}{path}", data=b"{}", method="POST", headers={CONTROL_HEADER: self.control_key}
+            f"http://{self.http_url}{path}",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={CONTROL_HEADER: self.control_key},
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:  # a full-size load takes a while

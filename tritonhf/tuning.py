@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -124,15 +125,17 @@ class Search:
     measure: Measure
     p99_ms: float | None
     budget: int = 120  # measurements in all, the finals' included
+    deadline: float | None = None  # time.monotonic() by which the finals should be done, too
     rounds: int = 3  # of the finals
     finalists: int = 4  # besides the default
     seed: int = 0
     on_trial: Callable[[Point, Point | None], None] = lambda point, best: None
     trials: list[Point] = field(default_factory=list)
-    scored: list[Point] = field(default_factory=list)  # every capacity found: the finals' pool
     cache: dict[tuple[Candidate, int], Point] = field(default_factory=dict)
     noise: float = MIN_NOISE
     best: Point | None = None
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "search"  # then "finals"
 
     def point(self, candidate: Candidate, concurrency: int, again: bool = False) -> Point:
         """A measurement, remembered (``again``: measured anew, as the finals do)."""
@@ -141,6 +144,10 @@ class Search:
             return self.cache[key]
         if len(self.trials) >= self.budget - self.reserved:
             raise BudgetSpentError
+        if self.deadline is not None and self.trials:  # the finals' share, at the pace measured so far
+            pace = (time.monotonic() - self.started) / len(self.trials)
+            if time.monotonic() + pace * (self.reserved + 1) > self.deadline:
+                raise BudgetSpentError
         point = self.measure(candidate, concurrency)
         self.trials.append(point)
         self.cache[key] = point
@@ -198,8 +205,6 @@ class Search:
                     continue
                 seen.add(neighbour)
                 found = self.capacity(neighbour, incumbent.concurrency)  # from the incumbent's load, upwards
-                if found is not None:
-                    self.scored.append(found)  # within the noise of the incumbent, it may still reach the finals
                 if self.better(found, incumbent):
                     incumbent, moved = found, True
                     break
@@ -211,27 +216,34 @@ class Search:
         return self.rounds * (self.finalists + 1)
 
     def run(self) -> Outcome:
-        default = self.capacity(self.space.default)
-        if default is not None:  # the noise, from the first repeat: what a gain must exceed during the search
-            again = self.measure_again(default)
-            self.noise = max(MIN_NOISE, spread([default, again]))
         try:
+            default = self.capacity(self.space.default)
+            if default is not None:  # the noise, from the first repeat: what a gain must exceed during the search
+                again = self.measure_again(default)
+                self.noise = max(MIN_NOISE, spread([default, again]))
             screened = [found for c in self.space.screened() if (found := self.capacity(c)) is not None]
-            self.scored += screened
             if screened:
                 top = max(p.throughput for p in screened)
                 for survivor in sorted((p for p in screened if p.throughput >= SCREEN_KEEP * top), key=score):
                     self.climb(survivor)
         except BudgetSpentError:
             pass  # the finals have their own share: see finals()
-        return self.finals(default, self.scored)
+        return self.finals()
 
-    def finals(self, default: Point | None, scored: Sequence[Point]) -> Outcome:
+    def pool(self) -> dict[Candidate, Point]:
+        """Each candidate's best fitting point so far: its capacity, or as far as the budget let it get."""
+        best: dict[Candidate, Point] = {}
+        for point in filter(self.fits, self.trials):
+            if point.candidate not in best or point.throughput > best[point.candidate].throughput:
+                best[point.candidate] = point
+        return best
+
+    def finals(self) -> Outcome:
         """The best few and the default, measured again in interleaved rounds at each one's own load."""
-        best_of = {}
-        for point in sorted(scored, key=lambda p: p.throughput):
-            best_of[point.candidate] = point  # each candidate's best score
-        ranked = [p for p in sorted(best_of.values(), key=score) if default is None or p.candidate != default.candidate]
+        self.phase = "finals"
+        pool = self.pool()
+        default = pool.get(self.space.default)
+        ranked = [p for p in sorted(pool.values(), key=score) if p.candidate != self.space.default]
         entrants = ([default] if default is not None else []) + ranked[: self.finalists]
         if not entrants:
             raise NoCandidateError(self.closest())

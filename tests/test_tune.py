@@ -1,0 +1,110 @@
+"""``tritonhf tune``'s live half (tune.py) on a real server: the search space read from a built repository, one
+server switching candidates by reloading with a config override (never restarting), the checkpoint, and the output
+repository: the winner under the plain name, answering as the variant it copies, every variant reachable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tritonhf import TritonHFError, client, placement
+from tritonhf.backends.python_hf.hardware import cpu_count, cpu_flags
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import read_manifest, verify
+from tritonhf.server import TritonServer
+from tritonhf.supervisor import stubs
+from tritonhf.tune import Live, Trials, TuneOptions, read_trials, spaces, write_tuned
+from tritonhf.tuning import Candidate, Outcome, Point, Search
+
+from .conftest import CLASSIFIER
+from .helpers import PROMPTS
+
+pytestmark = [pytest.mark.server]
+INT8 = f"{CLASSIFIER}_onnx-int8"
+
+
+@pytest.fixture(scope="module")
+def built(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    options = BuildOptions(output=tmp_path_factory.mktemp("tune") / "repo", variants=("python", "onnx", "onnx-int8"))
+    return build(plan([], [str(tiny[CLASSIFIER])], [], 8), options)
+
+
+def test_the_space_is_what_was_built(built: Path) -> None:
+    [(name, space)] = spaces(built).items()
+    assert name == CLASSIFIER
+    assert set(space.variants) == {CLASSIFIER, f"{CLASSIFIER}_onnx", INT8}
+    assert space.variants[INT8] == ("export",) and space.variants[CLASSIFIER][0] == "float32"
+    assert space.default == Candidate(CLASSIFIER, "auto", space.default.instances, 32, 2000)
+    with pytest.raises(
+        TritonHFError, match=rf"cannot tune gpt2: not a classifier or embedder here \(tunable: {CLASSIFIER}\)"
+    ):
+        spaces(built, ["gpt2"])
+
+
+def test_one_server_switches_candidates_by_reloading(built: Path, tmp_path: Path) -> None:
+    with TritonServer(built, models=()) as server:
+        live = Live(server, built, tmp_path, window_ms=1000)
+        pid = server.process.pid
+        for instances in (1, 2):
+            candidate = Candidate(INT8, "export", instances, 4, 0)
+            point = live(candidate, 2)
+            assert point.errors == 0 and point.throughput > 0 and point.p99_ms > 0, point
+            assert len(stubs(pid, [INT8])) == instances, "the candidate's instances run"
+        live(Candidate(CLASSIFIER, "float32", 1, 8, 500), 2)
+        assert not stubs(pid, [INT8]), "one model's processes at a time"
+        assert server.process.pid == pid and not live.lost, "never restarted"
+
+
+def test_an_interrupted_tune_resumes_from_its_trials(built: Path, tmp_path: Path) -> None:
+    """A tune cut short by its budget (as by Ctrl-C) leaves its trials; the next one takes them as measured and goes
+    on from there: only the deliberate repeats (the noise's, the finals', the tie-breaks') are measured again."""
+    [space] = spaces(built).values()
+    calls: list[tuple[Candidate, int]] = []
+
+    def measure(candidate: Candidate, concurrency: int) -> Point:  # batches of 8 and more are twice as fast
+        calls.append((candidate, concurrency))
+        fast = 2 if candidate.max_batch_size >= 8 else 1
+        return Point(candidate, concurrency, 50.0 * fast * min(concurrency, 8), 10.0)
+
+    trials = Trials(tmp_path / "trials.csv")
+    first = Search(
+        space, measure, None, budget=40, on_trial=lambda point, best: trials.add(CLASSIFIER, point, "search")
+    )
+    first.run()
+    done = len(calls)
+    resumed = Search(space, measure, None, budget=80)
+    resumed.cache.update(read_trials(tmp_path / "trials.csv", CLASSIFIER))
+    resumed.run()
+    again = [key for key in calls[done:] if key in first.cache]
+    print(f"\nfirst {done} measurements; resumed: {len(calls) - done}, of them {len(again)} measured before")
+    assert len(resumed.cache) > len(first.cache), "the search went on"
+    assert len(again) <= 1 + resumed.reserved + resumed.finalists + 1
+
+
+def test_the_output_serves_the_winner_under_the_plain_name(built: Path, tmp_path: Path) -> None:
+    [space] = spaces(built).values()
+    chosen = Candidate(INT8, "export", 1, 16, 500)
+    won = Point(chosen, 8, 500.0, 20.0)
+    default = Point(space.default, 8, 250.0, 30.0)
+    outcome = Outcome(chosen, won, default, 0.05, [won, default], {}, "the fastest beyond the noise")
+    output = tmp_path / "tuned"
+    write_tuned(built, output, {CLASSIFIER: outcome}, TuneOptions(built, output))
+    verify(output)  # sealed anew: serve and deploy take it as it is
+    manifest = read_manifest(output)
+    assert manifest[CLASSIFIER]["variant"] == "onnx-int8" and manifest[CLASSIFIER]["tuned"]["variant"] == INT8
+    assert manifest[f"{CLASSIFIER}_python"]["variant"] == "python"
+    assert placement.tuned_here(output, cpu_flags(), cpu_count()) == [], "tuned here: nothing to warn of"
+    [warning] = placement.tuned_here(output, {"avx2"}, cpu_count() + 2)
+    assert warning.startswith("tuned on another machine") and "run tritonhf tune here" in warning
+    prompts = PROMPTS[:6]
+    with TritonServer(output) as server:
+        plain = client.infer(CLASSIFIER, prompts, server.http_url)
+        int8 = client.infer(INT8, prompts, server.http_url)
+        pytorch = client.infer(f"{CLASSIFIER}_python", prompts, server.http_url)
+    with TritonServer(built) as server:
+        before = client.infer(CLASSIFIER, prompts, server.http_url)
+    np.testing.assert_array_equal(plain["label"], int8["label"])
+    np.testing.assert_allclose(plain["score"], int8["score"], rtol=1e-6)
+    np.testing.assert_array_equal(pytorch["label"], before["label"])

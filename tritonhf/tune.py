@@ -1,0 +1,313 @@
+"""``tritonhf tune``: the search (tuning.py) run live on the machine that serves, and a repository that serves what
+won.
+
+One tritonserver runs for the whole tune, on a copy of the repository, with only the model under trial loaded: a
+candidate is switched in by loading its variant with the candidate's configuration (Triton's load API with a config
+override), never by restarting the server; perf_analyzer measures (perf/analyzer.py). A server that dies during a
+trial costs that trial, which is reported; the server is started again and the tune goes on.
+
+The output is a complete repository, written whole or not at all: every variant keeps its own name, and its
+measured best layout; the plain ``<name>`` serves the winner with the same interface (the PyTorch model, if it lost,
+stays reachable as ``<name>_python``). Beside it, ``<output>.tune/``: every trial (CSV, also the checkpoint an
+interrupted tune resumes from), a report (default against tuned, the machine) and a plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tritonhf import TritonHFError, model_config, placement
+from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model
+from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, measure
+from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
+from tritonhf.server import TritonServer, find_installation
+from tritonhf.tuning import Candidate, Outcome, Point, Search, Space
+from tritonhf.variants import ENCODERS, PYTHON, VARIANTS
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DELAYS_US = (0, 500, 2000, 8000)
+SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
+TRIAL_FIELDS = ("model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "concurrency")
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    repository: Path
+    output: Path
+    models: tuple[str, ...] = ()  # the plain names to tune; none: every classifier and embedder
+    p99_ms: float | None = None
+    budget_minutes: float = 30.0
+    window_ms: int = 2000
+
+    @property
+    def workdir(self) -> Path:
+        return self.output.with_name(self.output.name + ".tune")
+
+
+def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
+    """Per plain name: the variants built for it (python and the fused exports) and the layouts to try."""
+    manifest = read_manifest(repository)
+    plain = {n: e for n, e in manifest.items() if e["variant"] == PYTHON.name and e["task"] in ENCODERS}
+    unknown = [n for n in names if n not in plain]
+    if unknown:
+        tunable = ", ".join(sorted(plain)) or "none"
+        raise TritonHFError(f"cannot tune {', '.join(unknown)}: not a classifier or embedder here (tunable: {tunable})")
+    found = {}
+    for name in names or sorted(plain):
+        source = plain[name]["source"]
+        family = {n: e for n, e in manifest.items() if e["source"] == source and e["task"] == plain[name]["task"]}
+        if any(e.get("runtime", "python") != "python" for e in family.values()):
+            raise TritonHFError(f"{name}: its exports are ensembles (--runtime native): tune a --runtime python build")
+        served = {n: e for n, e in family.items() if not VARIANTS[e["variant"]].perf.reference}  # not the tutorial's
+        variants = {n: precisions(repository, n, e) for n, e in served.items()}
+        config = model_config.read(repository / name / "config.pbtxt")
+        default = Candidate(
+            name,
+            config["parameters"].get("dtype", {}).get("string_value", "float32"),
+            int(config["instance_group"][0]["count"]),
+            int(config["max_batch_size"]),
+            int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
+        )
+        cores = min(cpu_count(), MAX_CPU_INSTANCES)
+        found[name] = Space(
+            default,
+            variants,
+            tuple(sorted({*range(1, cores + 1), default.instances})),
+            tuple(sorted({*BATCH_SIZES, default.max_batch_size})),
+            tuple(sorted({*DELAYS_US, default.queue_delay_us})),
+        )
+    return found
+
+
+def precisions(repository: Path, name: str, entry: dict) -> tuple[str, ...]:
+    """What a variant may load in: the generic model's float32 and verified precisions; an export, its own."""
+    if "runtime" in entry:
+        return ("export",)
+    parameters = model_config.read(repository / name / "config.pbtxt")["parameters"]
+    verified = parameters.get("verified_dtypes", {}).get("string_value", "")
+    return ("float32", *(d for d in verified.split(",") if d))
+
+
+def configured(repository: Path, candidate: Candidate, name: str | None = None) -> dict:
+    """The variant's config with the candidate's layout (and ``name``, where it is served under another one)."""
+    config = model_config.read(repository / candidate.variant / "config.pbtxt")
+    config["name"] = name or candidate.variant
+    config["max_batch_size"] = candidate.max_batch_size
+    config["instance_group"][0]["count"] = candidate.instances
+    config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us
+    if candidate.dtype != "export":
+        config["parameters"]["dtype"] = {"string_value": candidate.dtype}
+    return config
+
+
+class Live:
+    """``tuning.Measure`` on this machine: the candidate loaded in the running server, then perf_analyzer."""
+
+    def __init__(self, server: TritonServer, repository: Path, workdir: Path, window_ms: int) -> None:
+        self.server, self.repository, self.workdir, self.window_ms = server, repository, workdir, window_ms
+        self.loaded: dict[str, Candidate] = {}
+        self.data = workdir / "prompts.json"
+        from tritonhf.perf.suite import data_file
+
+        data_file(self.data)
+        self.lost: list[str] = []  # trials a dead server cost
+
+    def __call__(self, candidate: Candidate, concurrency: int) -> Point:
+        try:
+            if self.loaded.get(candidate.variant) != candidate:
+                for other in [v for v in self.loaded if v != candidate.variant]:  # one model's processes at a time
+                    self.server.control("unload", other)
+                    del self.loaded[other]
+                self.server.control("load", candidate.variant, config=configured(self.repository, candidate))
+                self.loaded[candidate.variant] = candidate
+            options = PerfOptions(
+                candidate.variant,
+                self.server.grpc_url,
+                self.data,
+                concurrency,
+                self.workdir / "last.csv",
+                self.window_ms,
+                control_key=self.server.control_key,
+            )
+            # a window that won't settle on a busy machine is measured once more and taken: the finals weigh noise
+            measured = measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)
+            return Point(candidate, concurrency, measured["throughput_rps"], measured["p99_ms"])
+        except (PerfAnalyzerError, TritonHFError) as err:
+            if self.server.process is None or self.server.process.poll() is not None:
+                self.lost.append(f"{candidate.label} at concurrency {concurrency}: the server died; started again")
+                self.server.stop()
+                self.server.start()
+                self.loaded.clear()
+            detail = str(err).strip().splitlines()
+            (self.workdir / "errors.log").open("a").write(f"{candidate.label} c{concurrency}: {detail[-1:]}\n")
+            return Point(candidate, concurrency, 0.0, float("inf"), errors=1)
+
+
+def read_trials(path: Path, model: str) -> dict[tuple[Candidate, int], Point]:
+    """The checkpoint: the trials of an earlier, interrupted tune of ``model``."""
+    if not path.exists():
+        return {}
+    found = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            if row["model"] == model and row["phase"] == "search":
+                candidate = Candidate(
+                    row["variant"],
+                    row["dtype"],
+                    *(int(row[k]) for k in ("instances", "max_batch_size", "queue_delay_us")),
+                )
+                point = Point(
+                    candidate,
+                    int(row["concurrency"]),
+                    float(row["throughput"]),
+                    float(row["p99_ms"]),
+                    int(row["errors"]),
+                )
+                found[(candidate, point.concurrency)] = point
+    return found
+
+
+class Trials:
+    """Every trial, appended to ``trials.csv`` as it is measured: the record and the checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fresh = not path.exists()
+        self.handle = path.open("a", newline="")
+        self.writer = csv.writer(self.handle)
+        if fresh:
+            self.writer.writerow([*TRIAL_FIELDS, "throughput", "p99_ms", "errors", "phase"])
+
+    def add(self, model: str, point: Point, phase: str) -> None:
+        c = point.candidate
+        self.writer.writerow(
+            [model, c.variant, c.dtype, c.instances, c.max_batch_size, c.queue_delay_us, point.concurrency,
+             f"{point.throughput:.3f}", f"{point.p99_ms:.3f}", point.errors, phase]
+        )  # fmt: skip
+        self.handle.flush()
+
+
+def tune_model(
+    name: str, space: Space, live: Live, options: TuneOptions, trials: Trials, budget: int, seconds: float
+) -> Outcome:
+    """One model's search, with a progress bar that shows the best so far."""
+    bar = tqdm(total=budget, desc=f"tune {name}", unit="trial")
+
+    def on_trial(point: Point, best: Point | None) -> None:
+        trials.add(name, point, search.phase)
+        bar.update(1)
+        if best is not None:
+            bar.set_postfix_str(f"best {best.throughput:.0f}/s: {best.candidate.label} c{best.concurrency}")
+
+    deadline = time.monotonic() + seconds
+    search = Search(space, live, options.p99_ms, budget=budget, deadline=deadline, on_trial=on_trial)
+    search.cache.update(read_trials(options.workdir / "trials.csv", name))  # resumed: measured points aren't redone
+    try:
+        return search.run()
+    finally:
+        bar.close()
+
+
+def tune(options: TuneOptions) -> Path:
+    """Tune every model asked for, then write the output repository whole."""
+    found = spaces(options.repository, options.models)
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    trials = Trials(options.workdir / "trials.csv")
+    seconds = options.budget_minutes * 60 / len(found)  # each model's share
+    budget = max(40, int(seconds / SECONDS_PER_POINT * 2))  # a bound on trials; the time is the budget
+    outcomes: dict[str, Outcome] = {}
+    with TritonServer(options.repository, models=()) as server:
+        live = Live(server, options.repository, options.workdir, options.window_ms)
+        for name, space in found.items():
+            started = time.monotonic()
+            outcomes[name] = tune_model(name, space, live, options, trials, budget, seconds)
+            print(summary(name, outcomes[name], time.monotonic() - started))
+        for lost in live.lost:
+            print(f"lost a trial: {lost}")
+    write_tuned(options.repository, options.output, outcomes, options)
+    (options.workdir / "report.md").write_text(report(outcomes, options))
+    print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
+    return options.output
+
+
+def summary(name: str, outcome: Outcome, seconds: float) -> str:
+    return (
+        f"{name}: {outcome.chosen.label} ({outcome.note}): {outcome.capacity.throughput:.1f}/s at concurrency"
+        f" {outcome.capacity.concurrency}, p99 {outcome.capacity.p99_ms:.1f} ms; the default"
+        f" {outcome.default.throughput:.1f}/s ({outcome.gain:.2f}x, noise {outcome.noise:.0%});"
+        f" {len(outcome.trials)} trials in {seconds / 60:.1f} min"
+    )
+
+
+def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], options: TuneOptions) -> None:
+    """The repository with each model's winner under its plain name, written whole or not at all."""
+    manifest: Manifest = read_manifest(source)
+    machine = machine_record(options)
+    with staged(output.resolve()) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True, symlinks=True)
+        for name, outcome in outcomes.items():
+            chosen = outcome.chosen
+            if chosen.variant != name:  # an export won: the PyTorch model keeps a name of its own
+                pytorch = f"{name}_{PYTHON.name}"
+                (staging / name).rename(staging / pytorch)
+                model_config.write(configured(source, outcome.default.candidate, pytorch), staging / pytorch)
+                manifest[pytorch] = manifest[name]
+                shutil.copytree(staging / chosen.variant, staging / name, symlinks=True)
+                manifest[name] = {**manifest[chosen.variant]}
+            model_config.write(configured(source, chosen, name), staging / name)
+            manifest[name]["tuned"] = {
+                **machine,
+                "variant": chosen.variant,
+                "candidate": chosen.label,
+                "throughput": round(outcome.capacity.throughput, 2),
+                "default_throughput": round(outcome.default.throughput, 2),
+                "concurrency": outcome.capacity.concurrency,
+                "p99_ms": round(outcome.capacity.p99_ms, 2),
+                "noise": round(outcome.noise, 3),
+            }
+        write_manifest(staging, manifest)
+        placement.write(staging, placement.record(manifest, "auto", "cpu", cpu_count()))
+        seal(staging)
+
+
+def machine_record(options: TuneOptions) -> dict:
+    flags = cpu_flags()
+    return {
+        "cpu": cpu_model(),
+        "flags": [f for f in placement.RECORDED_FLAGS if f in flags],
+        "cpus": cpu_count(),
+        "p99_bound_ms": options.p99_ms,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def report(outcomes: dict[str, Outcome], options: TuneOptions) -> str:
+    machine = machine_record(options)
+    versions = {name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")}
+    lines = [
+        "# tritonhf tune",
+        "",
+        f"- CPU: {machine['cpu']} ({machine['cpus']} CPUs), flags: {', '.join(machine['flags']) or 'none recorded'}",
+        f"- Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- p99 bound: {options.p99_ms or 'none'} ms; budget {options.budget_minutes:g} min",
+        "",
+        "| model | served as | req/s | p99 ms | concurrency | vs default | why |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, outcome in outcomes.items():
+        for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
+            lines.append(
+                f"| {name} | {label}: {point.candidate.label} | {point.throughput:.1f} | {point.p99_ms:.1f} |"
+                f" {point.concurrency} | {point.throughput / outcome.default.throughput:.2f}x |"
+                f" {outcome.note if label == 'tuned' else ''} |"
+            )
+    return "\n".join(lines) + "\n"
