@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from tritonhf.server import GRPC_CONTROL_HEADER
+
+PROMPTS = Path(__file__).with_name("prompts.json")  # prompts of varied length, cycled
+
+
+def data_file(path: Path) -> Path:
+    """perf_analyzer's input format: one entry per prompt, cycled."""
+    prompts = json.loads(PROMPTS.read_text())["prompts"]
+    path.write_text(json.dumps({"data": [{"prompt": [p]} for p in prompts]}))
+    return path
+
 
 # perf_analyzer CSV column -> (our metric name, factor to our unit). Latencies arrive in us.
 COLUMNS = {

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tritonhf.perf.analyzer import PerfAnalyzerError, PerfOptions, measure
+from tritonhf.perf.analyzer import PROMPTS, PerfAnalyzerError, PerfOptions, data_file, measure
 from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
@@ -47,7 +47,6 @@ from tritonhf.variants import (
     Variant,
 )
 
-PROMPTS = Path(__file__).with_name("prompts.json")
 GEN_TOKENS = 32
 CLASSIFIER = "distilbert-base-uncased-finetuned-sst-2-english"
 
@@ -142,13 +141,6 @@ def machine_facts(server_url: str) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a fact, not a requirement
         facts["gpu"] = "unknown"
     return facts
-
-
-def data_file(path: Path) -> Path:
-    """perf_analyzer's input format: one entry per prompt, cycled."""
-    prompts = json.loads(PROMPTS.read_text())["prompts"]
-    path.write_text(json.dumps({"data": [{"prompt": [p]} for p in prompts]}))
-    return path
 
 
 def in_process_throughput(repository: Path, name: str, batch: int, seconds: float = 8.0) -> float:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, measure
+from tritonhf.perf.analyzer import ANY_WINDOWS, PROMPTS, PerfOptions, data_file, measure
 from tritonhf.perf.generation import MIXED_TOKENS, measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
-from tritonhf.perf.suite import PROMPTS, Served, data_file, ratio
+from tritonhf.perf.suite import Served, ratio
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.variants import FUSED, NATIVE, PYTHON_ENSEMBLE, VARIANTS
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tritonhf import TritonHFError, client, placement
+from tritonhf import TritonHFError, cli, client, placement
 from tritonhf.backends.python_hf.hardware import cpu_count, cpu_flags
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest, verify
@@ -108,3 +108,17 @@ def test_the_output_serves_the_winner_under_the_plain_name(built: Path, tmp_path
     np.testing.assert_array_equal(plain["label"], int8["label"])
     np.testing.assert_allclose(plain["score"], int8["score"], rtol=1e-6)
     np.testing.assert_array_equal(pytorch["label"], before["label"])
+
+
+def test_build_then_tune_from_the_command_line(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``tritonhf build --tune``, whole: built, measured live (a one-minute budget: the default and one more point,
+    then the finals), written over the build, sealed, with the trials, the report and the plot beside it."""
+    output = tmp_path / "repo"
+    argv = ["build", "--gen-models", "", "--class-models", str(tiny[CLASSIFIER]), "--variants", "python,onnx-int8"]
+    assert cli.main([*argv, "--output", str(output), "--tune", "--budget-minutes", "1"]) == 0
+    verify(output)
+    tuned = read_manifest(output)[CLASSIFIER]["tuned"]
+    assert tuned["cpus"] == cpu_count() and tuned["throughput"] > 0
+    work = output.with_name("repo.tune")
+    assert (work / "trials.csv").read_text().count("\n") > 3
+    assert "| tuned:" in (work / "report.md").read_text() and (work / "candidates.png").stat().st_size > 10_000

@@ -457,6 +457,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.onnx_accelerator,
         help="ONNX Runtime accelerator for native GPU instances (default: %(default)s)",
     )
+    add(
+        "--tune",
+        action="store_true",
+        help="then tritonhf tune the classifiers and embedders on this machine, in place (README, 'Tune')",
+    )
+    add("--p99-ms", type=float, default=None, help="--tune: the p99 latency bound (default: none)")
+    add("--budget-minutes", type=float, default=30.0, help="--tune: for all models (default: %(default)s)")
 
 
 def options_from(args: argparse.Namespace) -> BuildOptions:
@@ -510,6 +517,11 @@ def run(args: argparse.Namespace) -> Path:
     for name, served in manifest.items():
         print(f"  {name:<{width}} {served['task']:<20} {served['variant']:<12} {served['dtype']:<9} {served['source']}")
     print(f"wrote {len(manifest)} served models to {path} (build {sealed_id(path)})")
+    if args.tune:  # measured here, written over the build: every variant stays, the plain names serve the winners
+        from tritonhf.tune import TuneOptions, tune
+
+        tune(TuneOptions(path, path, p99_ms=args.p99_ms, budget_minutes=args.budget_minutes))
+        print(f"tuned: build {sealed_id(path)}")
     if not storage.parse(args.output).local:
         print(storage.push(path, args.output))
     return path

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tritonhf import TritonHFError, model_config, placement
 from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model
-from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, measure
+from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.tuning import Candidate, Outcome, Point, Search, Space
@@ -116,8 +116,6 @@ class Live:
         self.server, self.repository, self.workdir, self.window_ms = server, repository, workdir, window_ms
         self.loaded: dict[str, Candidate] = {}
         self.data = workdir / "prompts.json"
-        from tritonhf.perf.suite import data_file
-
         data_file(self.data)
         self.lost: list[str] = []  # trials a dead server cost
 
@@ -235,6 +233,7 @@ def tune(options: TuneOptions) -> Path:
             print(f"lost a trial: {lost}")
     write_tuned(options.repository, options.output, outcomes, options)
     (options.workdir / "report.md").write_text(report(outcomes, options))
+    plot(outcomes, options.workdir / "candidates.png", options.p99_ms)
     print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
     return options.output
 
@@ -311,3 +310,26 @@ def report(outcomes: dict[str, Outcome], options: TuneOptions) -> str:
                 f" {outcome.note if label == 'tuned' else ''} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def plot(outcomes: dict[str, Outcome], path: Path, p99_ms: float | None) -> None:
+    """Throughput against p99 for every trial that passed, one colour per variant, one panel per model; the default
+    and the choice ringed, the bound drawn."""
+    from tritonhf.perf.report import pyplot, save
+
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(outcomes), figsize=(6.5 * len(outcomes), 4.8), squeeze=False)
+    for axis, (name, outcome) in zip(axes[0], outcomes.items()):
+        clean = [t for t in outcome.trials if t.errors == 0 and t.throughput > 0]
+        for variant in dict.fromkeys(t.candidate.variant for t in clean):
+            mine = [t for t in clean if t.candidate.variant == variant]
+            axis.scatter([t.p99_ms for t in mine], [t.throughput for t in mine], s=14, alpha=0.6,
+                         label=variant.removeprefix(name).lstrip("_") or PYTHON.name)  # fmt: skip
+        for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
+            axis.scatter([point.p99_ms], [point.throughput], s=160, facecolors="none", edgecolors="black")
+            axis.annotate(label, (point.p99_ms, point.throughput), textcoords="offset points", xytext=(8, -4))
+        if p99_ms is not None:
+            axis.axvline(p99_ms, color="red", linestyle="--", linewidth=1, label=f"p99 bound {p99_ms:g} ms")
+        axis.set(title=name, xlabel="p99 latency (ms)", ylabel="requests / s")
+        axis.legend()
+    save(figure, f"tritonhf tune: every trial ({cpu_model()}, {cpu_count()} CPUs)", path)
