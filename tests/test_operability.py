@@ -52,11 +52,16 @@ def layout_repository(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 
 
 def kill_one(pid: int, model: str) -> int:
-    """SIGKILL one of a model's backend processes under the server ``pid``; its pid."""
+    """SIGKILL one of a model's serving backend processes under the server ``pid``; its pid.
+
+    The newest: just after a heal, a process of the version it replaced may still be exiting (Triton logs the old
+    version unloaded before its processes are gone). Killing that one is no crash, and the supervisor rightly says
+    nothing; a crash loop that picked it waited for a heal that never came (2 of about 12 fresh-clone runs)."""
     found = [stub for stub in stubs(pid) if stub.model == model]
     assert found, f"no backend process of {model}"
-    os.kill(found[0].pid, signal.SIGKILL)
-    return found[0].pid
+    newest = max(found, key=lambda stub: psutil.Process(stub.pid).create_time())
+    os.kill(newest.pid, signal.SIGKILL)
+    return newest.pid
 
 
 def server_pid(served: Serve) -> int:
@@ -89,7 +94,8 @@ def test_probes_tell_the_truth_through_a_crash_loop(layout_repository: Path, tmp
             assert psutil.Process(stub.pid).environ()["PYTHONPYCACHEPREFIX"].endswith("tritonhf-pycache")
         while served.process.poll() is None:
             assert len(kills) < 3 or time.monotonic() - started < kills[2] + 60, f"still up:\n{served.output()}"
-            assert time.monotonic() - started < 400, f"no give-up in 400 s:\n{served.output()}"
+            if time.monotonic() - started > 400:  # reported below, with the timeline
+                break
             model_before = served.status("http", "/v2/models/gpt2/ready")
             ready = served.status(*probes["readinessProbe"])
             live = served.status(*probes["livenessProbe"])
@@ -102,20 +108,22 @@ def test_probes_tell_the_truth_through_a_crash_loop(layout_repository: Path, tmp
             seen = said.count("unloading it")  # the supervisor saw each kill before the next
             back = said.count("serving again") == len(kills)  # and says the model serves again
             if ready != 200 and back and len(kills) < 3 and time.monotonic() - started > (kills or [0])[-1] + 60:
-                # seen once in a fresh-clone run and not reproduced: back for a minute, and still not ready
-                stuck.append((timeline[-1], served.http_body(*probes["readinessProbe"])))
+                # seen in 2 of about 12 fresh-clone runs, never alone: back for a minute, and still not ready
+                stuck.append((timeline[-1], served.http_body(*probes["readinessProbe"]), [*map(str, stubs(server))]))
+                print(f"\nreadiness stuck a minute after the heal: {stuck[-1]}", flush=True)
                 ready = 200
             if ready == 200 and len(kills) < 3 and seen == len(kills):  # back, or never gone: kill it (again)
                 kill_one(server, "gpt2")
                 kills.append(time.monotonic() - started)
             time.sleep(0.2)
-        served.process.wait()
+        served.process.wait(timeout=60)
     finally:
         served.stop()
-    print("\nseconds  readiness liveness | model-ready triton-ready  (the generated probes; Triton's own)")
-    for second, samples in group_by_second(timeline).items():
-        print(f"{second:5d}s  " + "  ".join(f"{r}/{li}|{m}/{t}" for _, r, li, m, t in samples))
-    print(f"readiness stuck after a heal (kept killing regardless): {stuck}")
+        print("\nseconds  readiness liveness | model-ready triton-ready  (the generated probes; Triton's own)")
+        for second, samples in group_by_second(timeline).items():
+            print(f"{second:5d}s  " + "  ".join(f"{r}/{li}|{m}/{t}" for _, r, li, m, t in samples))
+        print(f"readiness stuck after a heal (kept killing regardless): {stuck}")
+    assert timeline[-1][0] <= 400, f"no give-up in 400 s:\n{served.output()}"
     assert len(kills) == 3 and not lies, (kills, lies)
     assert served.process.returncode == 1 and served.said("gave up on gpt2"), served.output()
     after_last_kill = [sample for sample in timeline if sample[0] > kills[-1]]
