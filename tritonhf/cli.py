@@ -12,6 +12,7 @@ from tritonhf import TritonHFError, client, repo_builder
 from tritonhf import kubernetes as k8s
 from tritonhf.logs import FORMATS
 from tritonhf.server import UNLOAD_S
+from tritonhf.tuning import add_goal_arguments
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,10 +109,7 @@ def parser() -> argparse.ArgumentParser:
         default=[],
         help="plain names to tune (default: every classifier and embedder)",
     )
-    tune.add_argument(
-        "--p99-ms", type=float, default=None, help="the p99 latency bound (default: none, throughput only)"
-    )
-    tune.add_argument("--budget-minutes", type=float, default=30.0, help="for all models (default: %(default)s)")
+    add_goal_arguments(tune.add_argument)
     tune.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer's window (default: %(default)s)")
     tune.set_defaults(run=run_tune)
 

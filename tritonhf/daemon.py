@@ -39,7 +39,7 @@ from pathlib import Path
 from types import FrameType
 
 from tritonhf import TritonHFError, logs, placement, storage
-from tritonhf.repository import MARKER, read_manifest
+from tritonhf.repository import manifest_if_any
 from tritonhf.server import LIVE, READY, UNLOAD_S, TritonServer, check_free
 from tritonhf.supervisor import Supervisor
 
@@ -200,7 +200,7 @@ def serve(options: ServeOptions) -> None:
 
 def served_names(repository: Path | str) -> list[str]:
     """What clients call (the manifest's names, not an ensemble's steps); none where the manifest is not local."""
-    return sorted(read_manifest(Path(repository))) if (Path(repository) / MARKER).is_file() else []
+    return sorted(manifest_if_any(Path(repository)))
 
 
 def supervise(

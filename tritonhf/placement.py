@@ -41,7 +41,7 @@ from tritonhf.backends.python_hf.hardware import (
     cpu_model,
     int8_target,
 )
-from tritonhf.repository import MARKER
+from tritonhf.repository import manifest_if_any
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +211,7 @@ def check_host(repository: Path | str, flags: Collection[str] | None = None, cpu
 def tuned_here(repository: Path, flags: Collection[str], cpus: int) -> list[str]:
     """Say where ``tritonhf tune`` measured a repository's choices; warn where this host differs (they still hold,
     but were not measured here)."""
-    manifest = json.loads((repository / MARKER).read_text()) if (repository / MARKER).is_file() else {}
-    tuned = {name: entry["tuned"] for name, entry in manifest.items() if "tuned" in entry}
+    tuned = {name: entry["tuned"] for name, entry in manifest_if_any(repository).items() if "tuned" in entry}
     if not tuned:
         return []
     first = next(iter(tuned.values()))

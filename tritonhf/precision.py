@@ -162,7 +162,7 @@ def verify(
 def summary(verdicts: dict[str, list[Verdict]], requested: str, device: str, gate_for: str = "any-host") -> str:
     """What the build chose and why, then the gate's table."""
     if not any(verdicts.values()):
-        skipped = requested == "auto" and device == "cpu" and gate_for == "this-host" and not cpu_bf16()
+        skipped = requested == "auto" and not gated(requested, device, gate_for)  # only this-host gates nothing
         why = " (--gate-for this-host: this CPU lacks native bf16, so bfloat16 was not gated)" if skipped else ""
         return f"dtype {requested}: float32 everywhere{why}"
     if requested != "auto":

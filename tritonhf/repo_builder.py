@@ -40,6 +40,7 @@ from tritonhf.repository import (
     write_manifest,
     write_model,
 )
+from tritonhf.tuning import add_goal_arguments
 from tritonhf.variants import (
     CLASSIFICATION,
     DEFAULT_VARIANTS,
@@ -462,8 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="then tritonhf tune the classifiers and embedders on this machine, in place (README, 'Tune')",
     )
-    add("--p99-ms", type=float, default=None, help="--tune: the p99 latency bound (default: none)")
-    add("--budget-minutes", type=float, default=30.0, help="--tune: for all models (default: %(default)s)")
+    add_goal_arguments(add, prefix="--tune: ")
 
 
 def options_from(args: argparse.Namespace) -> BuildOptions:

@@ -100,6 +100,11 @@ def read_manifest(repository: Path) -> Manifest:
     return json.loads((repository / MARKER).read_text())
 
 
+def manifest_if_any(repository: Path) -> Manifest:
+    """The manifest where the repository is tritonhf's (any Triton repository may be served): else none."""
+    return read_manifest(repository) if (repository / MARKER).is_file() else {}
+
+
 def local_files(root: Path) -> list[str]:
     """A local repository's files, relative; a local server's bytecode (__pycache__) is not the repository's."""
     return sorted(

@@ -30,7 +30,7 @@ from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, c
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
-from tritonhf.tuning import Candidate, Outcome, Point, Search, Space
+from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space
 from tritonhf.variants import ENCODERS, PYTHON, VARIANTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -45,7 +45,7 @@ class TuneOptions:
     output: Path
     models: tuple[str, ...] = ()  # the plain names to tune; none: every classifier and embedder
     p99_ms: float | None = None
-    budget_minutes: float = 30.0
+    budget_minutes: float = BUDGET_MINUTES
     window_ms: int = 2000
 
     @property
@@ -118,6 +118,7 @@ class Live:
         self.data = workdir / "prompts.json"
         data_file(self.data)
         self.lost: list[str] = []  # trials a dead server cost
+        self.env = find_installation().env  # perf_analyzer's, once
 
     def __call__(self, candidate: Candidate, concurrency: int) -> Point:
         try:
@@ -137,7 +138,7 @@ class Live:
                 control_key=self.server.control_key,
             )
             # a window that won't settle on a busy machine is measured once more and taken: the finals weigh noise
-            measured = measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)
+            measured = measure(options, self.env, relaxed_percent=ANY_WINDOWS)
             return Point(candidate, concurrency, measured["throughput_rps"], measured["p99_ms"])
         except (PerfAnalyzerError, TritonHFError) as err:
             if self.server.process is None or self.server.process.poll() is not None:
@@ -145,8 +146,9 @@ class Live:
                 self.server.stop()
                 self.server.start()
                 self.loaded.clear()
-            detail = str(err).strip().splitlines()
-            (self.workdir / "errors.log").open("a").write(f"{candidate.label} c{concurrency}: {detail[-1:]}\n")
+            last = (str(err).strip().splitlines() or ["?"])[-1]
+            with (self.workdir / "errors.log").open("a") as log:
+                log.write(f"{candidate.label} c{concurrency}: {last}\n")
             return Point(candidate, concurrency, 0.0, float("inf"), errors=1)
 
 

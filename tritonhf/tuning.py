@@ -35,6 +35,13 @@ from tritonhf import TritonHFError
 MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a shared machine's floor
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
+BUDGET_MINUTES = 30.0  # for all the models of one tune
+
+
+def add_goal_arguments(add: Callable[..., object], prefix: str = "") -> None:
+    """The tune's bound and budget, as ``tritonhf tune`` and ``tritonhf build --tune`` take them."""
+    add("--p99-ms", type=float, default=None, help=f"{prefix}the p99 latency bound (default: none, throughput only)")
+    add("--budget-minutes", type=float, default=BUDGET_MINUTES, help=f"{prefix}for all models (default: %(default)s)")
 
 
 @dataclass(frozen=True, order=True)
