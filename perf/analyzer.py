@@ -23,10 +23,13 @@ from tritonhf.server import GRPC_CONTROL_HEADER
 PROMPTS = Path(__file__).with_name("prompts.json")  # prompts of varied length, cycled
 
 
+def prompts() -> list[str]:
+    return json.loads(PROMPTS.read_text())["prompts"]
+
+
 def data_file(path: Path) -> Path:
     """perf_analyzer's input format: one entry per prompt, cycled."""
-    prompts = json.loads(PROMPTS.read_text())["prompts"]
-    path.write_text(json.dumps({"data": [{"prompt": [p]} for p in prompts]}))
+    path.write_text(json.dumps({"data": [{"prompt": [p]} for p in prompts()]}))
     return path
 
 
@@ -109,8 +112,10 @@ def parse(csv_path: Path) -> dict[str, float]:
 
 
 def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50) -> dict[str, float]:
-    """One measurement; if it won't stabilise (a shared, noisy machine), one retry with a wider band, flagged."""
-    for attempt in (options, dataclasses.replace(options, stability_percent=relaxed_percent)):
+    """One measurement; if it won't stabilise or a window saw no answer (a shared, noisy machine), one retry with a
+    wider band and windows twice as long, flagged."""
+    retry = dataclasses.replace(options, stability_percent=relaxed_percent, window_ms=2 * options.window_ms)
+    for attempt in (options, retry):
         try:
             result = subprocess.run(attempt.argv(), env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired as err:

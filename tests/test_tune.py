@@ -43,6 +43,11 @@ def test_the_space_is_what_was_built(built: Path) -> None:
         spaces(built, ["gpt2"])
 
 
+def failures(workdir: Path) -> str:
+    """What a failed trial left: its line in errors.log, perf_analyzer's whole output."""
+    return "\n".join(p.read_text() for p in (workdir / "errors.log", workdir / "last.log") if p.exists())
+
+
 def test_one_server_switches_candidates_by_reloading(built: Path, tmp_path: Path) -> None:
     with TritonServer(built, models=()) as server:
         live = Live(server, built, tmp_path, window_ms=1000)
@@ -50,7 +55,7 @@ def test_one_server_switches_candidates_by_reloading(built: Path, tmp_path: Path
         for instances in (1, 2):
             candidate = Candidate(INT8, "export", instances, 4, 0)
             point = live(candidate, 2)
-            assert point.errors == 0 and point.throughput > 0 and point.p99_ms > 0, point
+            assert point.errors == 0 and point.throughput > 0 and point.p99_ms > 0, (point, failures(tmp_path))
             assert len(stubs(pid, [INT8])) == instances, "the candidate's instances run"
         live(Candidate(CLASSIFIER, "float32", 1, 8, 500), 2)
         assert not stubs(pid, [INT8]), "one model's processes at a time"

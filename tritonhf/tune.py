@@ -15,10 +15,12 @@ interrupted tune resumes from), a report (default against tuned, the machine) an
 from __future__ import annotations
 
 import csv
+import itertools
 import platform
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +29,8 @@ from tqdm import tqdm
 
 from tritonhf import TritonHFError, model_config, placement
 from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model
-from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure
+from tritonhf.client import infer
+from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space
@@ -117,8 +120,17 @@ class Live:
         self.loaded: dict[str, Candidate] = {}
         self.data = workdir / "prompts.json"
         data_file(self.data)
+        self.prompts = prompts()
         self.lost: list[str] = []  # trials a dead server cost
         self.env = find_installation().env  # perf_analyzer's, once
+
+    def warm(self, candidate: Candidate) -> None:
+        """Full batches to every instance before any window counts: a first inference (lazy session set-up, kernel
+        choice) would otherwise land in the first window, or leave a short one without a single answer."""
+        batch = list(itertools.islice(itertools.cycle(self.prompts), candidate.max_batch_size))
+        url = self.server.http_url
+        with ThreadPoolExecutor(candidate.instances) as pool:
+            list(pool.map(lambda _: infer(candidate.variant, batch, url), range(2 * candidate.instances)))
 
     def __call__(self, candidate: Candidate, concurrency: int) -> Point:
         try:
@@ -128,6 +140,7 @@ class Live:
                     del self.loaded[other]
                 self.server.control("load", candidate.variant, config=configured(self.repository, candidate))
                 self.loaded[candidate.variant] = candidate
+                self.warm(candidate)
             options = PerfOptions(
                 candidate.variant,
                 self.server.grpc_url,
