@@ -109,6 +109,34 @@ def in_process_markdown(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+def compute_markdown(rows: list[dict], facts: dict[str, str]) -> list[str]:
+    """Each classification variant at its highest throughput, as a share of the machine's limit in its precision."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if "share_of_limit" in r and r["share_of_limit"] > best.get(r["variant"], {}).get("share_of_limit", -1):
+            best[r["variant"]] = r
+    if not best:
+        return []
+    lines = [
+        "## Share of this machine's compute limit",
+        "",
+        (
+            f"The limit, probed in this run after the sweep (matrix multiplies of a transformer layer's shape over "
+            f"every CPU, the variants' own kernels): {facts.get('compute limit', '?')}. A request's work: FLOPs "
+            "counted over one unpadded forward per prompt. Each variant at its highest throughput of the sweep."
+        ),
+        "",
+        "| variant | dtype | concurrency | req/s | served GFLOP/s | share of the limit in its dtype |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(best.values(), key=lambda r: -r["share_of_limit"]):
+        lines.append(
+            f"| {r['variant']} | {r['dtype']} | {r['concurrency']:.0f} | {r['throughput_rps']:.1f} "
+            f"| {r['gflops']:.0f} | {r['share_of_limit']:.0%} |"
+        )
+    return [*lines, ""]
+
+
 def summary_markdown(
     rows: list[dict],
     facts: dict[str, str],
@@ -152,6 +180,7 @@ def summary_markdown(
         lines.append("")
     lines += second_markdown(rows, list(second))
     lines += in_process_markdown(rows)
+    lines += compute_markdown(rows, facts)
     lines += mixed_markdown(list(mixed))
     lines += ["## Targets", "", "| target | goal | measured | |", "|---|---|---|---|"]
     for what, goal, measured in targets:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tritonhf.perf import compute
 from tritonhf.perf.analyzer import PROMPTS, PerfAnalyzerError, PerfOptions, data_file, measure
 from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
@@ -256,6 +257,13 @@ def sweep(options: SuiteOptions, results: Path) -> tuple[list[dict], list[dict],
         if row["model"] == CLASSIFIER and row["concurrency"] == 32 and "error" not in row and one_step:
             name = VARIANTS[row["variant"]].served_name(CLASSIFIER)
             row["in_process_rps"] = in_process_throughput(repository, name, max(1, round(row["avg_batch"])))
+    limit = compute.limits()  # with the server gone: the machine to itself, as the sweep had it
+    flops = compute.request_flops(standins[CLASSIFIER], json.loads(PROMPTS.read_text())["prompts"])
+    facts["compute limit"] = ", ".join(f"{p} {v / 1e9:.0f} GFLOP/s" for p, v in limit.items())
+    for row in rows:
+        if row["model"] == CLASSIFIER and "error" not in row and row.get("dtype") in limit:
+            row["gflops"] = row["throughput_rps"] * flops / 1e9
+            row["share_of_limit"] = compute.share(row["throughput_rps"], flops, limit[row["dtype"]])
     second = second_server(options, standins, results, data)
     return rows, second, mixed, facts
 

@@ -242,3 +242,13 @@ def test_served_in_the_chosen_precision(
         scores = np.array([g["score"][0, 0] for g in got])
         np.testing.assert_allclose(scores, reference["score"][:, 0], atol=2e-2 if dtype == "bfloat16" else 1e-4)
     assert f"{CLASSIFIER} on cpu in {dtype}" in auto_server.log()
+
+
+@pytest.mark.parametrize("name", hardware.MEMORY_LIMIT_FILES)
+def test_a_cgroup_memory_limit_caps_the_memory(name: str, tmp_path: Path) -> None:
+    host = hardware.memory_limit(tmp_path / "missing")
+    assert host > 2**30, "no cgroup: the host's memory"
+    for written, limit in (("max", host), (str(2**30), 2**30), (str(2**62), host)):  # v1's "none" is a huge number
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"{written}\n")
+        assert hardware.memory_limit(tmp_path) == limit, written

@@ -4,13 +4,14 @@ repository: the winner under the plain name, answering as the variant it copies,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tritonhf import TritonHFError, cli, client, placement
-from tritonhf.backends.python_hf.hardware import cpu_count, cpu_flags
+from tritonhf import TritonHFError, cli, client, placement, tune
+from tritonhf.backends.python_hf.hardware import cpu_count, cpu_flags, memory_limit
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest, verify
 from tritonhf.server import TritonServer
@@ -48,7 +49,9 @@ def failures(workdir: Path) -> str:
     return "\n".join(p.read_text() for p in (workdir / "errors.log", workdir / "last.log") if p.exists())
 
 
-def test_one_server_switches_candidates_by_reloading(built: Path, tmp_path: Path) -> None:
+def test_one_server_switches_candidates_by_reloading(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with TritonServer(built, models=()) as server:
         live = Live(server, built, tmp_path, window_ms=1000)
         pid = server.process.pid
@@ -57,9 +60,14 @@ def test_one_server_switches_candidates_by_reloading(built: Path, tmp_path: Path
             point = live(candidate, 2)
             assert point.errors == 0 and point.throughput > 0 and point.p99_ms > 0, (point, failures(tmp_path))
             assert len(stubs(pid, [INT8])) == instances, "the candidate's instances run"
-        live(Candidate(CLASSIFIER, "float32", 1, 8, 500), 2)
+        python = Candidate(CLASSIFIER, "float32", 1, 8, 500)
+        live(python, 2)
         assert not stubs(pid, [INT8]), "one model's processes at a time"
         assert server.process.pid == pid and not live.lost, "never restarted"
+        assert live.memory[python] > 100 * 2**20, "the server and the model's process, resident"
+        monkeypatch.setattr(tune, "MEMORY_SHARE", 0.5 * live.memory[python] / memory_limit())
+        assert live(python, 2).errors == 1, "a candidate that holds more than its share of the memory fails"
+        assert re.search(r"needs \d+ MiB, over \d+% of this host's \d+ MiB$", (tmp_path / "errors.log").read_text())
 
 
 def test_an_interrupted_tune_resumes_from_its_trials(built: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ interrupted tune resumes from), a report (default against tuned, the machine) an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import platform
@@ -25,10 +26,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import psutil
 from tqdm import tqdm
 
 from tritonhf import TritonHFError, model_config, placement
-from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model
+from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model, memory_limit
 from tritonhf.client import infer
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
@@ -38,6 +40,7 @@ from tritonhf.variants import ENCODERS, PYTHON, VARIANTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DELAYS_US = (0, 500, 2000, 8000)
+MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
 SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
 TRIAL_FIELDS = ("model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "concurrency")
 
@@ -123,6 +126,7 @@ class Live:
         self.prompts = prompts()
         self.lost: list[str] = []  # trials a dead server cost
         self.env = find_installation().env  # perf_analyzer's, once
+        self.memory: dict[Candidate, int] = {}  # bytes the server held with the candidate loaded and warm
 
     def warm(self, candidate: Candidate) -> None:
         """Full batches to every instance before any window counts: a first inference (lazy session set-up, kernel
@@ -139,8 +143,14 @@ class Live:
                     self.server.control("unload", other)
                     del self.loaded[other]
                 self.server.control("load", candidate.variant, config=configured(self.repository, candidate))
-                self.loaded[candidate.variant] = candidate
                 self.warm(candidate)
+                self.memory[candidate] = resident(self.server)
+                self.loaded[candidate.variant] = candidate
+            if self.memory[candidate] > MEMORY_SHARE * memory_limit():  # a layout that would crowd the host out
+                raise TritonHFError(
+                    f"needs {self.memory[candidate] / 2**20:.0f} MiB, over {MEMORY_SHARE:.0%} of this host's"
+                    f" {memory_limit() / 2**20:.0f} MiB"
+                )
             options = PerfOptions(
                 candidate.variant,
                 self.server.grpc_url,
@@ -165,14 +175,24 @@ class Live:
             return Point(candidate, concurrency, 0.0, float("inf"), errors=1)
 
 
-def read_trials(path: Path, model: str) -> dict[tuple[Candidate, int], Point]:
-    """The checkpoint: the trials of an earlier, interrupted tune of ``model``."""
+def resident(server: TritonServer) -> int:
+    """Bytes resident in the server and its model processes."""
+    processes = [root := psutil.Process(server.process.pid), *root.children(recursive=True)]
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):  # gone between listing and reading
+            total += process.memory_info().rss
+    return total
+
+
+def read_trials(path: Path, model: str, phase: str = "search") -> dict[tuple[Candidate, int], Point]:
+    """The checkpoint: the trials of an earlier, interrupted tune of ``model`` (or a grid's, by ``phase``)."""
     if not path.exists():
         return {}
     found = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
-            if row["model"] == model and row["phase"] == "search":
+            if row["model"] == model and row["phase"] == phase:
                 candidate = Candidate(
                     row["variant"],
                     row["dtype"],
@@ -247,7 +267,7 @@ def tune(options: TuneOptions) -> Path:
         for lost in live.lost:
             print(f"lost a trial: {lost}")
     write_tuned(options.repository, options.output, outcomes, options)
-    (options.workdir / "report.md").write_text(report(outcomes, options))
+    (options.workdir / "report.md").write_text(report(outcomes, options, live.memory))
     plot(outcomes, options.workdir / "candidates.png", options.p99_ms)
     print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
     return options.output
@@ -265,7 +285,7 @@ def summary(name: str, outcome: Outcome, seconds: float) -> str:
 def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], options: TuneOptions) -> None:
     """The repository with each model's winner under its plain name, written whole or not at all."""
     manifest: Manifest = read_manifest(source)
-    machine = machine_record(options)
+    machine = machine_record(options.p99_ms)
     with staged(output.resolve()) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True, symlinks=True)
         for name, outcome in outcomes.items():
@@ -293,19 +313,19 @@ def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], option
         seal(staging)
 
 
-def machine_record(options: TuneOptions) -> dict:
+def machine_record(p99_ms: float | None) -> dict:
     flags = cpu_flags()
     return {
         "cpu": cpu_model(),
         "flags": [f for f in placement.RECORDED_FLAGS if f in flags],
         "cpus": cpu_count(),
-        "p99_bound_ms": options.p99_ms,
+        "p99_bound_ms": p99_ms,
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
-def report(outcomes: dict[str, Outcome], options: TuneOptions) -> str:
-    machine = machine_record(options)
+def report(outcomes: dict[str, Outcome], options: TuneOptions, memory: dict[Candidate, int]) -> str:
+    machine = machine_record(options.p99_ms)
     versions = {name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")}
     lines = [
         "# tritonhf tune",
@@ -313,15 +333,17 @@ def report(outcomes: dict[str, Outcome], options: TuneOptions) -> str:
         f"- CPU: {machine['cpu']} ({machine['cpus']} CPUs), flags: {', '.join(machine['flags']) or 'none recorded'}",
         f"- Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- p99 bound: {options.p99_ms or 'none'} ms; budget {options.budget_minutes:g} min",
+        f"- memory: a candidate may hold {MEMORY_SHARE:.0%} of {memory_limit() / 2**30:.1f} GiB (server and models)",
         "",
-        "| model | served as | req/s | p99 ms | concurrency | vs default | why |",
-        "|---|---|---|---|---|---|---|",
+        "| model | served as | req/s | p99 ms | concurrency | vs default | memory MiB | why |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, outcome in outcomes.items():
         for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
             lines.append(
                 f"| {name} | {label}: {point.candidate.label} | {point.throughput:.1f} | {point.p99_ms:.1f} |"
                 f" {point.concurrency} | {point.throughput / outcome.default.throughput:.2f}x |"
+                f" {memory.get(point.candidate, 0) / 2**20:.0f} |"
                 f" {outcome.note if label == 'tuned' else ''} |"
             )
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ each point once and takes any gain, noise included. Here:
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 import time
@@ -98,7 +99,14 @@ class Space:
             for step in (-1, 1):
                 if at is not None and 0 <= at + step < len(values):
                     found.append(replace(candidate, **{axis: values[at + step]}))
-        return [c for c in found if c.max_batch_size > 1 or c.queue_delay_us == 0]  # no batch: nothing to wait for
+        return [c for c in found if reachable(c)]
+
+    def everything(self) -> list[Candidate]:
+        """The whole space, as a brute-force grid measures it: the default and every reachable layout of every
+        variant in every precision."""
+        layouts = itertools.product(self.instances, self.batch_sizes, self.delays_us)
+        found = [Candidate(v, d, *layout) for layout in layouts for v, dtypes in self.variants.items() for d in dtypes]
+        return [self.default, *sorted(c for c in found if reachable(c) and c != self.default)]
 
     def screened(self) -> list[Candidate]:
         """Every variant in every precision it may load in, in the default layout."""
@@ -118,6 +126,10 @@ class Outcome:
     @property
     def gain(self) -> float:
         return self.capacity.throughput / self.default.throughput if self.default.throughput else float("inf")
+
+
+def reachable(candidate: Candidate) -> bool:
+    return candidate.max_batch_size > 1 or candidate.queue_delay_us == 0  # no batch: nothing to wait for
 
 
 class BudgetSpentError(Exception):

@@ -113,6 +113,20 @@ def cpu_quota(root: Path = CGROUP) -> int | None:
     return None
 
 
+MEMORY_LIMIT_FILES = ("memory.max", "memory/memory.limit_in_bytes")  # cgroup v2 ("max": none), then v1
+
+
+def memory_limit(root: Path = CGROUP) -> int:
+    """The bytes this process's cgroup may hold (Kubernetes' ``limits.memory``), or the host's memory if less."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for name in MEMORY_LIMIT_FILES:
+        try:
+            return min(total, int((root / name).read_text()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    return total
+
+
 def cpu_count() -> int:
     """The CPUs this process may use: its cpuset, capped by its cgroup's CPU limit (a pod limited to 2 CPUs on a
     64-core node gets 2)."""

@@ -1,0 +1,169 @@
+"""A brute-force grid of ``tritonhf tune``'s space, measured once on one machine and committed (perf/grids/): the
+truth that the search is held to by a replay test (tests/test_grid_replay.py).
+
+Every candidate of the space (``Space.everything()``: the default, and every variant in every precision it may
+load in, at every instance count, ``max_batch_size`` and queue delay) is loaded in one running server, as the tune
+loads it, and measured along a ladder of concurrencies 1, 2, 4, ...: up to the first errors or refusals, or two
+doublings in a row that gain no more than ``SATURATED`` (past that, a closed-loop load only queues: throughput
+stays, latency grows with the concurrency, and the replay extrapolates so). Then ``REPEATS`` candidates drawn at
+random are measured again at their recorded points: the machine's noise, which the replay draws from.
+
+    python -m tritonhf.perf.grid --model-repository model_repository --model NAME --output perf/grids/NAME.csv
+
+Resumable: points already in the CSV are not measured again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tritonhf.server import TritonServer
+from tritonhf.tune import Live, Trials, machine_record, read_trials, spaces
+from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space
+
+SATURATED = 0.03  # a doubling of the load that gains no more than this share of throughput
+REPEATS = 12  # candidates measured again, every point of their ladder: the noise
+
+
+Done = dict[tuple[Candidate, int], Point]
+
+
+def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[[Point], Point]) -> None:
+    """The candidate along doubling concurrencies, until errors or two doublings without a gain."""
+    best, flat, concurrency = 0.0, 0, 1
+    while concurrency <= MAX_CONCURRENCY and flat < 2:
+        point = done.get((candidate, concurrency)) or record(measure(candidate, concurrency))
+        if point.errors or point.throughput <= 0:
+            return
+        flat = flat + 1 if point.throughput <= best * (1 + SATURATED) else 0
+        best = max(best, point.throughput)
+        concurrency *= 2
+
+
+def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed: int = 0) -> None:
+    [space] = spaces(repository, [model]).values()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = read_trials(output, model, phase="grid")
+    repeated = read_trials(output, model, phase="repeat")
+    trials = Trials(output)
+    record = {**machine_record(None), "window_ms": window_ms, "model": model, "space": dataclasses.asdict(space)}
+    output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    workdir = output.with_suffix(".work")
+    workdir.mkdir(exist_ok=True)
+    with TritonServer(repository, models=()) as server:
+        live = Live(server, repository, workdir, window_ms)
+
+        def keep(phase: str) -> Callable[[Point], Point]:
+            def add(point: Point) -> Point:
+                trials.add(model, point, phase)
+                return point
+
+            return add
+
+        for candidate in tqdm(space.everything(), desc=f"grid {model}", unit="candidate"):
+            ladder(candidate, live, done, keep("grid"))
+        done = read_trials(output, model, phase="grid")
+        again = random.Random(seed).sample(sorted({c for c, _ in done}), REPEATS)
+        for candidate in tqdm(again, desc="noise", unit="candidate"):
+            for c, concurrency in sorted(done, key=lambda key: key[1]):
+                if c == candidate and (c, concurrency) not in repeated:
+                    keep("repeat")(live(candidate, concurrency))
+    for lost in live.lost:
+        print(f"lost a trial: {lost}")
+
+
+@dataclass
+class Grid:
+    """A recorded grid, as the replay reads it: each candidate's ladder, the space it covers, the measured noise."""
+
+    space: Space
+    ladders: dict[Candidate, list[Point]]  # by concurrency
+    noise: float  # one measurement's relative spread (the sd of log throughput), from the repeats
+    measurements: int  # the grid's, repeats excluded
+
+    @classmethod
+    def load(cls, path: Path) -> Grid:
+        record = json.loads(path.with_suffix(".json").read_text())
+        raw = record["space"]
+        space = Space(
+            Candidate(**raw["default"]),
+            {v: tuple(d) for v, d in raw["variants"].items()},
+            *(tuple(raw[k]) for k in ("instances", "batch_sizes", "delays_us")),
+        )
+        grid = read_trials(path, record["model"], phase="grid")
+        repeats = read_trials(path, record["model"], phase="repeat")
+        ladders: dict[Candidate, list[Point]] = {}
+        for (candidate, _), point in sorted(grid.items(), key=lambda kv: kv[0][1]):
+            ladders.setdefault(candidate, []).append(point)
+        logs = [
+            math.log(p.throughput / grid[k].throughput)
+            for k, p in repeats.items()
+            if min(p.throughput, grid[k].throughput) > 0
+        ]
+        noise = (
+            statistics.stdev(logs) / math.sqrt(2) if len(logs) > 1 else 0.0
+        )  # a difference of two: twice the variance
+        return cls(space, ladders, noise, len(grid))
+
+    def truth(self, candidate: Candidate, concurrency: int) -> Point:
+        """The recorded point; between two, interpolated on log concurrency; past the last one, its throughput with
+        latency growing with the load (a saturated closed loop), or its errors; past a clean point and before one with
+        errors, errors."""
+        ladder = self.ladders[candidate]
+        below = [p for p in ladder if p.concurrency <= concurrency]
+        above = [p for p in ladder if p.concurrency >= concurrency]
+        low = below[-1] if below else ladder[0]
+        if not above:
+            return dataclasses.replace(low, concurrency=concurrency, p99_ms=low.p99_ms * concurrency / low.concurrency)
+        high = above[0]
+        if high.concurrency == low.concurrency or high.errors:
+            return dataclasses.replace(high, concurrency=concurrency)
+        share = math.log(concurrency / low.concurrency) / math.log(high.concurrency / low.concurrency)
+        return Point(
+            candidate,
+            concurrency,
+            low.throughput + share * (high.throughput - low.throughput),
+            low.p99_ms + share * (high.p99_ms - low.p99_ms),
+        )
+
+    def noisy(self, seed: int) -> Measure:
+        """The grid as a measurement: the truth, each throughput off by the grid's own noise (latency inversely)."""
+        rng = random.Random(seed)
+
+        def measure(candidate: Candidate, concurrency: int) -> Point:
+            point = self.truth(candidate, concurrency)
+            factor = math.exp(rng.gauss(0, self.noise))
+            return dataclasses.replace(point, throughput=point.throughput * factor, p99_ms=point.p99_ms / factor)
+
+        return measure
+
+    def capacity(self, candidate: Candidate, p99_ms: float | None) -> float:
+        """The candidate's recorded best within the bound."""
+        return max((p.throughput for p in self.ladders[candidate] if p.passes(p99_ms)), default=0.0)
+
+    def best(self, p99_ms: float | None) -> tuple[Candidate, float]:
+        return max(((c, self.capacity(c, p99_ms)) for c in self.ladders), key=lambda item: item[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m tritonhf.perf.grid")
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--model", required=True, help="a classifier or embedder's plain name")
+    parser.add_argument("--output", type=Path, required=True, help="the grid's CSV (perf/grids/<model>.csv)")
+    parser.add_argument("--window-ms", type=int, default=1000)
+    args = parser.parse_args(argv)
+    record_grid(args.model_repository, args.model, args.output, args.window_ms)
+
+
+if __name__ == "__main__":
+    main()
