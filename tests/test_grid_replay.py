@@ -4,12 +4,19 @@ best in at least 9, and the search measures no more than a tenth of what the gri
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import random
 from pathlib import Path
 
 import pytest
 
 from tritonhf.perf.grid import Grid
+from tritonhf.tune import Trials
 from tritonhf.tuning import Search
+
+from .test_tuning import SPACE, truth
 
 GRIDS = sorted((Path(__file__).parents[1] / "perf" / "grids").glob("*.csv"))
 BOUNDS = (None, 250.0, 100.0)  # p99 ms: throughput only, and two bounds the full-size models meet on 2 cores
@@ -31,3 +38,35 @@ def test_the_search_finds_the_grids_best_in_a_tenth_of_it(path: Path, p99_ms: fl
     )
     assert sum(s >= 0.95 for s in shares) >= 9, shares
     assert max(used) <= grid.measurements // 10
+
+
+def test_a_grid_reads_back_as_recorded_and_replays_between_its_points(tmp_path: Path) -> None:
+    """A grid written as perf/grid.py writes one (the synthetic surface of test_tuning, two candidates): every
+    recorded point comes back; between two, interpolated; past the last, saturated; the noise from the repeats."""
+    path = tmp_path / "m.csv"
+    space = dataclasses.replace(SPACE, variants={"clf": ("float32",)}, instances=(1,), batch_sizes=(1, 2))
+    (tmp_path / "m.json").write_text(json.dumps({"model": "m", "space": dataclasses.asdict(space)}))
+    trials, rng = Trials(path), random.Random(0)
+    ladders = {c: [truth(c, 2**k) for k in range(5)] for c in space.everything()}
+    refused = dataclasses.replace(ladders[space.default][-1], concurrency=32, throughput=0.0, errors=3)
+    ladders[space.default].append(refused)
+    for ladder in ladders.values():
+        for point in ladder:
+            trials.add("m", point, "grid")
+            again = math.exp(rng.gauss(0, 0.05))
+            trials.add("m", dataclasses.replace(point, throughput=point.throughput * again), "repeat")
+    grid = Grid.load(path)
+    assert grid.space == space and grid.measurements == sum(map(len, ladders.values()))
+    assert 0.03 < grid.noise < 0.07, "the repeats' spread: 5% was drawn"
+    candidate = next(c for c in ladders if c != space.default)
+    for point in ladders[candidate]:
+        got = grid.truth(candidate, point.concurrency)
+        assert (got.throughput, got.p99_ms) == pytest.approx((point.throughput, point.p99_ms), rel=1e-3)
+    four, eight, share = grid.truth(candidate, 4), grid.truth(candidate, 8), math.log2(6 / 4)
+    between = grid.truth(candidate, 6)
+    assert between.p99_ms == pytest.approx(four.p99_ms + share * (eight.p99_ms - four.p99_ms)) and not between.errors
+    last = ladders[candidate][-1]
+    beyond = grid.truth(candidate, 64)
+    assert (beyond.throughput, beyond.p99_ms) == pytest.approx((last.throughput, last.p99_ms * 64 / 16), rel=1e-3)
+    assert grid.truth(space.default, 24).errors and grid.truth(space.default, 64).errors, "refused: so beyond"
+    assert grid.capacity(space.default, None) == pytest.approx(max(p.throughput for p in ladders[space.default]), 1e-3)
