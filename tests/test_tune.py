@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tritonhf import TritonHFError, cli, client, placement, tune
+from tritonhf import TritonHFError, cli, client, model_config, placement, tune
 from tritonhf.backends.python_hf.hardware import cpu_count, cpu_flags, memory_limit
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest, verify
@@ -101,17 +101,30 @@ def test_the_output_serves_the_winner_under_the_plain_name(built: Path, tmp_path
     chosen = Candidate(INT8, "export", 1, 16, 500)
     won = Point(chosen, 8, 500.0, 20.0)
     default = Point(space.default, 8, 250.0, 30.0)
-    outcome = Outcome(chosen, won, default, 0.05, [won, default], {}, "the fastest beyond the noise")
+    layouts = {
+        INT8: chosen,
+        f"{CLASSIFIER}_onnx": Candidate(f"{CLASSIFIER}_onnx", "export", 2, 8, 2000),
+        CLASSIFIER: Candidate(CLASSIFIER, "float32", 1, 4, 0),
+    }
+    outcome = Outcome(chosen, won, default, 0.05, [won, default], {}, "the fastest beyond the noise", layouts)
     output = tmp_path / "tuned"
     write_tuned(built, output, {CLASSIFIER: outcome}, TuneOptions(built, output))
     verify(output)  # sealed anew: serve and deploy take it as it is
+    for name, (instances, batch, dtype) in {
+        CLASSIFIER: (1, 16, None),
+        f"{CLASSIFIER}_onnx": (2, 8, None),
+        f"{CLASSIFIER}_python": (1, 4, "float32"),
+    }.items():  # the winner under the plain name; every other variant in its own best layout
+        config = model_config.read(output / name / "config.pbtxt")
+        assert (config["instance_group"][0]["count"], config["max_batch_size"]) == (instances, batch), name
+        assert config["parameters"].get("dtype", {}).get("string_value") == dtype, name
     manifest = read_manifest(output)
     assert manifest[CLASSIFIER]["variant"] == "onnx-int8" and manifest[CLASSIFIER]["tuned"]["variant"] == INT8
     assert manifest[f"{CLASSIFIER}_python"]["variant"] == "python"
     assert placement.tuned_here(output, cpu_flags(), cpu_count()) == [], "tuned here: nothing to warn of"
     [warning] = placement.tuned_here(output, {"avx2"}, cpu_count() + 2)
     assert warning.startswith("tuned on another machine") and "run tritonhf tune here" in warning
-    prompts = PROMPTS[:6]
+    prompts = PROMPTS[:4]  # the python layout above batches 4 at most
     with TritonServer(output) as server:
         plain = client.infer(CLASSIFIER, prompts, server.http_url)
         int8 = client.infer(INT8, prompts, server.http_url)

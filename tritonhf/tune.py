@@ -290,10 +290,14 @@ def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], option
         shutil.copytree(source, staging, dirs_exist_ok=True, symlinks=True)
         for name, outcome in outcomes.items():
             chosen = outcome.chosen
+            for variant, layout in outcome.layouts.items():  # every variant in its best measured layout
+                if variant != name:
+                    model_config.write(configured(source, layout), staging / variant)
             if chosen.variant != name:  # an export won: the PyTorch model keeps a name of its own
                 pytorch = f"{name}_{PYTHON.name}"
                 (staging / name).rename(staging / pytorch)
-                model_config.write(configured(source, outcome.default.candidate, pytorch), staging / pytorch)
+                python = outcome.layouts.get(name, outcome.default.candidate)
+                model_config.write(configured(source, python, pytorch), staging / pytorch)
                 manifest[pytorch] = manifest[name]
                 shutil.copytree(staging / chosen.variant, staging / name, symlinks=True)
                 manifest[name] = {**manifest[chosen.variant]}

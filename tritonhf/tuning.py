@@ -122,6 +122,7 @@ class Outcome:
     trials: list[Point]
     finalists: dict[Candidate, list[Point]]
     note: str  # why this one
+    layouts: dict[str, Candidate] = field(default_factory=dict)  # each variant's best measured, the chosen's its own
 
     @property
     def gain(self) -> float:
@@ -288,7 +289,9 @@ class Search:
         beaten = passing[chosen].throughput > baseline.throughput * (1 + self.noise)
         if default is not None and default.candidate in passing and not beaten:
             chosen, note = default.candidate, "the default: nothing beat it beyond the noise"
-        return Outcome(chosen, medians[chosen], baseline, self.noise, self.trials, rounds, note)
+        layouts = {c.variant: c for c, _ in sorted(pool.items(), key=lambda item: item[1].throughput)}
+        layouts[chosen.variant] = chosen
+        return Outcome(chosen, medians[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
 
     def measure_again(self, point: Point) -> Point:
         """A finals measurement: outside the budget's search share, never from the cache."""
