@@ -3,10 +3,11 @@ truth that the search is held to by a replay test (tests/test_grid_replay.py).
 
 Every candidate of the space (``Space.everything()``: the default, and every variant in every precision it may
 load in, at every instance count, ``max_batch_size`` and queue delay) is loaded in one running server, as the tune
-loads it, and measured along a ladder of concurrencies 1, 2, 4, ...: up to the first errors or refusals, or two
-doublings in a row that gain no more than ``SATURATED`` (past that, a closed-loop load only queues: throughput
-stays, latency grows with the concurrency, and the replay extrapolates so). Then ``REPEATS`` candidates drawn at
-random are measured again at their recorded points: the machine's noise, which the replay draws from.
+loads it, and measured along a ladder of concurrencies 1, 2, 4, ...: up to the first errors or refusals, or the
+first doubling from 4 on that gains no more than ``SATURATED`` (past that, a closed-loop load only queues:
+throughput stays, latency grows with the concurrency, and the replay extrapolates so). Each point is three windows
+of ``--window-ms``, taken as they come. Then ``REPEATS`` candidates drawn at random are measured again at their
+recorded points: the machine's noise, which the replay draws from.
 
     python -m tritonhf.perf.grid --model-repository model_repository --model NAME --output perf/grids/NAME.csv
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tritonhf.perf.analyzer import ANY_WINDOWS
 from tritonhf.server import TritonServer
 from tritonhf.tune import Live, Trials, machine_record, read_trials, spaces
 from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space
@@ -40,12 +42,11 @@ Done = dict[tuple[Candidate, int], Point]
 
 def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[[Point], Point]) -> None:
     """The candidate along doubling concurrencies, until errors or two doublings without a gain."""
-    best, flat, concurrency = 0.0, 0, 1
-    while concurrency <= MAX_CONCURRENCY and flat < 2:
+    best, concurrency = 0.0, 1
+    while concurrency <= MAX_CONCURRENCY:
         point = done.get((candidate, concurrency)) or record(measure(candidate, concurrency))
-        if point.errors or point.throughput <= 0:
+        if point.errors or point.throughput <= 0 or (concurrency >= 4 and point.throughput <= best * (1 + SATURATED)):
             return
-        flat = flat + 1 if point.throughput <= best * (1 + SATURATED) else 0
         best = max(best, point.throughput)
         concurrency *= 2
 
@@ -61,7 +62,7 @@ def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed
     workdir = output.with_suffix(".work")
     workdir.mkdir(exist_ok=True)
     with TritonServer(repository, models=()) as server:
-        live = Live(server, repository, workdir, window_ms)
+        live = Live(server, repository, workdir, window_ms, stability_percent=ANY_WINDOWS)
 
         def keep(phase: str) -> Callable[[Point], Point]:
             def add(point: Point) -> Point:
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--model", required=True, help="a classifier or embedder's plain name")
     parser.add_argument("--output", type=Path, required=True, help="the grid's CSV (perf/grids/<model>.csv)")
-    parser.add_argument("--window-ms", type=int, default=1000)
+    parser.add_argument("--window-ms", type=int, default=500)
     args = parser.parse_args(argv)
     record_grid(args.model_repository, args.model, args.output, args.window_ms)
 

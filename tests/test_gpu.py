@@ -55,6 +55,20 @@ def test_onnx_runs_on_the_cuda_provider(gpu_repository: Path) -> None:
     assert step(PROMPTS)["label"].tolist() == reference(PROMPTS)["label"].tolist()
 
 
+def test_onnx_through_tensorrt_answers_as_through_cuda(gpu_repository: Path) -> None:
+    """The tune's "tensorrt" candidate (config parameter onnx_provider): TensorRT's fp16 engines, same labels."""
+    import onnxruntime
+
+    if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has no TensorRT provider")
+    model = gpu_repository / f"{CLASSIFIER}_onnx"
+    config = model_config.read(model / "config.pbtxt")
+    cuda, _ = load_step(config, model / "1", "cuda:0")
+    config["parameters"]["onnx_provider"] = {"string_value": "tensorrt"}
+    tensorrt, _ = load_step(config, model / "1", "cuda:0")
+    assert tensorrt(PROMPTS)["label"].tolist() == cuda(PROMPTS)["label"].tolist()
+
+
 @pytest.fixture(scope="module")
 def gpu_server(gpu_repository: Path) -> Iterator[TritonServer]:
     with TritonServer(gpu_repository) as running:

@@ -252,3 +252,16 @@ def test_a_cgroup_memory_limit_caps_the_memory(name: str, tmp_path: Path) -> Non
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(f"{written}\n")
         assert hardware.memory_limit(tmp_path) == limit, written
+
+
+def test_onnx_runtime_providers_per_device() -> None:
+    """A CPU instance runs on the CPU whatever the config asks; on a GPU, CUDA's kernels, or TensorRT's fp16
+    engines (cached) with CUDA behind them for what TensorRT won't take, and the CPU last."""
+    assert hardware.execution_providers("cpu", hardware.TENSORRT) == ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": 1})
+    assert hardware.execution_providers("cuda:1") == [cuda, "CPUExecutionProvider"]
+    (name, options), *rest = hardware.execution_providers("cuda:1", hardware.TENSORRT)
+    assert name == "TensorrtExecutionProvider" and rest == [cuda, "CPUExecutionProvider"]
+    assert options["device_id"] == 1 and options["trt_fp16_enable"] and options["trt_engine_cache_enable"]
+    with pytest.raises(ValueError, match="onnx_provider 'tensorrt10': one of cuda, tensorrt"):
+        hardware.execution_providers("cuda:0", "tensorrt10")

@@ -16,7 +16,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest, verify
 from tritonhf.server import TritonServer
 from tritonhf.supervisor import stubs
-from tritonhf.tune import Live, Trials, TuneOptions, read_trials, spaces, write_tuned
+from tritonhf.tune import Live, Trials, TuneOptions, configured, read_trials, spaces, write_tuned
 from tritonhf.tuning import Candidate, Outcome, Point, Search
 
 from .conftest import CLASSIFIER
@@ -42,6 +42,20 @@ def test_the_space_is_what_was_built(built: Path) -> None:
         TritonHFError, match=rf"cannot tune gpt2: not a classifier or embedder here \(tunable: {CLASSIFIER}\)"
     ):
         spaces(built, ["gpt2"])
+
+
+def test_a_gpu_build_is_searched_as_one(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A repository built for GPU instances: 1-3 instances, batches up to 256, the float export also through
+    TensorRT (config parameter onnx_provider), the generic model in its gated reduced precisions."""
+    options = BuildOptions(output=tmp_path / "gpu", variants=("python", "onnx"), device="gpu")
+    repository = build(plan([], [str(tiny[CLASSIFIER])], [], 8), options)
+    [space] = spaces(repository).values()
+    assert space.instances == (1, 2, 3) and space.batch_sizes[-1] == 256 and max(space.delays_us) == 8000
+    assert space.variants[f"{CLASSIFIER}_onnx"] == ("export", "tensorrt")
+    assert space.variants[CLASSIFIER][0] == "float32" and {"float16"} <= set(space.variants[CLASSIFIER])
+    tensorrt = configured(repository, Candidate(f"{CLASSIFIER}_onnx", "tensorrt", 2, 128, 500))
+    assert tensorrt["parameters"]["onnx_provider"] == {"string_value": "tensorrt"}
+    assert tensorrt["instance_group"] == [{"count": 2, "kind": "KIND_GPU"}] and tensorrt["max_batch_size"] == 128
 
 
 def failures(workdir: Path) -> str:

@@ -30,15 +30,24 @@ import psutil
 from tqdm import tqdm
 
 from tritonhf import TritonHFError, model_config, placement
-from tritonhf.backends.python_hf.hardware import MAX_CPU_INSTANCES, cpu_count, cpu_flags, cpu_model, memory_limit
+from tritonhf.backends.python_hf.hardware import (
+    MAX_CPU_INSTANCES,
+    TENSORRT,
+    cpu_count,
+    cpu_flags,
+    cpu_model,
+    memory_limit,
+)
 from tritonhf.client import infer
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space
-from tritonhf.variants import ENCODERS, PYTHON, VARIANTS
+from tritonhf.variants import ENCODERS, ONNX, PYTHON, VARIANTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+GPU_BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # a GPU's forward costs about the same up to far larger batches
+GPU_INSTANCES = (1, 2, 3)  # instances share the GPU: more than a few only split its memory and its streams
 DELAYS_US = (0, 500, 2000, 8000)
 MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
 SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
@@ -74,8 +83,9 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
         if any(e.get("runtime", "python") != "python" for e in family.values()):
             raise TritonHFError(f"{name}: its exports are ensembles (--runtime native): tune a --runtime python build")
         served = {n: e for n, e in family.items() if not VARIANTS[e["variant"]].perf.reference}  # not the tutorial's
-        variants = {n: precisions(repository, n, e) for n, e in served.items()}
         config = model_config.read(repository / name / "config.pbtxt")
+        gpu = config["instance_group"][0].get("kind") == "KIND_GPU"
+        variants = {n: precisions(repository, n, e, gpu) for n, e in served.items()}
         default = Candidate(
             name,
             config["parameters"].get("dtype", {}).get("string_value", "float32"),
@@ -83,21 +93,22 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
             int(config["max_batch_size"]),
             int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
         )
-        cores = min(cpu_count(), MAX_CPU_INSTANCES)
+        instances = GPU_INSTANCES if gpu else range(1, min(cpu_count(), MAX_CPU_INSTANCES) + 1)
         found[name] = Space(
             default,
             variants,
-            tuple(sorted({*range(1, cores + 1), default.instances})),
-            tuple(sorted({*BATCH_SIZES, default.max_batch_size})),
+            tuple(sorted({*instances, default.instances})),
+            tuple(sorted({*(GPU_BATCH_SIZES if gpu else BATCH_SIZES), default.max_batch_size})),
             tuple(sorted({*DELAYS_US, default.queue_delay_us})),
         )
     return found
 
 
-def precisions(repository: Path, name: str, entry: dict) -> tuple[str, ...]:
-    """What a variant may load in: the generic model's float32 and verified precisions; an export, its own."""
+def precisions(repository: Path, name: str, entry: dict, gpu: bool = False) -> tuple[str, ...]:
+    """What a variant may load in: the generic model's float32 and verified precisions; an export, its own (on a
+    GPU, a float export also through TensorRT: "tensorrt", config parameter onnx_provider)."""
     if "runtime" in entry:
-        return ("export",)
+        return ("export", TENSORRT) if gpu and entry["variant"] == ONNX.name else ("export",)
     parameters = model_config.read(repository / name / "config.pbtxt")["parameters"]
     verified = parameters.get("verified_dtypes", {}).get("string_value", "")
     return ("float32", *(d for d in verified.split(",") if d))
@@ -110,7 +121,9 @@ def configured(repository: Path, candidate: Candidate, name: str | None = None) 
     config["max_batch_size"] = candidate.max_batch_size
     config["instance_group"][0]["count"] = candidate.instances
     config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us
-    if candidate.dtype != "export":
+    if candidate.dtype == TENSORRT:
+        config["parameters"]["onnx_provider"] = {"string_value": TENSORRT}
+    elif candidate.dtype != "export":
         config["parameters"]["dtype"] = {"string_value": candidate.dtype}
     return config
 
@@ -118,8 +131,11 @@ def configured(repository: Path, candidate: Candidate, name: str | None = None) 
 class Live:
     """``tuning.Measure`` on this machine: the candidate loaded in the running server, then perf_analyzer."""
 
-    def __init__(self, server: TritonServer, repository: Path, workdir: Path, window_ms: int) -> None:
+    def __init__(
+        self, server: TritonServer, repository: Path, workdir: Path, window_ms: int, stability_percent: int = 20
+    ) -> None:
         self.server, self.repository, self.workdir, self.window_ms = server, repository, workdir, window_ms
+        self.stability_percent = stability_percent  # three windows within this of their mean (perf/analyzer.py)
         self.loaded: dict[str, Candidate] = {}
         self.data = workdir / "prompts.json"
         data_file(self.data)
@@ -158,6 +174,7 @@ class Live:
                 concurrency,
                 self.workdir / "last.csv",
                 self.window_ms,
+                stability_percent=self.stability_percent,
                 control_key=self.server.control_key,
             )
             # a window that won't settle on a busy machine is measured once more and taken: the finals weigh noise

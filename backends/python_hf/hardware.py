@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
@@ -191,3 +192,28 @@ def choose(requested: str, device: str, verified: Collection[str], flags: Collec
         tried = ", ".join(option.dtype for option in options)
         return Choice(FLOAT32, f"{tried} did not pass the parity gate")
     return Choice(FLOAT32, "no native reduced precision on this device")
+
+
+TENSORRT = "tensorrt"
+ONNX_PROVIDERS = ("cuda", TENSORRT)  # config parameter onnx_provider, on a GPU (tritonhf tune tries both)
+
+
+def execution_providers(device: str, provider: str = "cuda") -> list[str | tuple[str, dict[str, object]]]:
+    """ONNX Runtime's providers, first choice first: on a GPU its CUDA kernels, or TensorRT's engines in fp16
+    (built on the GPU for the shapes it meets, kept in an engine cache for the next load), with CUDA for what
+    TensorRT won't take; the CPU for the rest, and for everything on a CPU instance."""
+    if provider not in ONNX_PROVIDERS:
+        raise ValueError(f"onnx_provider {provider!r}: one of {', '.join(ONNX_PROVIDERS)}")
+    if not device.startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"device_id": int(device.split(":")[1])})
+    tensorrt = (
+        "TensorrtExecutionProvider",
+        {
+            "device_id": int(device.split(":")[1]),
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(Path(tempfile.gettempdir()) / "tritonhf-tensorrt"),
+        },
+    )
+    return [*([tensorrt] if provider == TENSORRT else []), cuda, "CPUExecutionProvider"]

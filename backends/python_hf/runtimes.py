@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, TensorFn, merge
+from .hardware import execution_providers
 from .steps import StepContext, step_factory
 from .text import length_groups, load_tokenizer
 
@@ -24,15 +25,13 @@ from .text import length_groups, load_tokenizer
 def onnxruntime_step(context: StepContext) -> TensorFn:
     import onnxruntime
 
-    gpu = context.device.startswith("cuda")
-    providers = [("CUDAExecutionProvider", {"device_id": int(context.device.split(":")[1])})] if gpu else []
     options = onnxruntime.SessionOptions()
     if threads := context.parameters.get("cpu_threads"):  # set by steps.load_step on a CPU
         options.intra_op_num_threads = int(threads)
     session = onnxruntime.InferenceSession(
         str(context.model_dir / context.parameters["model_file"]),
         options,
-        providers=[*providers, "CPUExecutionProvider"],
+        providers=execution_providers(context.device, context.parameters.get("onnx_provider", "cuda")),
     )
     inputs = [tensor.name for tensor in session.get_inputs()]
 
