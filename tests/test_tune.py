@@ -161,4 +161,7 @@ def test_build_then_tune_from_the_command_line(tiny: dict[str, Path], tmp_path: 
     assert tuned["cpus"] == cpu_count() and tuned["throughput"] > 0
     work = output.with_name("repo.tune")
     assert (work / "trials.csv").read_text().count("\n") > 3
-    assert "| tuned:" in (work / "report.md").read_text() and (work / "candidates.png").stat().st_size > 10_000
+    text = (work / "report.md").read_text()
+    assert "| tuned:" in text and (work / "candidates.png").stat().st_size > 10_000
+    timed = [line for line in text.splitlines() if line.startswith(f"| {CLASSIFIER}") and " tokens" not in line]
+    assert "in-process, before the live search" in text and len(timed) >= 4, text  # 2 live rows, 2+ variants timed

@@ -111,6 +111,12 @@ def parser() -> argparse.ArgumentParser:
     )
     add_goal_arguments(tune.add_argument)
     tune.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer's window (default: %(default)s)")
+    tune.add_argument(
+        "--no-prescreen",
+        dest="prescreen",
+        action="store_false",
+        help="skip the in-process timing (which drops clear losers and fits each variant's length-bucket overhead)",
+    )
     tune.set_defaults(run=run_tune)
 
     query = commands.add_parser("client", help="query a served model (same as client.py)")
@@ -262,7 +268,13 @@ def run_tune(args: argparse.Namespace) -> None:
         raise TritonHFError("--output must differ from --model-repository: the built repository is kept as it is")
     tune(
         TuneOptions(
-            args.model_repository, args.output, tuple(args.models), args.p99_ms, args.budget_minutes, args.window_ms
+            args.model_repository,
+            args.output,
+            tuple(args.models),
+            args.p99_ms,
+            args.budget_minutes,
+            args.window_ms,
+            args.prescreen,
         )
     )
 

@@ -40,6 +40,8 @@ from tritonhf.backends.python_hf.hardware import (
 )
 from tritonhf.client import infer
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
+from tritonhf.prescreen import KEEP as PRESCREEN_KEEP
+from tritonhf.prescreen import Timing, prescreen
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space
@@ -62,6 +64,7 @@ class TuneOptions:
     p99_ms: float | None = None
     budget_minutes: float = BUDGET_MINUTES
     window_ms: int = 2000
+    prescreen: bool = True  # time the variants in-process first: drop clear losers, fit the length-bucket overhead
 
     @property
     def workdir(self) -> Path:
@@ -114,9 +117,17 @@ def precisions(repository: Path, name: str, entry: dict, gpu: bool = False) -> t
     return ("float32", *(d for d in verified.split(",") if d))
 
 
-def configured(repository: Path, candidate: Candidate, name: str | None = None) -> dict:
-    """The variant's config with the candidate's layout (and ``name``, where it is served under another one)."""
+Overheads = dict[tuple[str, str], float]  # (variant, dtype) -> forward_overhead_tokens fitted here (prescreen.py)
+
+
+def configured(
+    repository: Path, candidate: Candidate, name: str | None = None, overheads: Overheads | None = None
+) -> dict:
+    """The variant's config with the candidate's layout (and ``name``, where it is served under another one), and
+    the length-bucket overhead fitted for it on this machine, if it was."""
     config = model_config.read(repository / candidate.variant / "config.pbtxt")
+    if (overhead := (overheads or {}).get((candidate.variant, candidate.dtype))) is not None:
+        config["parameters"]["forward_overhead_tokens"] = {"string_value": f"{overhead:.1f}"}
     config["name"] = name or candidate.variant
     config["max_batch_size"] = candidate.max_batch_size
     config["instance_group"][0]["count"] = candidate.instances
@@ -143,6 +154,7 @@ class Live:
         self.lost: list[str] = []  # trials a dead server cost
         self.env = find_installation().env  # perf_analyzer's, once
         self.memory: dict[Candidate, int] = {}  # bytes the server held with the candidate loaded and warm
+        self.overheads: Overheads = {}  # filled by the pre-screen
 
     def warm(self, candidate: Candidate) -> None:
         """Full batches to every instance before any window counts: a first inference (lazy session set-up, kernel
@@ -158,7 +170,9 @@ class Live:
                 for other in [v for v in self.loaded if v != candidate.variant]:  # one model's processes at a time
                     self.server.control("unload", other)
                     del self.loaded[other]
-                self.server.control("load", candidate.variant, config=configured(self.repository, candidate))
+                self.server.control(
+                    "load", candidate.variant, config=configured(self.repository, candidate, overheads=self.overheads)
+                )
                 self.warm(candidate)
                 self.memory[candidate] = resident(self.server)
                 self.loaded[candidate.variant] = candidate
@@ -275,16 +289,21 @@ def tune(options: TuneOptions) -> Path:
     seconds = options.budget_minutes * 60 / len(found)  # each model's share
     budget = max(40, int(seconds / SECONDS_PER_POINT * 2))  # a bound on trials; the time is the budget
     outcomes: dict[str, Outcome] = {}
+    timings: dict[str, dict[tuple[str, str], Timing]] = {}
     with TritonServer(options.repository, models=()) as server:
         live = Live(server, options.repository, options.workdir, options.window_ms)
         for name, space in found.items():
             started = time.monotonic()
-            outcomes[name] = tune_model(name, space, live, options, trials, budget, seconds)
+            if options.prescreen:  # in this process, while the server idles with nothing loaded
+                space, timings[name] = prescreen(options.repository, space, lambda c: configured(options.repository, c))
+                live.overheads.update((key, t.overhead_tokens) for key, t in timings[name].items())
+            left = seconds - (time.monotonic() - started)
+            outcomes[name] = tune_model(name, space, live, options, trials, budget, left)
             print(summary(name, outcomes[name], time.monotonic() - started))
         for lost in live.lost:
             print(f"lost a trial: {lost}")
-    write_tuned(options.repository, options.output, outcomes, options)
-    (options.workdir / "report.md").write_text(report(outcomes, options, live.memory))
+    write_tuned(options.repository, options.output, outcomes, options, live.overheads)
+    (options.workdir / "report.md").write_text(report(outcomes, options, live.memory, timings))
     plot(outcomes, options.workdir / "candidates.png", options.p99_ms)
     print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
     return options.output
@@ -299,7 +318,9 @@ def summary(name: str, outcome: Outcome, seconds: float) -> str:
     )
 
 
-def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], options: TuneOptions) -> None:
+def write_tuned(
+    source: Path, output: Path, outcomes: dict[str, Outcome], options: TuneOptions, overheads: Overheads | None = None
+) -> None:
     """The repository with each model's winner under its plain name, written whole or not at all."""
     manifest: Manifest = read_manifest(source)
     machine = machine_record(options.p99_ms)
@@ -309,16 +330,16 @@ def write_tuned(source: Path, output: Path, outcomes: dict[str, Outcome], option
             chosen = outcome.chosen
             for variant, layout in outcome.layouts.items():  # every variant in its best measured layout
                 if variant != name:
-                    model_config.write(configured(source, layout), staging / variant)
+                    model_config.write(configured(source, layout, overheads=overheads), staging / variant)
             if chosen.variant != name:  # an export won: the PyTorch model keeps a name of its own
                 pytorch = f"{name}_{PYTHON.name}"
                 (staging / name).rename(staging / pytorch)
                 python = outcome.layouts.get(name, outcome.default.candidate)
-                model_config.write(configured(source, python, pytorch), staging / pytorch)
+                model_config.write(configured(source, python, pytorch, overheads), staging / pytorch)
                 manifest[pytorch] = manifest[name]
                 shutil.copytree(staging / chosen.variant, staging / name, symlinks=True)
                 manifest[name] = {**manifest[chosen.variant]}
-            model_config.write(configured(source, chosen, name), staging / name)
+            model_config.write(configured(source, chosen, name, overheads), staging / name)
             manifest[name]["tuned"] = {
                 **machine,
                 "variant": chosen.variant,
@@ -345,7 +366,12 @@ def machine_record(p99_ms: float | None) -> dict:
     }
 
 
-def report(outcomes: dict[str, Outcome], options: TuneOptions, memory: dict[Candidate, int]) -> str:
+def report(
+    outcomes: dict[str, Outcome],
+    options: TuneOptions,
+    memory: dict[Candidate, int],
+    timings: dict[str, dict[tuple[str, str], Timing]],
+) -> str:
     machine = machine_record(options.p99_ms)
     versions = {name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")}
     lines = [
@@ -367,6 +393,14 @@ def report(outcomes: dict[str, Outcome], options: TuneOptions, memory: dict[Cand
                 f" {memory.get(point.candidate, 0) / 2**20:.0f} |"
                 f" {outcome.note if label == 'tuned' else ''} |"
             )
+    for name, found in timings.items():
+        lines += ["", f"## {name}: in-process, before the live search (prescreen.py)", ""]
+        lines += ["| variant | dtype | rows/s (16 x 96 words) | length-bucket overhead, tokens | live |"]
+        lines += ["|---|---|---|---|---|"]
+        top = max(t.rate for t in found.values())
+        for t in sorted(found.values(), key=lambda t: -t.rate):
+            live = "searched" if t.rate >= PRESCREEN_KEEP * top else f"dropped (< {PRESCREEN_KEEP:.0%} of the best)"
+            lines.append(f"| {t.variant} | {t.dtype} | {t.rate:.1f} | {t.overhead_tokens:.0f} | {live} |")
     return "\n".join(lines) + "\n"
 
 
