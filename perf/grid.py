@@ -7,7 +7,9 @@ loads it, and measured along a ladder of concurrencies 1, 2, 4, ...: up to the f
 first doubling from 4 on that gains no more than ``SATURATED`` (past that, a closed-loop load only queues:
 throughput stays, latency grows with the concurrency, and the replay extrapolates so). Each point is three windows
 of ``--window-ms``, taken as they come. Then ``REPEATS`` candidates drawn at random are measured again at their
-recorded points: the machine's noise, which the replay draws from.
+recorded points: the machine's noise, which the replay draws from. Last, the ``CONFIRMED`` leaders are measured
+``CONFIRM_ROUNDS`` times more at their best point, and the replay takes the median there: the best of a thousand
+single measurements is partly luck (the winner's curse), and a search can't be held to luck.
 
     python -m tritonhf.perf.grid --model-repository model_repository --model NAME --output perf/grids/NAME.csv
 
@@ -22,6 +24,7 @@ import json
 import math
 import random
 import statistics
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,18 +33,19 @@ from tqdm import tqdm
 
 from tritonhf.perf.analyzer import ANY_WINDOWS
 from tritonhf.server import TritonServer
-from tritonhf.tune import Live, Trials, machine_record, read_trials, spaces
-from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space
+from tritonhf.tune import Live, Trials, machine_record, read_points, read_trials, spaces
+from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space, median_point
 
 SATURATED = 0.03  # a doubling of the load that gains no more than this share of throughput
 REPEATS = 12  # candidates measured again, every point of their ladder: the noise
+CONFIRMED, CONFIRM_ROUNDS = 10, 3  # the leaders' best points, measured again: the grid's best is their median
 
 
 Done = dict[tuple[Candidate, int], Point]
 
 
 def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[[Point], Point]) -> None:
-    """The candidate along doubling concurrencies, until errors or two doublings without a gain."""
+    """The candidate along doubling concurrencies, until errors, or a doubling from 4 on without a gain."""
     best, concurrency = 0.0, 1
     while concurrency <= MAX_CONCURRENCY:
         point = done.get((candidate, concurrency)) or record(measure(candidate, concurrency))
@@ -49,6 +53,15 @@ def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[
             return
         best = max(best, point.throughput)
         concurrency *= 2
+
+
+def leaders(done: Done, count: int = CONFIRMED) -> list[Point]:
+    """The ``count`` candidates whose best clean point is highest, each at that point."""
+    best: dict[Candidate, Point] = {}
+    for point in filter(lambda p: p.passes(None), done.values()):
+        if point.candidate not in best or point.throughput > best[point.candidate].throughput:
+            best[point.candidate] = point
+    return sorted(best.values(), key=lambda p: -p.throughput)[:count]
 
 
 def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed: int = 0) -> None:
@@ -79,6 +92,10 @@ def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed
             for c, concurrency in sorted(done, key=lambda key: key[1]):
                 if c == candidate and (c, concurrency) not in repeated:
                     keep("repeat")(live(candidate, concurrency))
+        confirmed = Counter((p.candidate, p.concurrency) for p in read_points(output, model, "confirm"))
+        for point in tqdm(leaders(done), desc="the leaders, again", unit="candidate"):
+            for _ in range(CONFIRM_ROUNDS - confirmed[(point.candidate, point.concurrency)]):
+                keep("confirm")(live(point.candidate, point.concurrency))
     for lost in live.lost:
         print(f"lost a trial: {lost}")
 
@@ -103,9 +120,12 @@ class Grid:
         )
         grid = read_trials(path, record["model"], phase="grid")
         repeats = read_trials(path, record["model"], phase="repeat")
+        confirms: dict[tuple[Candidate, int], list[Point]] = {}
+        for point in read_points(path, record["model"], "confirm"):
+            confirms.setdefault((point.candidate, point.concurrency), []).append(point)
         ladders: dict[Candidate, list[Point]] = {}
-        for (candidate, _), point in sorted(grid.items(), key=lambda kv: kv[0][1]):
-            ladders.setdefault(candidate, []).append(point)
+        for (candidate, concurrency), point in sorted(grid.items(), key=lambda kv: kv[0][1]):  # a leader: the median
+            ladders.setdefault(candidate, []).append(median_point([point, *confirms.get((candidate, concurrency), [])]))
         logs = [
             math.log(p.throughput / grid[k].throughput)
             for k, p in repeats.items()

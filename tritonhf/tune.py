@@ -216,28 +216,27 @@ def resident(server: TritonServer) -> int:
     return total
 
 
+def read_points(path: Path, model: str, phase: str) -> list[Point]:
+    """Every trial of ``model`` in ``phase`` recorded at ``path``, in order."""
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [
+            Point(
+                Candidate(row["variant"], row["dtype"], *(int(row[k]) for k in TRIAL_FIELDS[3:6])),
+                int(row["concurrency"]),
+                float(row["throughput"]),
+                float(row["p99_ms"]),
+                int(row["errors"]),
+            )
+            for row in csv.DictReader(handle)
+            if row["model"] == model and row["phase"] == phase
+        ]
+
+
 def read_trials(path: Path, model: str, phase: str = "search") -> dict[tuple[Candidate, int], Point]:
     """The checkpoint: the trials of an earlier, interrupted tune of ``model`` (or a grid's, by ``phase``)."""
-    if not path.exists():
-        return {}
-    found = {}
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            if row["model"] == model and row["phase"] == phase:
-                candidate = Candidate(
-                    row["variant"],
-                    row["dtype"],
-                    *(int(row[k]) for k in ("instances", "max_batch_size", "queue_delay_us")),
-                )
-                point = Point(
-                    candidate,
-                    int(row["concurrency"]),
-                    float(row["throughput"]),
-                    float(row["p99_ms"]),
-                    int(row["errors"]),
-                )
-                found[(candidate, point.concurrency)] = point
-    return found
+    return {(point.candidate, point.concurrency): point for point in read_points(path, model, phase)}
 
 
 class Trials:
