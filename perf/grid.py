@@ -55,6 +55,14 @@ def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[
         concurrency *= 2
 
 
+MIN_REPEATS = 4  # repeated points of a family before its own noise is taken
+
+
+def spread(logs: list[float]) -> float:
+    """One measurement's sd of log throughput, from differences of two measurements (twice its variance)."""
+    return statistics.stdev(logs) / math.sqrt(2) if len(logs) > 1 else 0.0
+
+
 def leaders(done: Done, count: int = CONFIRMED) -> list[Point]:
     """The ``count`` candidates whose best clean point is highest, each at that point."""
     best: dict[Candidate, Point] = {}
@@ -106,8 +114,14 @@ class Grid:
 
     space: Space
     ladders: dict[Candidate, list[Point]]  # by concurrency
-    noise: float  # one measurement's relative spread (the sd of log throughput), from the repeats
+    noise: float  # one measurement's relative spread (the sd of log throughput), from all the repeats
     measurements: int  # the grid's, repeats excluded
+    families: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)  # (variant, instances): its noise
+
+    def noise_of(self, candidate: Candidate) -> float:
+        """Its family's noise where the repeats measured enough of it (one instance of two threads can be far
+        noisier than two of one), else the grid's."""
+        return self.families.get((candidate.variant, candidate.instances), self.noise)
 
     @classmethod
     def load(cls, path: Path) -> Grid:
@@ -126,15 +140,14 @@ class Grid:
         ladders: dict[Candidate, list[Point]] = {}
         for (candidate, concurrency), point in sorted(grid.items(), key=lambda kv: kv[0][1]):  # a leader: the median
             ladders.setdefault(candidate, []).append(median_point([point, *confirms.get((candidate, concurrency), [])]))
-        logs = [
-            math.log(p.throughput / grid[k].throughput)
-            for k, p in repeats.items()
-            if min(p.throughput, grid[k].throughput) > 0
-        ]
-        noise = (
-            statistics.stdev(logs) / math.sqrt(2) if len(logs) > 1 else 0.0
-        )  # a difference of two: twice the variance
-        return cls(space, ladders, noise, len(grid))
+        logs: dict[tuple[str, int], list[float]] = {}  # per family: a variant at an instance count
+        for key, point in repeats.items():
+            if min(point.throughput, grid[key].throughput) > 0:
+                family = (point.candidate.variant, point.candidate.instances)
+                logs.setdefault(family, []).append(math.log(point.throughput / grid[key].throughput))
+        everything = [x for found in logs.values() for x in found]
+        families = {family: spread(found) for family, found in logs.items() if len(found) >= MIN_REPEATS}
+        return cls(space, ladders, spread(everything), len(grid), families)
 
     def truth(self, candidate: Candidate, concurrency: int) -> Point:
         """The recorded point; between two, interpolated on log concurrency; past the last one, its throughput with
@@ -158,12 +171,12 @@ class Grid:
         )
 
     def noisy(self, seed: int) -> Measure:
-        """The grid as a measurement: the truth, each throughput off by the grid's own noise (latency inversely)."""
+        """The grid as a measurement: the truth, each throughput off by its family's noise (latency inversely)."""
         rng = random.Random(seed)
 
         def measure(candidate: Candidate, concurrency: int) -> Point:
             point = self.truth(candidate, concurrency)
-            factor = math.exp(rng.gauss(0, self.noise))
+            factor = math.exp(rng.gauss(0, self.noise_of(candidate)))
             return dataclasses.replace(point, throughput=point.throughput * factor, p99_ms=point.p99_ms / factor)
 
         return measure

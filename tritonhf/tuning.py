@@ -25,6 +25,7 @@ each point once and takes any gain, noise included. Here:
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import statistics
 import time
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field, replace
 from tritonhf import TritonHFError
 
 MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a shared machine's floor
+MAX_ROUNDS = 7  # of the finals, where the budget allows
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
 BUDGET_MINUTES = 30.0  # for all the models of one tune
@@ -269,11 +271,12 @@ class Search:
             raise NoCandidateError(self.closest())
         rng = random.Random(self.seed)
         rounds: dict[Candidate, list[Point]] = {p.candidate: [] for p in entrants}
-        for _ in range(self.rounds):
+        count = self.final_rounds(len(entrants))
+        for _ in range(count):
             for entrant in rng.sample(entrants, len(entrants)):  # a new order every round
                 rounds[entrant.candidate].append(self.measure_again(entrant))
-        if default is not None:
-            self.noise = max(MIN_NOISE, spread(rounds[default.candidate]))
+        if default is not None:  # what a median of ``count`` must beat another by: about two sd of the difference
+            self.noise = max(MIN_NOISE, 3.5 * log_sd(rounds[default.candidate]) / math.sqrt(count))
         medians = {c: median_point(points) for c, points in rounds.items()}
         passing = {c: m for c, m in medians.items() if majority_pass(rounds[c], self.p99_ms)}
         if not passing:
@@ -292,6 +295,15 @@ class Search:
         layouts = {c.variant: c for c, _ in sorted(pool.items(), key=lambda item: item[1].throughput)}
         layouts[chosen.variant] = chosen
         return Outcome(chosen, medians[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
+
+    def final_rounds(self, entrants: int) -> int:
+        """``rounds`` at least; more, up to ``MAX_ROUNDS``, while the budget and the deadline (at the pace so far)
+        allow: on a noisy machine the medians of more rounds tell closer candidates apart."""
+        left = self.budget - len(self.trials)
+        if self.deadline is not None and self.trials:
+            pace = (time.monotonic() - self.started) / len(self.trials)
+            left = min(left, int((self.deadline - time.monotonic()) / pace))
+        return max(self.rounds, min(MAX_ROUNDS, left // entrants))
 
     def measure_again(self, point: Point) -> Point:
         """A finals measurement: outside the budget's search share, never from the cache."""
@@ -327,6 +339,12 @@ def spread(points: Iterable[Point]) -> float:
     """Relative spread of repeated throughputs: (max - min) / median."""
     values = [p.throughput for p in points]
     return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 and min(values) > 0 else 0.0
+
+
+def log_sd(points: Sequence[Point]) -> float:
+    """The sd of log throughput of repeated measurements: one measurement's relative noise."""
+    logs = [math.log(p.throughput) for p in points if p.throughput > 0]
+    return statistics.stdev(logs) if len(logs) > 1 else 0.0
 
 
 def median_point(points: Sequence[Point]) -> Point:
