@@ -34,7 +34,7 @@ from tqdm import tqdm
 from tritonhf.perf.analyzer import ANY_WINDOWS
 from tritonhf.server import TritonServer
 from tritonhf.tune import Live, Trials, machine_record, read_points, read_trials, spaces
-from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space, median_point
+from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space, best_per_candidate, median_point
 
 SATURATED = 0.03  # a doubling of the load that gains no more than this share of throughput
 REPEATS = 12  # candidates measured again, every point of their ladder: the noise
@@ -65,10 +65,7 @@ def spread(logs: list[float]) -> float:
 
 def leaders(done: Done, count: int = CONFIRMED) -> list[Point]:
     """The ``count`` candidates whose best clean point is highest, each at that point."""
-    best: dict[Candidate, Point] = {}
-    for point in filter(lambda p: p.passes(None), done.values()):
-        if point.candidate not in best or point.throughput > best[point.candidate].throughput:
-            best[point.candidate] = point
+    best = best_per_candidate(p for p in done.values() if p.passes(None))
     return sorted(best.values(), key=lambda p: -p.throughput)[:count]
 
 

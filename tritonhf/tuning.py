@@ -254,11 +254,7 @@ class Search:
 
     def pool(self) -> dict[Candidate, Point]:
         """Each candidate's best fitting point so far: its capacity, or as far as the budget let it get."""
-        best: dict[Candidate, Point] = {}
-        for point in filter(self.fits, self.trials):
-            if point.candidate not in best or point.throughput > best[point.candidate].throughput:
-                best[point.candidate] = point
-        return best
+        return best_per_candidate(filter(self.fits, self.trials))
 
     def finals(self) -> Outcome:
         """The best few and the default, measured again in interleaved rounds at each one's own load."""
@@ -328,6 +324,15 @@ class Search:
 
 class NoCandidateError(TritonHFError):
     """No candidate met the bound; the message says which came closest."""
+
+
+def best_per_candidate(points: Iterable[Point]) -> dict[Candidate, Point]:
+    """Each candidate's highest-throughput point among ``points``."""
+    best: dict[Candidate, Point] = {}
+    for point in points:
+        if point.candidate not in best or point.throughput > best[point.candidate].throughput:
+            best[point.candidate] = point
+    return best
 
 
 def score(point: Point) -> float:
