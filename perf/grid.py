@@ -7,9 +7,14 @@ loads it, and measured along a ladder of concurrencies 1, 2, 4, ...: up to the f
 first doubling from 4 on that gains no more than ``SATURATED`` (past that, a closed-loop load only queues:
 throughput stays, latency grows with the concurrency, and the replay extrapolates so). Each point is three windows
 of ``--window-ms``, taken as they come. Then ``REPEATS`` candidates drawn at random are measured again at their
-recorded points: the machine's noise, which the replay draws from. Last, the ``CONFIRMED`` leaders are measured
-``CONFIRM_ROUNDS`` times more at their best point, and the replay takes the median there: the best of a thousand
-single measurements is partly luck (the winner's curse), and a search can't be held to luck.
+recorded points: the machine's noise, which the replay draws from. Last, the ``CONFIRMED`` leaders under each of
+``BOUNDS`` are measured ``CONFIRM_ROUNDS`` times more at their best point there, in interleaved rounds (a new order
+every round, so that a slow hour weighs on all of them alike), and the replay takes the median there: the best of a
+thousand single measurements is partly luck (the winner's curse), and a search can't be held to luck. Then the
+noise that the tune itself sees: the same leaders and each family's fastest point (a family: a variant at an
+instance count), measured ``NOISE_ROUNDS`` times with the tune's own windows and stability rule
+(``tune.WINDOW_MS``), in interleaved rounds. The replay draws from that noise; the grid's own, of its shorter
+windows, is kept beside it.
 
     python -m tritonhf.perf.grid --model-repository model_repository --model NAME --output perf/grids/NAME.csv
 
@@ -23,7 +28,6 @@ import dataclasses
 import json
 import math
 import random
-import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,12 +37,24 @@ from tqdm import tqdm
 
 from tritonhf.perf.analyzer import ANY_WINDOWS
 from tritonhf.server import TritonServer
-from tritonhf.tune import Live, Trials, machine_record, read_points, read_trials, spaces
-from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, Point, Space, best_per_candidate, median_point
+from tritonhf.tune import WINDOW_MS, Live, Trials, machine_record, read_points, read_trials, spaces
+from tritonhf.tuning import (
+    MAX_CONCURRENCY,
+    Candidate,
+    Measure,
+    Point,
+    Space,
+    best_per_candidate,
+    median_point,
+    pooled_log_sd,
+    score,
+)
 
 SATURATED = 0.03  # a doubling of the load that gains no more than this share of throughput
 REPEATS = 12  # candidates measured again, every point of their ladder: the noise
-CONFIRMED, CONFIRM_ROUNDS = 10, 3  # the leaders' best points, measured again: the grid's best is their median
+CONFIRMED, CONFIRM_ROUNDS = 8, 12  # per bound, the leaders' best points measured again: the truth is their median
+NOISE_ROUNDS = 2  # measurements of each noise point with the tune's windows
+BOUNDS = (None, 250.0, 100.0)  # p99 ms: throughput only, and two bounds the full-size models meet on 2 cores
 
 
 Done = dict[tuple[Candidate, int], Point]
@@ -55,18 +71,44 @@ def ladder(candidate: Candidate, measure: Measure, done: Done, record: Callable[
         concurrency *= 2
 
 
-MIN_REPEATS = 4  # repeated points of a family before its own noise is taken
+MIN_REPEATS = 4  # degrees of freedom of a family's repeats before its own noise is taken
+
+Groups = dict[tuple[Candidate, int], list[Point]]  # repeated measurements of one candidate at one concurrency
 
 
-def spread(logs: list[float]) -> float:
-    """One measurement's sd of log throughput, from differences of two measurements (twice its variance)."""
-    return statistics.stdev(logs) / math.sqrt(2) if len(logs) > 1 else 0.0
+def noise(groups: Groups) -> tuple[float, dict[tuple[str, int], float]]:
+    """One measurement's relative noise (sd of log throughput, about each point's own mean): in all, and per family
+    (a variant at an instance count: one instance of two threads can be far noisier than two of one)."""
+    families: dict[tuple[str, int], list[list[Point]]] = {}
+    for (candidate, _), points in groups.items():
+        families.setdefault((candidate.variant, candidate.instances), []).append(points)
+    return pooled_log_sd(groups.values()), {
+        family: pooled_log_sd(found)
+        for family, found in families.items()
+        if sum(len(points) - 1 for points in found) >= MIN_REPEATS
+    }
 
 
-def leaders(done: Done, count: int = CONFIRMED) -> list[Point]:
-    """The ``count`` candidates whose best clean point is highest, each at that point."""
-    best = best_per_candidate(p for p in done.values() if p.passes(None))
-    return sorted(best.values(), key=lambda p: -p.throughput)[:count]
+def grouped(points: list[Point]) -> Groups:
+    groups: Groups = {}
+    for point in points:
+        groups.setdefault((point.candidate, point.concurrency), []).append(point)
+    return groups
+
+
+def noise_points(done: Done, leading: list[tuple[Candidate, int]]) -> list[tuple[Candidate, int]]:
+    """The leaders' points, and each family's fastest."""
+    families: dict[tuple[str, int], list[Point]] = {}
+    for point in sorted((p for p in done.values() if p.passes(None)), key=score):
+        families.setdefault((point.candidate.variant, point.candidate.instances), []).append(point)
+    fastest = [(found[0].candidate, found[0].concurrency) for found in families.values()]
+    return sorted(set(leading) | set(fastest))
+
+
+def leaders(done: Done, p99_ms: float | None, count: int = CONFIRMED) -> list[Point]:
+    """The ``count`` candidates whose best point within the bound is highest, each at that point."""
+    best = best_per_candidate(p for p in done.values() if p.passes(p99_ms))
+    return sorted(best.values(), key=score)[:count]
 
 
 def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed: int = 0) -> None:
@@ -75,7 +117,13 @@ def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed
     done = read_trials(output, model, phase="grid")
     repeated = read_trials(output, model, phase="repeat")
     trials = Trials(output)
-    record = {**machine_record(None), "window_ms": window_ms, "model": model, "space": dataclasses.asdict(space)}
+    record = {
+        **machine_record(None),
+        "window_ms": window_ms,
+        "noise_window_ms": WINDOW_MS,
+        "model": model,
+        "space": dataclasses.asdict(space),
+    }
     output.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     workdir = output.with_suffix(".work")
     workdir.mkdir(exist_ok=True)
@@ -98,9 +146,21 @@ def record_grid(repository: Path, model: str, output: Path, window_ms: int, seed
                 if c == candidate and (c, concurrency) not in repeated:
                     keep("repeat")(live(candidate, concurrency))
         confirmed = Counter((p.candidate, p.concurrency) for p in read_points(output, model, "confirm"))
-        for point in tqdm(leaders(done), desc="the leaders, again", unit="candidate"):
-            for _ in range(CONFIRM_ROUNDS - confirmed[(point.candidate, point.concurrency)]):
-                keep("confirm")(live(point.candidate, point.concurrency))
+        leading = sorted({(p.candidate, p.concurrency) for bound in BOUNDS for p in leaders(done, bound)})
+        rng = random.Random(seed)
+        for round_ in tqdm(range(CONFIRM_ROUNDS), desc="the leaders, again", unit="round"):
+            for key in rng.sample(leading, len(leading)):
+                if confirmed[key] <= round_:
+                    keep("confirm")(live(*key))
+                    confirmed[key] += 1
+        live.window_ms, live.stability_percent = WINDOW_MS, Live.STABILITY_PERCENT  # as the tune measures
+        measured = Counter((p.candidate, p.concurrency) for p in read_points(output, model, "noise"))
+        keys = noise_points(done, leading)
+        for round_ in tqdm(range(NOISE_ROUNDS), desc=f"noise at {WINDOW_MS} ms windows", unit="round"):
+            for key in rng.sample(keys, len(keys)):
+                if measured[key] <= round_:
+                    keep("noise")(live(*key))
+                    measured[key] += 1
     for lost in live.lost:
         print(f"lost a trial: {lost}")
 
@@ -111,13 +171,13 @@ class Grid:
 
     space: Space
     ladders: dict[Candidate, list[Point]]  # by concurrency
-    noise: float  # one measurement's relative spread (the sd of log throughput), from all the repeats
+    noise: float  # one measurement's relative noise (sd of log throughput) with the tune's windows: the replay's
     measurements: int  # the grid's, repeats excluded
     families: dict[tuple[str, int], float] = dataclasses.field(default_factory=dict)  # (variant, instances): its noise
+    window_noise: float = 0.0  # the same, with the grid's own (shorter) windows, from its repeats
 
     def noise_of(self, candidate: Candidate) -> float:
-        """Its family's noise where the repeats measured enough of it (one instance of two threads can be far
-        noisier than two of one), else the grid's."""
+        """Its family's noise where enough of it was measured, else the grid's."""
         return self.families.get((candidate.variant, candidate.instances), self.noise)
 
     @classmethod
@@ -130,21 +190,18 @@ class Grid:
             *(tuple(raw[k]) for k in ("instances", "batch_sizes", "delays_us")),
         )
         grid = read_trials(path, record["model"], phase="grid")
-        repeats = read_trials(path, record["model"], phase="repeat")
-        confirms: dict[tuple[Candidate, int], list[Point]] = {}
-        for point in read_points(path, record["model"], "confirm"):
-            confirms.setdefault((point.candidate, point.concurrency), []).append(point)
+        confirms = grouped(read_points(path, record["model"], "confirm"))
         ladders: dict[Candidate, list[Point]] = {}
         for (candidate, concurrency), point in sorted(grid.items(), key=lambda kv: kv[0][1]):  # a leader: the median
             ladders.setdefault(candidate, []).append(median_point([point, *confirms.get((candidate, concurrency), [])]))
-        logs: dict[tuple[str, int], list[float]] = {}  # per family: a variant at an instance count
-        for key, point in repeats.items():
-            if min(point.throughput, grid[key].throughput) > 0:
-                family = (point.candidate.variant, point.candidate.instances)
-                logs.setdefault(family, []).append(math.log(point.throughput / grid[key].throughput))
-        everything = [x for found in logs.values() for x in found]
-        families = {family: spread(found) for family, found in logs.items() if len(found) >= MIN_REPEATS}
-        return cls(space, ladders, spread(everything), len(grid), families)
+        repeats = {key: [grid[key], point] for key, point in read_trials(path, record["model"], "repeat").items()}
+        window_noise, families = noise(repeats)
+        tuned = grouped(read_points(path, record["model"], "noise"))
+        if sum(len(points) - 1 for points in tuned.values()) >= MIN_REPEATS:  # measured with the tune's windows
+            overall, families = noise(tuned)
+        else:
+            overall = window_noise
+        return cls(space, ladders, overall, len(grid), families, window_noise)
 
     def truth(self, candidate: Candidate, concurrency: int) -> Point:
         """The recorded point; between two, interpolated on log concurrency; past the last one, its throughput with

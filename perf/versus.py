@@ -1,12 +1,14 @@
-"""A tuned repository side by side with the one it was tuned from, in one run: every variant of one model in both,
-at a few concurrencies, in interleaved rounds (a new order every round), one model loaded at a time.
+"""Tuned repositories side by side with the one they were tuned from, in one run: every variant of one model in
+each, at a few concurrencies, in interleaved rounds (a new order every round), one model loaded at a time.
 
-    python -m tritonhf.perf.versus --untuned model_repository --tuned tuned_repository --model NAME
+    python -m tritonhf.perf.versus --untuned model_repository --tuned tuned_repository [another ...] --model NAME
 
-Two servers run, one per repository, with nothing loaded but the model being measured (loaded, measured at each
+One server runs per repository, with nothing loaded but the model being measured (loaded, measured at each
 concurrency, unloaded). Per model and concurrency: the median of the rounds; the noise is the spread of the
-untuned ``<name>``'s rounds. The verdict, per concurrency: the tuned ``<name>`` against the fastest model of either
-repository (the goal: 95% of it or more), and against the untuned ``<name>`` (never below it beyond the noise).
+untuned ``<name>``'s rounds. The verdict, per concurrency and tuned repository: its ``<name>`` against the fastest
+model of any repository (the goal: 95% of it or more), and against the untuned ``<name>`` (never below it beyond
+the noise); with two tuned repositories or more (separate tunes of the same source), how far apart their
+``<name>``s are (the goal: within 10%).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tritonhf.repository import read_manifest
 from tritonhf.server import TritonServer, find_installation
 
 SHARE_OF_FASTEST = 0.95
+AGREE = 0.10  # separate tunes' <name>s: within this of each other
 
 
 def family(repository: Path, name: str) -> list[str]:
@@ -36,12 +39,13 @@ def family(repository: Path, name: str) -> list[str]:
 
 
 def run(
-    untuned: Path, tuned: Path, name: str, concurrencies: list[int], rounds: int, window_ms: int, work: Path
+    untuned: Path, tuned: list[Path], name: str, concurrencies: list[int], rounds: int, window_ms: int, work: Path
 ) -> str:
     work.mkdir(parents=True, exist_ok=True)
     data = data_file(work / "prompts.json")
     env = find_installation().env
-    repositories = {"untuned": untuned, "tuned": tuned}
+    labels = ["tuned"] if len(tuned) == 1 else [f"tuned {i}" for i in range(1, len(tuned) + 1)]
+    repositories = {"untuned": untuned, **dict(zip(labels, tuned))}
     entries = [(label, model) for label, path in repositories.items() for model in family(path, name)]
     figures: dict[tuple[str, str, int], list[float]] = {}
     with ExitStack() as stack:
@@ -75,24 +79,34 @@ def table(figures: dict[tuple[str, str, int], list[float]], name: str, concurren
         cells = [f"{medians[(label, model, c)]:.1f}" for c in concurrencies]
         lines.append(f"| {label} | {model} | " + " | ".join(cells) + " |")
     lines.append("")
+    tuned = [label for label in dict.fromkeys(label for label, _, _ in figures) if label != "untuned"]
     for c in concurrencies:
         base = figures[("untuned", name, c)]
         noise = (max(base) - min(base)) / statistics.median(base)
         fastest = max((v, f"{label} {model}") for (label, model, cc), v in medians.items() if cc == c)
-        mine, untuned = medians[("tuned", name, c)], medians[("untuned", name, c)]
-        share_ok = mine >= SHARE_OF_FASTEST * fastest[0]
-        lines.append(
-            f"- c{c}: tuned {name} {mine:.1f}/s = {mine / fastest[0]:.0%} of the fastest ({fastest[1]},"
-            f" {fastest[0]:.1f}/s): {'met' if share_ok else 'MISSED'}; {mine / untuned:.2f}x the untuned {name}"
-            f" (noise {noise:.0%}): {'met' if mine >= untuned * (1 - noise) else 'MISSED'}"
-        )
+        untuned = medians[("untuned", name, c)]
+        for label in tuned:
+            mine = medians[(label, name, c)]
+            share_ok = mine >= SHARE_OF_FASTEST * fastest[0]
+            lines.append(
+                f"- c{c}: {label} {name} {mine:.1f}/s = {mine / fastest[0]:.0%} of the fastest ({fastest[1]},"
+                f" {fastest[0]:.1f}/s): {'met' if share_ok else 'MISSED'}; {mine / untuned:.2f}x the untuned {name}"
+                f" (noise {noise:.0%}): {'met' if mine >= untuned * (1 - noise) else 'MISSED'}"
+            )
+        if len(tuned) > 1:
+            theirs = [medians[(label, name, c)] for label in tuned]
+            apart = max(theirs) / min(theirs) - 1
+            lines.append(
+                f"- c{c}: the {len(tuned)} tuned {name}s are {apart:.1%} apart:"
+                f" {'met' if apart <= AGREE else 'MISSED'} (within {AGREE:.0%})"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m tritonhf.perf.versus")
     parser.add_argument("--untuned", type=Path, required=True)
-    parser.add_argument("--tuned", type=Path, required=True)
+    parser.add_argument("--tuned", type=Path, nargs="+", required=True, help="one tuned repository, or several")
     parser.add_argument("--model", required=True, help="the plain name")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rounds", type=int, default=3)

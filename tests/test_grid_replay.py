@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tritonhf.perf.grid import Grid
+from tritonhf.perf.grid import BOUNDS, Grid
 from tritonhf.tune import Trials
 from tritonhf.tuning import Search
 
 from .test_tuning import SPACE, truth
 
 GRIDS = sorted((Path(__file__).parents[1] / "perf" / "grids").glob("*.csv"))
-BOUNDS = (None, 250.0, 100.0)  # p99 ms: throughput only, and two bounds the full-size models meet on 2 cores
 
 
 # The first grid (DistilBERT, 2-core AMD EPYC, 2026-12-02) was measured with 500 ms windows to fit a session: its

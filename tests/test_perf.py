@@ -13,6 +13,7 @@ from tritonhf.perf.generation import MIXED_TOKENS, measure_mixed, mixed_data
 from tritonhf.perf.metrics import server_side, snapshot
 from tritonhf.perf.report import plot, plot_mixed, summary_markdown
 from tritonhf.perf.suite import Served, ratio
+from tritonhf.perf.versus import table
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.variants import FUSED, NATIVE, PYTHON_ENSEMBLE, VARIANTS
 
@@ -184,3 +185,19 @@ def test_report_and_plot(tmp_path: Path) -> None:
     )
     plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_side_by_side_verdicts() -> None:
+    """perf/versus.py's table: each tuned <name> against the fastest of any repository (95%) and the untuned <name>
+    (within the noise), and separate tunes against each other (within 10%)."""
+    figures = {
+        ("untuned", "m", 16): [100.0, 104.0, 96.0],
+        ("untuned", "m_onnx-int8", 16): [200.0, 201.0, 199.0],
+        ("tuned 1", "m", 16): [196.0, 197.0, 195.0],
+        ("tuned 2", "m", 16): [176.0, 178.0, 177.0],
+    }
+    verdicts = [line for line in table(figures, "m", [16]).splitlines() if line.startswith("- ")]
+    assert verdicts[0].startswith("- c16: tuned 1 m 196.0/s = 98% of the fastest (untuned m_onnx-int8, 200.0/s): met")
+    assert verdicts[1].startswith("- c16: tuned 2 m 177.0/s = 88% of the fastest") and "MISSED" in verdicts[1]
+    assert "1.77x the untuned m (noise 8%): met" in verdicts[1]
+    assert verdicts[2] == "- c16: the 2 tuned ms are 10.7% apart: MISSED (within 10%)"

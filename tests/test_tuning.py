@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, NoCandidateError, Point, Search, Space
+from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, NoCandidateError, Point, Search, Space, estimate
 
 # Served req/s of one single-threaded instance at batch 1 (the AMD EPYC figures of issue #20, relative).
 SPEED = {"clf": 60.0, "clf_onnx": 75.0, "clf_onnx-int8": 118.0, "clf_torchscript": 66.0}
@@ -103,3 +103,29 @@ def test_the_default_stays_unless_beaten_beyond_the_noise() -> None:
 def test_a_bound_no_candidate_meets_names_the_closest() -> None:
     with pytest.raises(NoCandidateError, match=r"the closest was .* concurrency 1: p99 .* ms, \+\d+% over the 1 ms"):
         Search(SPACE, noisy(0), 1.0, budget=200).run()
+
+
+def test_the_finals_race_spends_their_rounds_on_the_close() -> None:
+    """Four entrants: two far behind drop out after the third round, the two close ones race on, the faster wins."""
+    speeds = {DEFAULT: 60.0, replace(DEFAULT, instances=1): 70.0}
+    fast, close = replace(DEFAULT, variant="clf_onnx-int8"), replace(DEFAULT, variant="clf_onnx")
+    speeds |= {fast: 100.0, close: 95.0}
+    rng = random.Random(0)
+
+    def measure(candidate: Candidate, concurrency: int) -> Point:
+        return Point(candidate, concurrency, speeds[candidate] * math.exp(rng.gauss(0, 0.04)), 10.0)
+
+    search = Search(SPACE, measure, None, budget=80)
+    for candidate in speeds:
+        search.point(candidate, 8)
+    outcome = search.finals()
+    rounds = {c: len(points) for c, points in outcome.finalists.items()}
+    assert outcome.chosen == fast, outcome.note
+    assert rounds[DEFAULT] == rounds[replace(DEFAULT, instances=1)] == 3, rounds
+    assert rounds[fast] > 3 and rounds[close] > 3, rounds
+
+
+def test_a_stalled_window_weighs_no_more_than_a_lucky_one() -> None:
+    """The finals' estimate of repeated measurements trims its ends: one stall (a tenth of the rate) barely moves it."""
+    points = [Point(DEFAULT, 8, rate, 10.0) for rate in (100.0, 102.0, 98.0, 101.0, 10.0)]
+    assert estimate(points).throughput == pytest.approx(100.3, rel=0.01)

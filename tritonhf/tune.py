@@ -44,7 +44,7 @@ from tritonhf.prescreen import KEEP as PRESCREEN_KEEP
 from tritonhf.prescreen import Timing, prescreen
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
-from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space
+from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space, estimate
 from tritonhf.variants import ENCODERS, ONNX, PYTHON, VARIANTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -52,6 +52,7 @@ GPU_BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # a GPU's forward costs about
 GPU_INSTANCES = (1, 2, 3)  # instances share the GPU: more than a few only split its memory and its streams
 DELAYS_US = (0, 500, 2000, 8000)
 MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
+WINDOW_MS = 2000  # perf_analyzer's measurement window in a tune
 SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
 TRIAL_FIELDS = ("model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "concurrency")
 
@@ -63,7 +64,7 @@ class TuneOptions:
     models: tuple[str, ...] = ()  # the plain names to tune; none: every classifier and embedder
     p99_ms: float | None = None
     budget_minutes: float = BUDGET_MINUTES
-    window_ms: int = 2000
+    window_ms: int = WINDOW_MS
     prescreen: bool = True  # time the variants in-process first: drop clear losers, fit the length-bucket overhead
 
     @property
@@ -142,8 +143,15 @@ def configured(
 class Live:
     """``tuning.Measure`` on this machine: the candidate loaded in the running server, then perf_analyzer."""
 
+    STABILITY_PERCENT = 20
+
     def __init__(
-        self, server: TritonServer, repository: Path, workdir: Path, window_ms: int, stability_percent: int = 20
+        self,
+        server: TritonServer,
+        repository: Path,
+        workdir: Path,
+        window_ms: int,
+        stability_percent: int = STABILITY_PERCENT,
     ) -> None:
         self.server, self.repository, self.workdir, self.window_ms = server, repository, workdir, window_ms
         self.stability_percent = stability_percent  # three windows within this of their mean (perf/analyzer.py)
@@ -391,6 +399,17 @@ def report(
                 f" {point.concurrency} | {point.throughput / outcome.default.throughput:.2f}x |"
                 f" {memory.get(point.candidate, 0) / 2**20:.0f} |"
                 f" {outcome.note if label == 'tuned' else ''} |"
+            )
+    for name, outcome in outcomes.items():
+        lines += ["", f"## {name}: the finals, a race (one measurement's noise: {outcome.noise:.1%})", ""]
+        lines += ["| candidate | rounds | req/s | p99 ms | |", "|---|---|---|---|---|"]
+        most = max(map(len, outcome.finalists.values()))
+        for candidate, points in sorted(outcome.finalists.items(), key=lambda item: -estimate(item[1]).throughput):
+            found = estimate(points)
+            default = " (the default)" if candidate == outcome.default.candidate else ""
+            fate = "chosen" if candidate == outcome.chosen else "to the end" if len(points) == most else "dropped"
+            lines.append(
+                f"| {candidate.label}{default} | {len(points)} | {found.throughput:.1f} | {found.p99_ms:.1f} | {fate} |"
             )
     for name, found in timings.items():
         lines += ["", f"## {name}: in-process, before the live search (prescreen.py)", ""]

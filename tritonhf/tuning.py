@@ -9,17 +9,20 @@ server, the model reloaded with the candidate's config, perf_analyzer) or replay
 Model Analyzer's quick search ties the load to the configuration (concurrency = 2 x batch x instances), measures
 each point once and takes any gain, noise included. Here:
 
-1. **Capacity, not one point.** A candidate's score is its highest throughput with p99 within the bound and no
-   error or refusal: concurrency doubles while that holds and throughput still grows beyond the noise, then one
-   bisection between the last pass and the first failure.
-2. **Screen, then climb.** Every variant (and verified precision) is scored in the default layout; those far behind
-   the best are dropped. The survivors climb: a neighbour (instances, batch size or queue delay one step away) is
-   scored from the incumbent's load upwards (a larger batch needs more load to show), and taken only if it beats
-   the incumbent by more than the noise.
-3. **Finals, interleaved.** The best few and today's default are measured again in rounds, in a new order every
-   round, at each one's own load; the default is kept unless a finalist's median beats it by more than the noise
-   measured in those same rounds. Ties (within the noise) go to fewer processes, then to the lower latency at
-   concurrency 1.
+1. **Capacity, not one point.** A candidate's score is its throughput at the highest load with p99 within the
+   bound and no error or refusal: concurrency doubles while that holds and throughput still grows, then one
+   bisection between the last pass and the first failure. Past saturation a closed loop's throughput stays, so the
+   highest passing load measures the capacity, where the best of a few noisy points would measure luck.
+2. **Screen, then best-first.** Every variant (and verified precision) is scored in the default layout; those far
+   behind the best are dropped. Then, until the search's share of the budget is spent, the fastest point not yet
+   expanded has its neighbours (instances, batch size or queue delay one step away) scored from its load upwards (a
+   larger batch needs more load to show). A single hill-climb stops at the first unlucky measurement; this goes on
+   to the next fastest, and leaves the noise to the finals.
+3. **Finals, a race.** The best few and today's default are measured again in interleaved rounds (a new order
+   every round, each at its own load). From the third round, an entrant that fails the bound in most rounds, or
+   that the leader beats by more than two standard errors of the difference (the noise pooled over all the rounds),
+   drops out, and the rounds left go to those still close. The default is kept unless the winner beats it so. Ties
+   (within ``MIN_NOISE``: equal in practice) go to fewer processes, then to the lower latency at concurrency 1.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from dataclasses import dataclass, field, replace
 from tritonhf import TritonHFError
 
 MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a shared machine's floor
-MAX_ROUNDS = 7  # of the finals, where the budget allows
+MIN_ROUNDS, MAX_ROUNDS = 3, 30  # of the finals: at least, and at most where the budget and the deadline allow
+FINALS_SHARE = 0.4  # of the budget, kept for the finals' race
+Z = 2.0  # standard errors of a difference that make it a difference
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
 BUDGET_MINUTES = 30.0  # for all the models of one tune
@@ -148,7 +153,6 @@ class Search:
     p99_ms: float | None
     budget: int = 120  # measurements in all, the finals' included
     deadline: float | None = None  # time.monotonic() by which the finals should be done, too
-    rounds: int = 3  # of the finals
     finalists: int = 4  # besides the default
     seed: int = 0
     on_trial: Callable[[Point, Point | None], None] = lambda point, best: None
@@ -158,19 +162,17 @@ class Search:
     best: Point | None = None
     started: float = field(default_factory=time.monotonic)
     phase: str = "search"  # then "finals"
+    measured: set[Candidate] = field(default_factory=set)
 
-    def point(self, candidate: Candidate, concurrency: int, again: bool = False) -> Point:
-        """A measurement, remembered (``again``: measured anew, as the finals do)."""
+    def point(self, candidate: Candidate, concurrency: int) -> Point:
+        """A measurement, remembered."""
         key = (candidate, concurrency)
-        if key in self.cache and not again:
+        if key in self.cache:
             return self.cache[key]
-        if len(self.trials) >= self.budget - self.reserved:
+        if self.spent():
             raise BudgetSpentError
-        if self.deadline is not None and self.trials:  # the finals' share, at the pace measured so far
-            pace = (time.monotonic() - self.started) / len(self.trials)
-            if time.monotonic() + pace * (self.reserved + 1) > self.deadline:
-                raise BudgetSpentError
         point = self.measure(candidate, concurrency)
+        self.measured.add(candidate)
         self.trials.append(point)
         self.cache[key] = point
         if self.fits(point) and (self.best is None or point.throughput > self.best.throughput):
@@ -182,82 +184,97 @@ class Search:
         """Passes with the noise to spare: a capacity found at the bound's very edge would fail half the finals."""
         return point.passes(None if self.p99_ms is None else self.p99_ms / (1 + self.noise))
 
-    def better(self, a: Point | None, b: Point | None) -> bool:
-        """``a`` beats ``b`` beyond the noise (a passing point beats a failing one, or none)."""
-        if a is None or not self.fits(a):
-            return False
-        return b is None or not self.fits(b) or a.throughput > b.throughput * (1 + self.noise)
-
     def capacity(self, candidate: Candidate, start: int | None = None) -> Point | None:
-        """The highest-throughput passing point: from a first load that passes (halved until one does), the
-        concurrency doubles while it passes and still gains beyond the noise; then one bisection between the last
-        pass and the first failure. None: it fails even at concurrency 1."""
-        concurrency = start or max(1, candidate.instances * min(candidate.max_batch_size, 4))
-        best = self.point(candidate, concurrency)
-        while not self.fits(best):
-            if concurrency == 1:
-                return None
-            concurrency //= 2
-            best = self.point(candidate, concurrency)
-        failed_at = None
+        """The point at the highest load that passes: from a first load that passes (halved until one does), the
+        concurrency doubles while it passes and still gains more than ``MIN_NOISE``; then one bisection between the
+        last pass and the first failure. The highest passing load, not the highest single throughput: past
+        saturation a closed loop's throughput stays, so the highest load measures the capacity, where the best of
+        a few noisy points would measure the luck. None: it fails even at concurrency 1."""
+        best = self.first_fit(candidate, start or max(1, candidate.instances * min(candidate.max_batch_size, 4)))
+        if best is None:
+            return None
+        concurrency, failed_at = best.concurrency, None
         while (concurrency := concurrency * 2) <= MAX_CONCURRENCY:
             point = self.point(candidate, concurrency)
             if not self.fits(point):
                 failed_at = concurrency
                 break
-            gained = point.throughput > best.throughput * (1 + self.noise)
-            best = max(best, point, key=lambda p: p.throughput)
+            gained = point.throughput > best.throughput * (1 + MIN_NOISE)
+            best = point  # the higher load: a closed loop's throughput doesn't fall with load, beyond the noise
             if not gained:
                 break  # saturated: more load only queues
         if failed_at is not None and failed_at - best.concurrency > 1:
             middle = self.point(candidate, (best.concurrency + failed_at) // 2)
-            if self.fits(middle) and middle.throughput > best.throughput:
+            if self.fits(middle):
                 best = middle
         return best
 
-    def climb(self, start: Point) -> Point:
-        """From a screened point, take the first neighbour that beats the incumbent at its load, until none does."""
-        incumbent = start
-        seen = {start.candidate}
-        moved = True
-        while moved:
-            moved = False
-            for neighbour in self.space.neighbours(incumbent.candidate):
-                if neighbour in seen:
-                    continue
-                seen.add(neighbour)
-                found = self.capacity(neighbour, incumbent.concurrency)  # from the incumbent's load, upwards
-                if self.better(found, incumbent):
-                    incumbent, moved = found, True
-                    break
-        return incumbent
+    def first_fit(self, candidate: Candidate, concurrency: int) -> Point | None:
+        """The point at ``concurrency``, halved until one passes (None: not even concurrency 1 does)."""
+        while not self.fits(point := self.point(candidate, concurrency)):
+            if concurrency == 1:
+                return None
+            concurrency //= 2
+        return point
 
-    @property
-    def reserved(self) -> int:
-        """Measurements kept for the finals."""
-        return self.rounds * (self.finalists + 1)
+    def explore(self, survivors: set[tuple[str, str]]) -> None:
+        """Best-first, until the search's share of the budget is spent: the fastest point not yet expanded (of a
+        surviving variant and precision) has each of its neighbours never measured scored from its load upwards (a
+        larger batch needs more load to show). One noisy point can't stop it as it stops a single hill-climb: the
+        next fastest is expanded in turn, and the finals race what it found."""
+        expanded: set[Candidate] = set()
+        while True:
+            frontier = [p for c, p in self.pool().items() if c not in expanded and (c.variant, c.dtype) in survivors]
+            if not frontier:
+                return
+            parent = max(frontier, key=lambda p: p.throughput)
+            expanded.add(parent.candidate)
+            for neighbour in self.space.neighbours(parent.candidate):
+                if neighbour not in self.measured:
+                    self.capacity(neighbour, parent.concurrency)
+
+    def spent(self) -> bool:
+        """The search's share is spent: ``FINALS_SHARE`` of the measurements, and of the time to the deadline, is
+        the finals' (and never less than ``MIN_ROUNDS`` rounds of them all, at the pace measured so far)."""
+        least = MIN_ROUNDS * (self.finalists + 1)
+        if len(self.trials) >= self.budget - max(least, int(FINALS_SHARE * self.budget)):
+            return True
+        if self.deadline is None or not self.trials:
+            return False
+        now = time.monotonic()
+        pace = (now - self.started) / len(self.trials)
+        return now > self.deadline - FINALS_SHARE * (self.deadline - self.started) or now + pace * least > self.deadline
 
     def run(self) -> Outcome:
         try:
             default = self.capacity(self.space.default)
             if default is not None:  # the noise, from the first repeat: what a gain must exceed during the search
                 again = self.measure_again(default)
-                self.noise = max(MIN_NOISE, spread([default, again]))
-            screened = [found for c in self.space.screened() if (found := self.capacity(c)) is not None]
+                self.noise = max(MIN_NOISE, pooled_log_sd([(default, again)]))
+            load = default.concurrency if default is not None else 1  # one point each, at the default's capacity
+            screened = [found for c in self.space.screened() if (found := self.first_fit(c, load)) is not None]
             if screened:
-                top = max(p.throughput for p in screened)
-                for survivor in sorted((p for p in screened if p.throughput >= SCREEN_KEEP * top), key=score):
-                    self.climb(survivor)
+                top = max(screened, key=lambda p: p.throughput)
+                self.capacity(top.candidate, top.concurrency)
+                if self.p99_ms is not None:  # a bound's best batch may be anywhere on the axis: look along it
+                    for batch in self.space.batch_sizes[::2]:
+                        seed = replace(top.candidate, max_batch_size=batch)
+                        self.capacity(seed if reachable(seed) else replace(seed, queue_delay_us=0))
+                keep = SCREEN_KEEP * top.throughput
+                self.explore({(p.candidate.variant, p.candidate.dtype) for p in screened if p.throughput >= keep})
         except BudgetSpentError:
             pass  # the finals have their own share: see finals()
         return self.finals()
 
     def pool(self) -> dict[Candidate, Point]:
-        """Each candidate's best fitting point so far: its capacity, or as far as the budget let it get."""
-        return best_per_candidate(filter(self.fits, self.trials))
+        """Each candidate's fitting point at the highest load so far: its capacity, or as far as the budget let it
+        get."""
+        return most_loaded(filter(self.fits, self.trials))
 
     def finals(self) -> Outcome:
-        """The best few and the default, measured again in interleaved rounds at each one's own load."""
+        """The best few and the default, raced: measured again in interleaved rounds (a new order every round, each
+        at its own load); from ``MIN_ROUNDS`` on, an entrant that fails the bound in most rounds, or falls behind the
+        leader beyond the noise, drops out, so that the rounds left go to those still close."""
         self.phase = "finals"
         pool = self.pool()
         default = pool.get(self.space.default)
@@ -267,39 +284,56 @@ class Search:
             raise NoCandidateError(self.closest())
         rng = random.Random(self.seed)
         rounds: dict[Candidate, list[Point]] = {p.candidate: [] for p in entrants}
-        count = self.final_rounds(len(entrants))
-        for _ in range(count):
-            for entrant in rng.sample(entrants, len(entrants)):  # a new order every round
+        racing = entrants
+        for number in itertools.count(1):
+            for entrant in rng.sample(racing, len(racing)):
                 rounds[entrant.candidate].append(self.measure_again(entrant))
-        if default is not None:  # what a median of ``count`` must beat another by: about two sd of the difference
-            self.noise = max(MIN_NOISE, 3.5 * log_sd(rounds[default.candidate]) / math.sqrt(count))
-        medians = {c: median_point(points) for c, points in rounds.items()}
-        passing = {c: m for c, m in medians.items() if majority_pass(rounds[c], self.p99_ms)}
+            if number >= MIN_ROUNDS:
+                self.noise = max(MIN_NOISE, pooled_log_sd(rounds.values()))
+                racing = self.still_racing(racing, rounds)
+            if len(racing) < 2 or number >= MAX_ROUNDS or not self.affords(len(racing)):
+                break
+        estimates = {c: estimate(points) for c, points in rounds.items()}
+        passing = {p.candidate: estimates[p.candidate] for p in racing}  # still racing: passing, and not beaten
         if not passing:
             raise NoCandidateError(self.closest())
-        top = max(m.throughput for m in passing.values())
-        tied = [c for c, m in passing.items() if m.throughput * (1 + self.noise) >= top]
+        top = max(e.throughput for e in passing.values())
+        tied = [c for c, e in passing.items() if e.throughput * (1 + MIN_NOISE) >= top]  # equal in practice
         fewest = min(c.instances for c in tied)
         tied = [c for c in tied if c.instances == fewest]
-        alone = {c: self.measure_again(Point(c, 1, 0.0, 0.0)).p99_ms for c in tied} if len(tied) > 1 else {}
-        chosen = min(tied, key=lambda c: alone.get(c, 0.0))  # then the lower latency at concurrency 1
+        timed = len(tied) > 1 and self.affords(len(tied))
+        alone = {c: self.measure_again(Point(c, 1, 0.0, 0.0)).p99_ms for c in tied} if timed else {}
+        chosen = min(tied, key=lambda c: (alone.get(c, 0.0), -passing[c].throughput))  # then the lower latency at c1
         note = "the fastest beyond the noise" if len(tied) == 1 else "the fewest processes among the fastest"
-        baseline = medians[default.candidate] if default is not None else medians[chosen]
-        beaten = passing[chosen].throughput > baseline.throughput * (1 + self.noise)
-        if default is not None and default.candidate in passing and not beaten:
+        baseline = estimates[default.candidate] if default is not None else estimates[chosen]
+        if default is not None and default.candidate in passing and not self.beats(rounds, chosen, default.candidate):
             chosen, note = default.candidate, "the default: nothing beat it beyond the noise"
         layouts = {c.variant: c for c, _ in sorted(pool.items(), key=lambda item: item[1].throughput)}
         layouts[chosen.variant] = chosen
-        return Outcome(chosen, medians[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
+        return Outcome(chosen, estimates[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
 
-    def final_rounds(self, entrants: int) -> int:
-        """``rounds`` at least; more, up to ``MAX_ROUNDS``, while the budget and the deadline (at the pace so far)
-        allow: on a noisy machine the medians of more rounds tell closer candidates apart."""
-        left = self.budget - len(self.trials)
-        if self.deadline is not None and self.trials:
-            pace = (time.monotonic() - self.started) / len(self.trials)
-            left = min(left, int((self.deadline - time.monotonic()) / pace))
-        return max(self.rounds, min(MAX_ROUNDS, left // entrants))
+    def still_racing(self, racing: list[Point], rounds: dict[Candidate, list[Point]]) -> list[Point]:
+        """Those that pass the bound in most rounds and that the leader doesn't beat beyond the noise."""
+        passing = [p for p in racing if majority_pass(rounds[p.candidate], self.p99_ms)]
+        if not passing:
+            return []
+        leader = max(passing, key=lambda p: estimate(rounds[p.candidate]).throughput).candidate
+        return [p for p in passing if p.candidate == leader or not self.beats(rounds, leader, p.candidate)]
+
+    def beats(self, rounds: dict[Candidate, list[Point]], a: Candidate, b: Candidate) -> bool:
+        """``a``'s rounds beat ``b``'s by more than ``Z`` standard errors of the difference (and ``MIN_NOISE``)."""
+        difference = math.log(estimate(rounds[a]).throughput / estimate(rounds[b]).throughput)
+        error = self.noise * math.sqrt(1 / len(rounds[a]) + 1 / len(rounds[b]))
+        return difference > max(Z * error, math.log1p(MIN_NOISE))
+
+    def affords(self, measurements: int) -> bool:
+        """Another round of ``measurements`` fits the budget, and the deadline at the pace so far."""
+        if len(self.trials) + measurements > self.budget:
+            return False
+        if self.deadline is None or not self.trials:
+            return True
+        pace = (time.monotonic() - self.started) / len(self.trials)
+        return time.monotonic() + pace * measurements <= self.deadline
 
     def measure_again(self, point: Point) -> Point:
         """A finals measurement: outside the budget's search share, never from the cache."""
@@ -335,21 +369,42 @@ def best_per_candidate(points: Iterable[Point]) -> dict[Candidate, Point]:
     return best
 
 
+def most_loaded(points: Iterable[Point]) -> dict[Candidate, Point]:
+    """Each candidate's point at the highest concurrency among ``points`` (of two there, the faster)."""
+    found: dict[Candidate, Point] = {}
+    for point in points:
+        if point.candidate not in found or (point.concurrency, point.throughput) > (
+            found[point.candidate].concurrency,
+            found[point.candidate].throughput,
+        ):
+            found[point.candidate] = point
+    return found
+
+
 def score(point: Point) -> float:
     """Sort key: the highest throughput first."""
     return -point.throughput
 
 
-def spread(points: Iterable[Point]) -> float:
-    """Relative spread of repeated throughputs: (max - min) / median."""
-    values = [p.throughput for p in points]
-    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 and min(values) > 0 else 0.0
+def pooled_log_sd(groups: Iterable[Sequence[Point]]) -> float:
+    """One measurement's relative noise, from several candidates' repeats (each about its own mean)."""
+    squares, freedom = 0.0, 0
+    for points in groups:
+        logs = [math.log(p.throughput) for p in points if p.throughput > 0]
+        if len(logs) > 1:
+            squares += statistics.variance(logs) * (len(logs) - 1)
+            freedom += len(logs) - 1
+    return math.sqrt(squares / freedom) if freedom else 0.0
 
 
-def log_sd(points: Sequence[Point]) -> float:
-    """The sd of log throughput of repeated measurements: one measurement's relative noise."""
-    logs = [math.log(p.throughput) for p in points if p.throughput > 0]
-    return statistics.stdev(logs) if len(logs) > 1 else 0.0
+def estimate(points: Sequence[Point]) -> Point:
+    """Repeated measurements of one candidate at one load as one: throughput their trimmed geometric mean (a fifth
+    off each end: a stalled window weighs no more than a lucky one), p99 their median."""
+    logs = sorted(math.log(p.throughput) for p in points if p.throughput > 0) or [-math.inf]
+    cut = len(logs) // 5
+    kept = logs[cut : len(logs) - cut]
+    p99s = sorted(p.p99_ms for p in points)
+    return replace(points[0], throughput=math.exp(sum(kept) / len(kept)), p99_ms=p99s[len(p99s) // 2])
 
 
 def median_point(points: Sequence[Point]) -> Point:
