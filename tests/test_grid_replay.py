@@ -1,6 +1,7 @@
 """``tritonhf tune``'s search held to a brute-force grid measured on a real machine (perf/grids/, recorded by
-perf/grid.py): replayed ten times, each with the grid's own measured noise, the choice is within 5% of the grid's
-best in at least 9, and the search measures no more than a tenth of what the grid did."""
+perf/grid.py): replayed ten times, each with the noise measured on that machine with the tune's own windows, the
+choice is within 5% of the grid's best in at least 9, and the search measures no more than a tenth of what the grid
+did."""
 
 from __future__ import annotations
 
@@ -21,25 +22,32 @@ from .test_tuning import SPACE, truth
 GRIDS = sorted((Path(__file__).parents[1] / "perf" / "grids").glob("*.csv"))
 
 
-# The first grid (DistilBERT, 2-core AMD EPYC, 2026-12-02) was measured with 500 ms windows to fit a session: its
-# noise (sd of log throughput 11% for two int8 instances, 38% for one ONNX instance of two threads) is about twice
-# what the tune's own 2 s windows see, and its top candidates are closer than that (the second 93% of the first).
-# Replayed with that noise, the search's choice reached 86-94% of the best with no bound, 95-100% in 6 of 10 replays
-# at 250 ms (94.9% in the others) and 63-76% at 100 ms: the issue's bar is not met on it. Recorded as a known,
-# strict failure (a pass would fail the suite, to be looked at) until a grid measured with the tune's own windows
-# replaces it (issue #20).
-NOT_YET = {"distilbert-base-uncased-finetuned-sst-2-english": "grid noisier than the tune; tight bounds: see above"}
+# Where the search is known to miss the bar, and why: a pass would fail the suite (strict), to be looked at.
+NOT_YET = {
+    # The grid's best under 100 ms (ONNX int8, 2 x batch 4, 2 ms delay) sits at concurrency 8 with a median p99 of
+    # 97 ms over 13 measurements, 3% inside the bound, where one measurement's p99 varies by 10-20%: measured once,
+    # it fails the bound about a third of the time, and the search (which keeps the noise to spare) picks the best
+    # point that meets it reliably, 2 x batch 1 at 84 ms: 91% of the best (issue #20).
+    ("distilbert-base-uncased-finetuned-sst-2-english", 100.0): "the grid's best is 3% inside the bound: see above",
+}
 
 
-@pytest.mark.parametrize("p99_ms", BOUNDS)
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=[pytest.mark.xfail(strict=True, reason=NOT_YET[p.stem])] if p.stem in NOT_YET else [])
-        for p in GRIDS
-    ],
-    ids=[p.stem for p in GRIDS],
-)
+def cases() -> list:
+    return [
+        pytest.param(
+            path,
+            p99_ms,
+            id=f"{path.stem}-{p99_ms}",
+            marks=[pytest.mark.xfail(strict=True, reason=NOT_YET[key])]
+            if (key := (path.stem, p99_ms)) in NOT_YET
+            else [],
+        )
+        for path in GRIDS
+        for p99_ms in BOUNDS
+    ]
+
+
+@pytest.mark.parametrize(("path", "p99_ms"), cases())
 def test_the_search_finds_the_grids_best_in_a_tenth_of_it(path: Path, p99_ms: float | None) -> None:
     grid = Grid.load(path)
     best, top = grid.best(p99_ms)
@@ -49,7 +57,8 @@ def test_the_search_finds_the_grids_best_in_a_tenth_of_it(path: Path, p99_ms: fl
         shares.append(grid.capacity(outcome.chosen, p99_ms) / top)
         used.append(len(outcome.trials))
     print(
-        f"\n{path.stem} p99 {p99_ms}: noise {grid.noise:.1%}, best {top:.1f}/s ({best.label});"
+        f"\n{path.stem} p99 {p99_ms}: noise {grid.noise:.1%} (the grid's own windows: {grid.window_noise:.1%}),"
+        f" best {top:.1f}/s ({best.label});"
         f" share of it {[f'{s:.2f}' for s in shares]}; measurements {used} of {grid.measurements}"
     )
     assert sum(s >= 0.95 for s in shares) >= 9, shares

@@ -13,11 +13,13 @@ each point once and takes any gain, noise included. Here:
    bound and no error or refusal: concurrency doubles while that holds and throughput still grows, then one
    bisection between the last pass and the first failure. Past saturation a closed loop's throughput stays, so the
    highest passing load measures the capacity, where the best of a few noisy points would measure luck.
-2. **Screen, then best-first.** Every variant (and verified precision) is scored in the default layout; those far
-   behind the best are dropped. Then, until the search's share of the budget is spent, the fastest point not yet
-   expanded has its neighbours (instances, batch size or queue delay one step away) scored from its load upwards (a
-   larger batch needs more load to show). A single hill-climb stops at the first unlucky measurement; this goes on
-   to the next fastest, and leaves the noise to the finals.
+2. **Screen, then best-first.** Every variant (and verified precision) is measured in the default layout at the
+   default's capacity load, one point each; those far behind the best are dropped, the best one's capacity is
+   found. Under a p99 bound, its every other batch size is scored too: the batch a bound allows can be anywhere
+   on the axis, far from the default's. Then, until the search's share of the budget is spent, the fastest point
+   not yet expanded has its neighbours (instances, batch size or queue delay one step away) scored from its load
+   upwards (a larger batch needs more load to show). A single hill-climb stops at the first unlucky measurement;
+   this goes on to the next fastest, and leaves the noise to the finals.
 3. **Finals, a race.** The best few and today's default are measured again in interleaved rounds (a new order
    every round, each at its own load). From the third round, an entrant that fails the bound in most rounds, or
    that the leader beats by more than two standard errors of the difference (the noise pooled over all the rounds),
@@ -40,6 +42,7 @@ from tritonhf import TritonHFError
 MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a shared machine's floor
 MIN_ROUNDS, MAX_ROUNDS = 3, 30  # of the finals: at least, and at most where the budget and the deadline allow
 FINALS_SHARE = 0.4  # of the budget, kept for the finals' race
+FINALS_PACE = 2.0  # a finals measurement's time, to a search measurement's: each one reloads its candidate
 Z = 2.0  # standard errors of a difference that make it a difference
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
@@ -235,7 +238,8 @@ class Search:
 
     def spent(self) -> bool:
         """The search's share is spent: ``FINALS_SHARE`` of the measurements, and of the time to the deadline, is
-        the finals' (and never less than ``MIN_ROUNDS`` rounds of them all, at the pace measured so far)."""
+        the finals' (and never less than ``MIN_ROUNDS`` rounds of them all, at ``FINALS_PACE`` times the pace
+        measured so far: a finals measurement reloads its candidate every time)."""
         least = MIN_ROUNDS * (self.finalists + 1)
         if len(self.trials) >= self.budget - max(least, int(FINALS_SHARE * self.budget)):
             return True
@@ -243,7 +247,8 @@ class Search:
             return False
         now = time.monotonic()
         pace = (now - self.started) / len(self.trials)
-        return now > self.deadline - FINALS_SHARE * (self.deadline - self.started) or now + pace * least > self.deadline
+        reserve = max(FINALS_SHARE * (self.deadline - self.started), FINALS_PACE * pace * least)
+        return now > self.deadline - reserve
 
     def run(self) -> Outcome:
         try:
@@ -291,7 +296,7 @@ class Search:
             if number >= MIN_ROUNDS:
                 self.noise = max(MIN_NOISE, pooled_log_sd(rounds.values()))
                 racing = self.still_racing(racing, rounds)
-            if len(racing) < 2 or number >= MAX_ROUNDS or not self.affords(len(racing)):
+            if number >= MIN_ROUNDS and (len(racing) < 2 or number >= MAX_ROUNDS or not self.affords(len(racing))):
                 break
         estimates = {c: estimate(points) for c, points in rounds.items()}
         passing = {p.candidate: estimates[p.candidate] for p in racing}  # still racing: passing, and not beaten
