@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from tritonhf import tuning
 from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, NoCandidateError, Point, Search, Space, estimate
 
 # Served req/s of one single-threaded instance at batch 1 (the AMD EPYC figures of issue #20, relative).
@@ -129,3 +130,21 @@ def test_a_stalled_window_weighs_no_more_than_a_lucky_one() -> None:
     """The finals' estimate of repeated measurements trims its ends: one stall (a tenth of the rate) barely moves it."""
     points = [Point(DEFAULT, 8, rate, 10.0) for rate in (100.0, 102.0, 98.0, 101.0, 10.0)]
     assert estimate(points).throughput == pytest.approx(100.3, rel=0.01)
+
+
+def test_a_deadline_splits_the_time_between_the_search_and_the_finals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """10 s a measurement, 600 s to the deadline: the search stops at 60% of the time, the finals seat as many as
+    can race three rounds in the rest (at 1.5x the pace: each reloads), and the whole ends by the deadline."""
+    clock = [0.0]
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+
+    def measure(candidate: Candidate, concurrency: int) -> Point:
+        clock[0] += 10.0
+        return truth(candidate, concurrency)
+
+    outcome = Search(SPACE, measure, None, budget=1000, deadline=600.0).run()
+    finals = sum(map(len, outcome.finalists.values()))
+    searched = len(outcome.trials) - finals
+    assert 36 <= searched <= 37, searched  # to 360 s, and the one that crossed it
+    assert len(outcome.finalists) == 5, outcome.finalists  # 230 s / (15 s x 3 rounds) = 5 seats: 4 and the default
+    assert clock[0] <= 600.0 + 10.0 * len(outcome.finalists), clock[0]

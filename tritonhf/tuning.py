@@ -42,7 +42,7 @@ from tritonhf import TritonHFError
 MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a shared machine's floor
 MIN_ROUNDS, MAX_ROUNDS = 3, 30  # of the finals: at least, and at most where the budget and the deadline allow
 FINALS_SHARE = 0.4  # of the budget, kept for the finals' race
-FINALS_PACE = 2.0  # a finals measurement's time, to a search measurement's: each one reloads its candidate
+FINALS_PACE = 1.5  # a finals measurement's time, to a search measurement's: each one reloads its candidate
 Z = 2.0  # standard errors of a difference that make it a difference
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
@@ -163,7 +163,7 @@ class Search:
     cache: dict[tuple[Candidate, int], Point] = field(default_factory=dict)
     noise: float = MIN_NOISE
     best: Point | None = None
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
     phase: str = "search"  # then "finals"
     measured: set[Candidate] = field(default_factory=set)
 
@@ -238,17 +238,20 @@ class Search:
 
     def spent(self) -> bool:
         """The search's share is spent: ``FINALS_SHARE`` of the measurements, and of the time to the deadline, is
-        the finals' (and never less than ``MIN_ROUNDS`` rounds of them all, at ``FINALS_PACE`` times the pace
-        measured so far: a finals measurement reloads its candidate every time)."""
-        least = MIN_ROUNDS * (self.finalists + 1)
-        if len(self.trials) >= self.budget - max(least, int(FINALS_SHARE * self.budget)):
+        the finals'."""
+        if len(self.trials) >= self.budget - max(MIN_ROUNDS * (self.finalists + 1), int(FINALS_SHARE * self.budget)):
             return True
+        return self.deadline is not None and time.monotonic() > self.deadline - FINALS_SHARE * (
+            self.deadline - self.started
+        )
+
+    def seats(self) -> int:
+        """How many besides the default can race ``MIN_ROUNDS`` rounds in the time left, at ``FINALS_PACE`` times
+        the search's pace (``finalists`` at most, one at least)."""
         if self.deadline is None or not self.trials:
-            return False
-        now = time.monotonic()
-        pace = (now - self.started) / len(self.trials)
-        reserve = max(FINALS_SHARE * (self.deadline - self.started), FINALS_PACE * pace * least)
-        return now > self.deadline - reserve
+            return self.finalists
+        pace = FINALS_PACE * (time.monotonic() - self.started) / len(self.trials)
+        return max(1, min(self.finalists, int((self.deadline - time.monotonic()) / (pace * MIN_ROUNDS)) - 1))
 
     def run(self) -> Outcome:
         try:
@@ -277,14 +280,15 @@ class Search:
         return most_loaded(filter(self.fits, self.trials))
 
     def finals(self) -> Outcome:
-        """The best few and the default, raced: measured again in interleaved rounds (a new order every round, each
-        at its own load); from ``MIN_ROUNDS`` on, an entrant that fails the bound in most rounds, or falls behind the
-        leader beyond the noise, drops out, so that the rounds left go to those still close."""
+        """The best few (as many as the time left seats) and the default, raced: measured again in interleaved
+        rounds (a new order every round, each at its own load); from ``MIN_ROUNDS`` on, an entrant that fails the
+        bound in most rounds, or falls behind the leader beyond the noise, drops out, so that the rounds left go to
+        those still close."""
         self.phase = "finals"
         pool = self.pool()
         default = pool.get(self.space.default)
         ranked = [p for p in sorted(pool.values(), key=score) if p.candidate != self.space.default]
-        entrants = ([default] if default is not None else []) + ranked[: self.finalists]
+        entrants = ([default] if default is not None else []) + ranked[: self.seats()]
         if not entrants:
             raise NoCandidateError(self.closest())
         rng = random.Random(self.seed)
