@@ -165,7 +165,6 @@ class Search:
     best: Point | None = None
     started: float = field(default_factory=lambda: time.monotonic())
     phase: str = "search"  # then "finals"
-    measured: set[Candidate] = field(default_factory=set)
 
     def point(self, candidate: Candidate, concurrency: int) -> Point:
         """A measurement, remembered."""
@@ -175,7 +174,6 @@ class Search:
         if self.spent():
             raise BudgetSpentError
         point = self.measure(candidate, concurrency)
-        self.measured.add(candidate)
         self.trials.append(point)
         self.cache[key] = point
         if self.fits(point) and (self.best is None or point.throughput > self.best.throughput):
@@ -233,7 +231,7 @@ class Search:
             parent = max(frontier, key=lambda p: p.throughput)
             expanded.add(parent.candidate)
             for neighbour in self.space.neighbours(parent.candidate):
-                if neighbour not in self.measured:
+                if neighbour not in {c for c, _ in self.cache}:  # a resumed tune's, too
                     self.capacity(neighbour, parent.concurrency)
 
     def spent(self) -> bool:
@@ -275,9 +273,9 @@ class Search:
         return self.finals()
 
     def pool(self) -> dict[Candidate, Point]:
-        """Each candidate's fitting point at the highest load so far: its capacity, or as far as the budget let it
-        get."""
-        return most_loaded(filter(self.fits, self.trials))
+        """Each candidate's fitting point at the highest load so far (a resumed tune's included): its capacity, or as
+        far as the budget let it get."""
+        return most_loaded(filter(self.fits, [*self.cache.values(), *self.trials]))
 
     def finals(self) -> Outcome:
         """The best few (as many as the time left seats) and the default, raced: measured again in interleaved
