@@ -230,8 +230,9 @@ class Search:
                 return
             parent = max(frontier, key=lambda p: p.throughput)
             expanded.add(parent.candidate)
+            measured = {c for c, _ in self.cache}  # a resumed tune's, too
             for neighbour in self.space.neighbours(parent.candidate):
-                if neighbour not in {c for c, _ in self.cache}:  # a resumed tune's, too
+                if neighbour not in measured:
                     self.capacity(neighbour, parent.concurrency)
 
     def spent(self) -> bool:
@@ -248,8 +249,12 @@ class Search:
         the search's pace (``finalists`` at most, one at least)."""
         if self.deadline is None or not self.trials:
             return self.finalists
-        pace = FINALS_PACE * (time.monotonic() - self.started) / len(self.trials)
+        pace = FINALS_PACE * self.pace()
         return max(1, min(self.finalists, int((self.deadline - time.monotonic()) / (pace * MIN_ROUNDS)) - 1))
+
+    def pace(self) -> float:
+        """Seconds a measurement so far."""
+        return (time.monotonic() - self.started) / len(self.trials)
 
     def run(self) -> Outcome:
         try:
@@ -339,8 +344,7 @@ class Search:
             return False
         if self.deadline is None or not self.trials:
             return True
-        pace = (time.monotonic() - self.started) / len(self.trials)
-        return time.monotonic() + pace * measurements <= self.deadline
+        return time.monotonic() + self.pace() * measurements <= self.deadline
 
     def measure_again(self, point: Point) -> Point:
         """A finals measurement: outside the budget's search share, never from the cache."""
