@@ -116,6 +116,8 @@ def measure(options: PerfOptions, env: dict[str, str], relaxed_percent: int = 50
     wider band and windows twice as long, flagged."""
     retry = dataclasses.replace(options, stability_percent=relaxed_percent, window_ms=2 * options.window_ms)
     for attempt in (options, retry):
+        if attempt.profile_path is not None:  # perf_analyzer won't overwrite one: an earlier try's, or measurement's
+            attempt.profile_path.unlink(missing_ok=True)
         try:
             result = subprocess.run(attempt.argv(), env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired as err:

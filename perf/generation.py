@@ -78,8 +78,11 @@ def profile_stats(path: Path) -> dict[str, float | None]:
         "tokens_per_request": statistics.mean(s["tokens"]),
         "ttft_p50_ms": statistics.median(s["ttft_ms"]),
         "ttft_p95_ms": percentile(s["ttft_ms"], 0.95),
+        "ttft_p99_ms": percentile(s["ttft_ms"], 0.99),
         "itl_p50_ms": statistics.median(s["itl_ms"]) if s["itl_ms"] else None,
+        "itl_p99_ms": percentile(s["itl_ms"], 0.99) if s["itl_ms"] else None,
         "e2e_p50_ms": statistics.median(s["e2e_ms"]),
+        "e2e_p99_ms": percentile(s["e2e_ms"], 0.99),
     }
 
 

@@ -43,6 +43,7 @@ from tritonhf.tuning import (
     Candidate,
     Measure,
     Point,
+    Serves,
     Space,
     best_per_candidate,
     median_point,
@@ -188,6 +189,7 @@ class Grid:
             Candidate(**raw["default"]),
             {v: tuple(d) for v, d in raw["variants"].items()},
             *(tuple(raw[k]) for k in ("instances", "batch_sizes", "delays_us")),
+            Serves(raw.get("serves", Serves.REQUESTS)),  # recorded before generation was tuned: a classifier's
         )
         grid = read_trials(path, record["model"], phase="grid")
         confirms = grouped(read_points(path, record["model"], "confirm"))

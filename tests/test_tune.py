@@ -4,6 +4,7 @@ repository: the winner under the plain name, answering as the variant it copies,
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -17,13 +18,14 @@ from tritonhf.repository import read_manifest, verify
 from tritonhf.server import TritonServer
 from tritonhf.supervisor import stubs
 from tritonhf.tune import Live, Trials, TuneOptions, configured, read_trials, spaces, write_tuned
-from tritonhf.tuning import Candidate, Outcome, Point, Search
+from tritonhf.tuning import Candidate, Outcome, Point, Search, Serves
 
 from .conftest import CLASSIFIER
 from .helpers import PROMPTS
 
 pytestmark = [pytest.mark.server]
 INT8 = f"{CLASSIFIER}_onnx-int8"
+STREAM = "gpt2_stream"
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,7 @@ def test_the_space_is_what_was_built(built: Path) -> None:
     assert set(space.variants) == {CLASSIFIER, f"{CLASSIFIER}_onnx", INT8}
     assert space.variants[INT8] == ("export",) and space.variants[CLASSIFIER][0] == "float32"
     assert space.default == Candidate(CLASSIFIER, "auto", space.default.instances, 32, 2000)
-    with pytest.raises(
-        TritonHFError, match=rf"cannot tune gpt2: not a classifier or embedder here \(tunable: {CLASSIFIER}\)"
-    ):
+    with pytest.raises(TritonHFError, match=rf"cannot tune gpt2: not a served model here \(tunable: {CLASSIFIER}\)"):
         spaces(built, ["gpt2"])
 
 
@@ -169,3 +169,41 @@ def test_build_then_tune_from_the_command_line(tiny: dict[str, Path], tmp_path: 
     rows = {part: [line for line in part.splitlines() if line.startswith(f"| {CLASSIFIER}")] for part in (head, timed)}
     assert len(rows[head]) == 2 and len(rows[timed]) >= 2, text  # the default and the tuned; 2+ variants timed
     assert "| chosen |" in finals, text
+
+
+@pytest.fixture(scope="module")
+def generator(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    options = BuildOptions(output=tmp_path_factory.mktemp("tune-gen") / "repo", variants=("python", "stream"))
+    return build(plan([str(tiny["gpt2"])], [], [], 8), options)
+
+
+def test_a_stream_is_tuned_on_its_tokens_within_its_latency_bounds(generator: Path, tmp_path: Path) -> None:
+    """A generation model and its stream are each tuned as themselves, on the mixed workload's output tokens/s: the
+    stream's running rows are its batch axis (max_running_sequences), its time to first token and inter-token p99
+    are bounded, and the output serves the chosen layout."""
+    found = spaces(generator)
+    assert {name: space.serves for name, space in found.items()} == {"gpt2": Serves.TOKENS, STREAM: Serves.STREAM}
+    space = found[STREAM]
+    assert (
+        space.delays_us == (0,) and space.batch_sizes == (4, 8, 16, 32, 64) and space.variants[STREAM][0] == "float32"
+    )
+    assert space.default == Candidate(STREAM, "auto", space.default.instances, 32, 0)
+    output = tmp_path / "tuned"
+    options = TuneOptions(generator, output, (STREAM,), budget_minutes=2, ttft_p99_ms=5000.0, itl_p99_ms=2000.0)
+    tune.tune(options)
+    verify(output)
+    tuned = read_manifest(output)[STREAM]["tuned"]
+    config = model_config.read(output / STREAM / "config.pbtxt")
+    rows = int(config["parameters"]["max_running_sequences"]["string_value"])
+    assert f"{config['instance_group'][0]['count']}x mbs {rows} delay 0us" in tuned["candidate"], (tuned, config)
+    assert not config.get("max_batch_size") and "dynamic_batching" not in config, "a stream: its scheduler batches"
+    assert tuned["throughput"] > 0 and 0 < tuned["ttft_p99_ms"] <= 5000.0 and 0 < tuned["p99_ms"] <= 2000.0
+    trials = list(csv.DictReader((options.workdir / "trials.csv").open()))
+    assert trials and all(
+        row["model"] == STREAM and float(row["ttft_p99_ms"]) > 0 for row in trials if row["errors"] == "0"
+    )
+    report = (options.workdir / "report.md").read_text()
+    assert f"| {STREAM} | tuned: {STREAM} " in report and "tokens/s" in report, report
+    with TritonServer(output) as server:
+        pieces = list(client.stream(STREAM, PROMPTS[0], server.grpc_url, {"max_new_tokens": 4}))
+    assert pieces, "the tuned stream answers"

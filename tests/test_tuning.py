@@ -12,7 +12,17 @@ from dataclasses import replace
 import pytest
 
 from tritonhf import tuning
-from tritonhf.tuning import MAX_CONCURRENCY, Candidate, Measure, NoCandidateError, Point, Search, Space, estimate
+from tritonhf.tuning import (
+    MAX_CONCURRENCY,
+    Candidate,
+    Measure,
+    NoCandidateError,
+    Point,
+    Search,
+    Serves,
+    Space,
+    estimate,
+)
 
 # Served req/s of one single-threaded instance at batch 1 (the AMD EPYC figures of issue #20, relative).
 SPEED = {"clf": 60.0, "clf_onnx": 75.0, "clf_onnx-int8": 118.0, "clf_torchscript": 66.0}
@@ -104,6 +114,28 @@ def test_the_default_stays_unless_beaten_beyond_the_noise() -> None:
 def test_a_bound_no_candidate_meets_names_the_closest() -> None:
     with pytest.raises(NoCandidateError, match=r"the closest was .* concurrency 1: p99 .* ms, \+\d+% over the 1 ms"):
         Search(SPACE, noisy(0), 1.0, budget=200).run()
+
+
+def test_a_streams_two_bounds_both_hold() -> None:
+    """A stream is held to its time to first token and to its latency between tokens: a candidate fast on tokens/s
+    whose first tokens come late loses to one that meets both; with neither met, the error names both."""
+    slow_start = replace(DEFAULT, instances=1)
+
+    def measure(candidate: Candidate, concurrency: int) -> Point:  # one instance: 1.5x the tokens, late first ones
+        point = truth(candidate, concurrency)
+        late = candidate.instances == 1
+        ttft = 5000.0 if late else point.p99_ms / 4
+        throughput = point.throughput * (1.5 if late else 1.0)
+        return replace(point, throughput=throughput, p99_ms=point.p99_ms / 20, ttft_p99_ms=ttft)
+
+    stream = replace(SPACE, serves=Serves.STREAM)
+    assert Serves.STREAM.bounds(100.0, 1000.0, 50.0) == (50.0, 1000.0), "a stream: between tokens, to the first"
+    outcome = Search(stream, measure, 50.0, ttft_p99_ms=1000.0, budget=200).run()
+    assert outcome.chosen.instances == 2 and outcome.capacity.ttft_p99_ms <= 1000.0, outcome.chosen
+    assert all(c.instances == 2 for c in outcome.finalists), "the late first tokens never reach the finals"
+    assert not Point(slow_start, 4, 100.0, 10.0, ttft_p99_ms=5000.0).passes(50.0, 1000.0)
+    with pytest.raises(NoCandidateError, match=r"p99 .* ms, \+\d+% over the 1 ms bound, time to first token p99"):
+        Search(stream, measure, 1.0, ttft_p99_ms=1.0, budget=200).run()
 
 
 def test_the_finals_race_spends_their_rounds_on_the_close() -> None:

@@ -12,7 +12,7 @@ from tritonhf import TritonHFError, client, repo_builder
 from tritonhf import kubernetes as k8s
 from tritonhf.logs import FORMATS
 from tritonhf.server import UNLOAD_S
-from tritonhf.tuning import add_goal_arguments
+from tritonhf.tuning import add_goal_arguments, goal_arguments
 
 
 def parser() -> argparse.ArgumentParser:
@@ -107,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
         "--models",
         type=repo_builder.model_list,
         default=[],
-        help="plain names to tune (default: every classifier and embedder)",
+        help="names to tune (default: every classifier, embedder, generation model and stream)",
     )
     add_goal_arguments(tune.add_argument)
     tune.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer's window (default: %(default)s)")
@@ -271,10 +271,9 @@ def run_tune(args: argparse.Namespace) -> None:
             args.model_repository,
             args.output,
             tuple(args.models),
-            args.p99_ms,
-            args.budget_minutes,
-            args.window_ms,
-            args.prescreen,
+            window_ms=args.window_ms,
+            prescreen=args.prescreen,
+            **goal_arguments(args),
         )
     )
 

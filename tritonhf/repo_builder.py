@@ -40,7 +40,7 @@ from tritonhf.repository import (
     write_manifest,
     write_model,
 )
-from tritonhf.tuning import add_goal_arguments
+from tritonhf.tuning import add_goal_arguments, goal_arguments
 from tritonhf.variants import (
     CLASSIFICATION,
     DEFAULT_VARIANTS,
@@ -520,7 +520,7 @@ def run(args: argparse.Namespace) -> Path:
     if args.tune:  # measured here, written over the build: every variant stays, the plain names serve the winners
         from tritonhf.tune import TuneOptions, tune
 
-        tune(TuneOptions(path, path, p99_ms=args.p99_ms, budget_minutes=args.budget_minutes))
+        tune(TuneOptions(path, path, **goal_arguments(args)))
         print(f"tuned: build {sealed_id(path)}")
     if not storage.parse(args.output).local:
         print(storage.push(path, args.output))

@@ -38,34 +38,42 @@ from tritonhf.backends.python_hf.hardware import (
     cpu_model,
     memory_limit,
 )
-from tritonhf.client import infer
+from tritonhf.client import infer, stream
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
+from tritonhf.perf.generation import measure_mixed, mixed_data
 from tritonhf.prescreen import KEEP as PRESCREEN_KEEP
 from tritonhf.prescreen import Timing, prescreen
 from tritonhf.repository import Manifest, read_manifest, seal, staged, write_manifest
 from tritonhf.server import TritonServer, find_installation
-from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Space, estimate
-from tritonhf.variants import ENCODERS, ONNX, PYTHON, VARIANTS
+from tritonhf.tuning import BUDGET_MINUTES, Candidate, Outcome, Point, Search, Serves, Space, estimate, majority_pass
+from tritonhf.variants import ENCODERS, GENERATION, ONNX, PYTHON, STREAM, VARIANTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 GPU_BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # a GPU's forward costs about the same up to far larger batches
 GPU_INSTANCES = (1, 2, 3)  # instances share the GPU: more than a few only split its memory and its streams
 DELAYS_US = (0, 500, 2000, 8000)
+STREAM_ROWS = (4, 8, 16, 32, 64)  # a stream's running batch (max_running_sequences): its "max_batch_size"
 MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
 WINDOW_MS = 2000  # perf_analyzer's measurement window in a tune
 SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
 TRIAL_FIELDS = ("model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "concurrency")
+MEASURED_FIELDS = ("throughput", "p99_ms", "errors", "phase", "ttft_p99_ms")  # ttft: generation's, after the rest
 
 
 @dataclass(frozen=True)
 class TuneOptions:
     repository: Path
     output: Path
-    models: tuple[str, ...] = ()  # the plain names to tune; none: every classifier and embedder
-    p99_ms: float | None = None
+    models: tuple[str, ...] = ()  # the names to tune; none: every classifier, embedder, generation model and stream
+    p99_ms: float | None = None  # classifiers' and embedders' request latency
     budget_minutes: float = BUDGET_MINUTES
     window_ms: int = WINDOW_MS
     prescreen: bool = True  # time the variants in-process first: drop clear losers, fit the length-bucket overhead
+    ttft_p99_ms: float | None = None  # generation models' time to first token (a static model's: its answer's)
+    itl_p99_ms: float | None = None  # streams' latency between tokens
+
+    def bounds(self, serves: Serves) -> tuple[float | None, float | None]:
+        return serves.bounds(self.p99_ms, self.ttft_p99_ms, self.itl_p99_ms)
 
     @property
     def workdir(self) -> Path:
@@ -73,37 +81,52 @@ class TuneOptions:
 
 
 def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
-    """Per plain name: the variants built for it (python and the fused exports) and the layouts to try."""
+    """Per tuned name: the variants that may serve it and the layouts to try. A classifier's or embedder's plain
+    name may be served by any of its variants (python and the fused exports); a generation model and its stream are
+    each tuned as themselves (a stream's layout: instances, precision and its running batch's rows)."""
     manifest = read_manifest(repository)
-    plain = {n: e for n, e in manifest.items() if e["variant"] == PYTHON.name and e["task"] in ENCODERS}
-    unknown = [n for n in names if n not in plain]
+    tunable = {
+        n: e
+        for n, e in manifest.items()
+        if (e["variant"] == PYTHON.name and e["task"] in (*ENCODERS, GENERATION)) or e["variant"] == STREAM.name
+    }
+    unknown = [n for n in names if n not in tunable]
     if unknown:
-        tunable = ", ".join(sorted(plain)) or "none"
-        raise TritonHFError(f"cannot tune {', '.join(unknown)}: not a classifier or embedder here (tunable: {tunable})")
+        known = ", ".join(sorted(tunable)) or "none"
+        raise TritonHFError(f"cannot tune {', '.join(unknown)}: not a served model here (tunable: {known})")
     found = {}
-    for name in names or sorted(plain):
-        source = plain[name]["source"]
-        family = {n: e for n, e in manifest.items() if e["source"] == source and e["task"] == plain[name]["task"]}
+    for name in names or sorted(tunable):
+        source, task = tunable[name]["source"], tunable[name]["task"]
+        family = {n: e for n, e in manifest.items() if e["source"] == source and e["task"] == task}
         if any(e.get("runtime", "python") != "python" for e in family.values()):
             raise TritonHFError(f"{name}: its exports are ensembles (--runtime native): tune a --runtime python build")
-        served = {n: e for n, e in family.items() if not VARIANTS[e["variant"]].perf.reference}  # not the tutorial's
+        if task in ENCODERS:  # any variant but the tutorial's may serve the plain name
+            served = {n: e for n, e in family.items() if not VARIANTS[e["variant"]].perf.reference}
+            serves = Serves.REQUESTS
+        else:
+            served = {name: tunable[name]}
+            serves = Serves.STREAM if VARIANTS[tunable[name]["variant"]].streams else Serves.TOKENS
         config = model_config.read(repository / name / "config.pbtxt")
         gpu = config["instance_group"][0].get("kind") == "KIND_GPU"
         variants = {n: precisions(repository, n, e, gpu) for n, e in served.items()}
+        parameters = config["parameters"]
+        streams = serves is Serves.STREAM
         default = Candidate(
             name,
-            config["parameters"].get("dtype", {}).get("string_value", "float32"),
+            parameters.get("dtype", {}).get("string_value", "float32"),
             int(config["instance_group"][0]["count"]),
-            int(config["max_batch_size"]),
+            int(parameters["max_running_sequences"]["string_value"]) if streams else int(config["max_batch_size"]),
             int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
         )
         instances = GPU_INSTANCES if gpu else range(1, min(cpu_count(), MAX_CPU_INSTANCES) + 1)
+        batch_sizes = GPU_BATCH_SIZES if gpu else STREAM_ROWS if streams else BATCH_SIZES  # a GPU: rows as batches
         found[name] = Space(
             default,
             variants,
             tuple(sorted({*instances, default.instances})),
-            tuple(sorted({*(GPU_BATCH_SIZES if gpu else BATCH_SIZES), default.max_batch_size})),
-            tuple(sorted({*DELAYS_US, default.queue_delay_us})),
+            tuple(sorted({*batch_sizes, default.max_batch_size})),
+            (0,) if streams else tuple(sorted({*DELAYS_US, default.queue_delay_us})),
+            serves,
         )
     return found
 
@@ -130,9 +153,12 @@ def configured(
     if (overhead := (overheads or {}).get((candidate.variant, candidate.dtype))) is not None:
         config["parameters"]["forward_overhead_tokens"] = {"string_value": f"{overhead:.1f}"}
     config["name"] = name or candidate.variant
-    config["max_batch_size"] = candidate.max_batch_size
     config["instance_group"][0]["count"] = candidate.instances
-    config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us
+    if "max_running_sequences" in config["parameters"]:  # a stream: its own scheduler batches, Triton doesn't
+        config["parameters"]["max_running_sequences"] = {"string_value": str(candidate.max_batch_size)}
+    else:
+        config["max_batch_size"] = candidate.max_batch_size
+        config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us
     if candidate.dtype == TENSORRT:
         config["parameters"]["onnx_provider"] = {"string_value": TENSORRT}
     elif candidate.dtype != "export":
@@ -141,7 +167,8 @@ def configured(
 
 
 class Live:
-    """``tuning.Measure`` on this machine: the candidate loaded in the running server, then perf_analyzer."""
+    """``tuning.Measure`` on this machine: the candidate loaded in the running server, then perf_analyzer (generation:
+    the mixed workload of perf/generation.py, streamed for a stream)."""
 
     STABILITY_PERCENT = 20
 
@@ -159,18 +186,26 @@ class Live:
         self.data = workdir / "prompts.json"
         data_file(self.data)
         self.prompts = prompts()
+        self.mixed = mixed_data(workdir / "mixed.json", self.prompts)
+        self.manifest = read_manifest(repository)
         self.lost: list[str] = []  # trials a dead server cost
         self.env = find_installation().env  # perf_analyzer's, once
         self.memory: dict[Candidate, int] = {}  # bytes the server held with the candidate loaded and warm
         self.overheads: Overheads = {}  # filled by the pre-screen
 
     def warm(self, candidate: Candidate) -> None:
-        """Full batches to every instance before any window counts: a first inference (lazy session set-up, kernel
-        choice) would otherwise land in the first window, or leave a short one without a single answer."""
+        """Full batches to every instance (a stream: a few prompts at once, which its scheduler batches) before any
+        window counts: a first inference (lazy session set-up, kernel choice) would otherwise land in the first
+        window, or leave a short one without a single answer."""
+        requests = 2 * candidate.instances
+        if VARIANTS[self.manifest[candidate.variant]["variant"]].streams:
+            url, few = self.server.grpc_url, {"max_new_tokens": 4}
+            with ThreadPoolExecutor(requests) as pool:  # all at once: its scheduler batches them
+                list(pool.map(lambda p: list(stream(candidate.variant, p, url, few)), self.prompts[:requests]))
+            return
         batch = list(itertools.islice(itertools.cycle(self.prompts), candidate.max_batch_size))
-        url = self.server.http_url
         with ThreadPoolExecutor(candidate.instances) as pool:
-            list(pool.map(lambda _: infer(candidate.variant, batch, url), range(2 * candidate.instances)))
+            list(pool.map(lambda _: infer(candidate.variant, batch, self.server.http_url), range(requests)))
 
     def __call__(self, candidate: Candidate, concurrency: int) -> Point:
         try:
@@ -189,19 +224,7 @@ class Live:
                     f"needs {self.memory[candidate] / 2**20:.0f} MiB, over {MEMORY_SHARE:.0%} of this host's"
                     f" {memory_limit() / 2**20:.0f} MiB"
                 )
-            options = PerfOptions(
-                candidate.variant,
-                self.server.grpc_url,
-                self.data,
-                concurrency,
-                self.workdir / "last.csv",
-                self.window_ms,
-                stability_percent=self.stability_percent,
-                control_key=self.server.control_key,
-            )
-            # a window that won't settle on a busy machine is measured once more and taken: the finals weigh noise
-            measured = measure(options, self.env, relaxed_percent=ANY_WINDOWS)
-            return Point(candidate, concurrency, measured["throughput_rps"], measured["p99_ms"])
+            return self.measured(candidate, concurrency)
         except (PerfAnalyzerError, TritonHFError) as err:
             if self.server.process is None or self.server.process.poll() is not None:
                 self.lost.append(f"{candidate.label} at concurrency {concurrency}: the server died; started again")
@@ -212,6 +235,34 @@ class Live:
             with (self.workdir / "errors.log").open("a") as log:
                 log.write(f"{candidate.label} c{concurrency}: {last}\n")
             return Point(candidate, concurrency, 0.0, float("inf"), errors=1)
+
+    def measured(self, candidate: Candidate, concurrency: int) -> Point:
+        """The loaded candidate at ``concurrency``: answers/s and p99; generation, output tokens/s of the mixed
+        workload, p99 of the answers' latency (of a stream's, between its tokens) and of the time to first token."""
+        entry = self.manifest[candidate.variant]
+        if entry["task"] == GENERATION:
+            streams = VARIANTS[entry["variant"]].streams
+            found = measure_mixed(
+                candidate.variant, streams, self.server.grpc_url, self.mixed, concurrency, self.workdir, self.env,
+                self.server.control_key,
+            )  # fmt: skip
+            latency = found["itl_p99_ms"] if streams else found["e2e_p99_ms"]
+            return Point(
+                candidate, concurrency, found["output_tokens_per_s"], latency or 0.0, ttft_p99_ms=found["ttft_p99_ms"]
+            )
+        options = PerfOptions(
+            candidate.variant,
+            self.server.grpc_url,
+            self.data,
+            concurrency,
+            self.workdir / "last.csv",
+            self.window_ms,
+            stability_percent=self.stability_percent,
+            control_key=self.server.control_key,
+        )
+        # a window that won't settle on a busy machine is measured once more and taken: the finals weigh noise
+        measured = measure(options, self.env, relaxed_percent=ANY_WINDOWS)
+        return Point(candidate, concurrency, measured["throughput_rps"], measured["p99_ms"])
 
 
 def resident(server: TritonServer) -> int:
@@ -236,6 +287,7 @@ def read_points(path: Path, model: str, phase: str) -> list[Point]:
                 float(row["throughput"]),
                 float(row["p99_ms"]),
                 int(row["errors"]),
+                float(row.get("ttft_p99_ms") or 0.0),  # recorded before generation was tuned: none
             )
             for row in csv.DictReader(handle)
             if row["model"] == model and row["phase"] == phase
@@ -256,13 +308,13 @@ class Trials:
         self.handle = path.open("a", newline="")
         self.writer = csv.writer(self.handle)
         if fresh:
-            self.writer.writerow([*TRIAL_FIELDS, "throughput", "p99_ms", "errors", "phase"])
+            self.writer.writerow([*TRIAL_FIELDS, *MEASURED_FIELDS])
 
     def add(self, model: str, point: Point, phase: str) -> None:
         c = point.candidate
         self.writer.writerow(
             [model, c.variant, c.dtype, c.instances, c.max_batch_size, c.queue_delay_us, point.concurrency,
-             f"{point.throughput:.3f}", f"{point.p99_ms:.3f}", point.errors, phase]
+             f"{point.throughput:.3f}", f"{point.p99_ms:.3f}", point.errors, phase, f"{point.ttft_p99_ms:.3f}"]
         )  # fmt: skip
         self.handle.flush()
 
@@ -277,10 +329,13 @@ def tune_model(
         trials.add(name, point, search.phase)
         bar.update(1)
         if best is not None:
-            bar.set_postfix_str(f"best {best.throughput:.0f}/s: {best.candidate.label} c{best.concurrency}")
+            bar.set_postfix_str(
+                f"best {best.throughput:.0f} {space.serves.unit}: {best.candidate.label} c{best.concurrency}"
+            )
 
     deadline = time.monotonic() + seconds
-    search = Search(space, live, options.p99_ms, budget=budget, deadline=deadline, on_trial=on_trial)
+    p99_ms, ttft_p99_ms = options.bounds(space.serves)
+    search = Search(space, live, p99_ms, budget=budget, deadline=deadline, on_trial=on_trial, ttft_p99_ms=ttft_p99_ms)
     search.cache.update(read_trials(options.workdir / "trials.csv", name))  # resumed: measured points aren't redone
     try:
         return search.run()
@@ -301,28 +356,35 @@ def tune(options: TuneOptions) -> Path:
         live = Live(server, options.repository, options.workdir, options.window_ms)
         for name, space in found.items():
             started = time.monotonic()
-            if options.prescreen:  # in this process, while the server idles with nothing loaded
+            if options.prescreen and space.serves is Serves.REQUESTS:  # in this process, the server idle
                 space, timings[name] = prescreen(options.repository, space, lambda c: configured(options.repository, c))
                 live.overheads.update((key, t.overhead_tokens) for key, t in timings[name].items())
             left = seconds - (time.monotonic() - started)
             outcomes[name] = tune_model(name, space, live, options, trials, budget, left)
-            print(summary(name, outcomes[name], time.monotonic() - started))
+            print(summary(name, outcomes[name], time.monotonic() - started, space.serves))
         for lost in live.lost:
             print(f"lost a trial: {lost}")
     write_tuned(options.repository, options.output, outcomes, options, live.overheads)
-    (options.workdir / "report.md").write_text(report(outcomes, options, live.memory, timings))
-    plot(outcomes, options.workdir / "candidates.png", options.p99_ms)
+    serves = {name: space.serves for name, space in found.items()}
+    (options.workdir / "report.md").write_text(report(outcomes, options, live.memory, timings, serves))
+    plot(outcomes, options.workdir / "candidates.png", options, serves)
     print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
     return options.output
 
 
-def summary(name: str, outcome: Outcome, seconds: float) -> str:
+def summary(name: str, outcome: Outcome, seconds: float, serves: Serves = Serves.REQUESTS) -> str:
     return (
-        f"{name}: {outcome.chosen.label} ({outcome.note}): {outcome.capacity.throughput:.1f}/s at concurrency"
-        f" {outcome.capacity.concurrency}, p99 {outcome.capacity.p99_ms:.1f} ms; the default"
-        f" {outcome.default.throughput:.1f}/s ({outcome.gain:.2f}x, noise {outcome.noise:.0%});"
+        f"{name}: {outcome.chosen.label} ({outcome.note}): {outcome.capacity.throughput:.1f} {serves.unit} at"
+        f" concurrency {outcome.capacity.concurrency}, {latency(outcome.capacity, serves)}; the default"
+        f" {outcome.default.throughput:.1f} {serves.unit} ({outcome.gain:.2f}x, noise {outcome.noise:.0%});"
         f" {len(outcome.trials)} trials in {seconds / 60:.1f} min"
     )
+
+
+def latency(point: Point, serves: Serves) -> str:
+    if serves is Serves.STREAM:
+        return f"p99 {point.p99_ms:.1f} ms between tokens and {point.ttft_p99_ms:.0f} ms to the first"
+    return f"p99 {point.p99_ms:.1f} ms"
 
 
 def write_tuned(
@@ -355,6 +417,7 @@ def write_tuned(
                 "default_throughput": round(outcome.default.throughput, 2),
                 "concurrency": outcome.capacity.concurrency,
                 "p99_ms": round(outcome.capacity.p99_ms, 2),
+                **({"ttft_p99_ms": round(outcome.capacity.ttft_p99_ms, 2)} if outcome.capacity.ttft_p99_ms else {}),
                 "noise": round(outcome.noise, 3),
             }
         write_manifest(staging, manifest)
@@ -378,7 +441,9 @@ def report(
     options: TuneOptions,
     memory: dict[Candidate, int],
     timings: dict[str, dict[tuple[str, str], Timing]],
+    serves: dict[str, Serves] | None = None,
 ) -> str:
+    serves = serves or {}
     machine = machine_record(options.p99_ms)
     versions = {name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")}
     lines = [
@@ -386,28 +451,49 @@ def report(
         "",
         f"- CPU: {machine['cpu']} ({machine['cpus']} CPUs), flags: {', '.join(machine['flags']) or 'none recorded'}",
         f"- Python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- p99 bound: {options.p99_ms or 'none'} ms; budget {options.budget_minutes:g} min",
+        (
+            f"- bounds, p99: {options.p99_ms or 'none'} ms (requests), {options.ttft_p99_ms or 'none'} ms"
+            f" (generation's time to first token), {options.itl_p99_ms or 'none'} ms (streams' inter-token latency);"
+            f" budget {options.budget_minutes:g} min"
+        ),
         f"- memory: a candidate may hold {MEMORY_SHARE:.0%} of {memory_limit() / 2**30:.1f} GiB (server and models)",
         "",
-        "| model | served as | req/s | p99 ms | concurrency | vs default | memory MiB | why |",
-        "|---|---|---|---|---|---|---|---|",
+        (
+            "p99 ms: a request's latency; a stream's, between its tokens. Generation: the mixed workload"
+            " (perf/generation.py), its output tokens/s."
+        ),
+        "",
+        "| model | served as | throughput | p99 ms | TTFT p99 ms | concurrency | vs default | memory MiB | why |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, outcome in outcomes.items():
+        kind = serves.get(name, Serves.REQUESTS)
         for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
+            ttft = f"{point.ttft_p99_ms:.0f}" if kind is not Serves.REQUESTS else ""
             lines.append(
-                f"| {name} | {label}: {point.candidate.label} | {point.throughput:.1f} | {point.p99_ms:.1f} |"
-                f" {point.concurrency} | {point.throughput / outcome.default.throughput:.2f}x |"
+                f"| {name} | {label}: {point.candidate.label} | {point.throughput:.1f} {kind.unit} |"
+                f" {point.p99_ms:.1f} | {ttft} | {point.concurrency} |"
+                f" {point.throughput / outcome.default.throughput:.2f}x |"
                 f" {memory.get(point.candidate, 0) / 2**20:.0f} |"
                 f" {outcome.note if label == 'tuned' else ''} |"
             )
     for name, outcome in outcomes.items():
+        kind = serves.get(name, Serves.REQUESTS)
         lines += ["", f"## {name}: the finals, a race (one measurement's noise: {outcome.noise:.1%})", ""]
-        lines += ["| candidate | rounds | req/s | p99 ms | |", "|---|---|---|---|---|"]
+        lines += [f"| candidate | rounds | {kind.unit} | p99 ms | |", "|---|---|---|---|---|"]
         most = max(map(len, outcome.finalists.values()))
         for candidate, points in sorted(outcome.finalists.items(), key=lambda item: -estimate(item[1]).throughput):
             found = estimate(points)
             default = " (the default)" if candidate == outcome.default.candidate else ""
-            fate = "chosen" if candidate == outcome.chosen else "to the end" if len(points) == most else "dropped"
+            fate = (
+                "chosen"
+                if candidate == outcome.chosen
+                else "failed the bound in most rounds"
+                if not majority_pass(points, *options.bounds(kind))
+                else "to the end"
+                if len(points) == most
+                else "dropped"
+            )
             lines.append(
                 f"| {candidate.label}{default} | {len(points)} | {found.throughput:.1f} | {found.p99_ms:.1f} | {fate} |"
             )
@@ -422,9 +508,9 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def plot(outcomes: dict[str, Outcome], path: Path, p99_ms: float | None) -> None:
-    """Throughput against p99 for every trial that passed, one colour per variant, one panel per model; the default
-    and the choice ringed, the bound drawn."""
+def plot(outcomes: dict[str, Outcome], path: Path, options: TuneOptions, serves: dict[str, Serves]) -> None:
+    """Throughput against p99 (a stream's: between tokens) for every trial that passed, one colour per variant, one
+    panel per model; the default and the choice ringed, the bound drawn."""
     from tritonhf.perf.report import pyplot, save
 
     plt = pyplot()
@@ -438,8 +524,10 @@ def plot(outcomes: dict[str, Outcome], path: Path, p99_ms: float | None) -> None
         for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
             axis.scatter([point.p99_ms], [point.throughput], s=160, facecolors="none", edgecolors="black")
             axis.annotate(label, (point.p99_ms, point.throughput), textcoords="offset points", xytext=(8, -4))
-        if p99_ms is not None:
-            axis.axvline(p99_ms, color="red", linestyle="--", linewidth=1, label=f"p99 bound {p99_ms:g} ms")
-        axis.set(title=name, xlabel="p99 latency (ms)", ylabel="requests / s")
+        kind = serves.get(name, Serves.REQUESTS)
+        if (bound := options.bounds(kind)[0]) is not None:
+            axis.axvline(bound, color="red", linestyle="--", linewidth=1, label=f"p99 bound {bound:g} ms")
+        between = " between tokens" if kind is Serves.STREAM else ""
+        axis.set(title=name, xlabel=f"p99 latency{between} (ms)", ylabel=kind.unit)
         axis.legend()
     save(figure, f"tritonhf tune: every trial ({cpu_model()}, {cpu_count()} CPUs)", path)

@@ -25,6 +25,9 @@ each point once and takes any gain, noise included. Here:
    that the leader beats by more than two standard errors of the difference (the noise pooled over all the rounds),
    drops out, and the rounds left go to those still close. The default is kept unless the winner beats it so. Ties
    (within ``MIN_NOISE``: equal in practice) go to fewer processes, then to the lower latency at concurrency 1.
+
+Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
+p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 from tritonhf import TritonHFError
 
@@ -49,10 +53,22 @@ MAX_CONCURRENCY = 256
 BUDGET_MINUTES = 30.0  # for all the models of one tune
 
 
+GOALS = {  # the tune's bounds and budget, as ``tritonhf tune`` and ``tritonhf build --tune`` take them
+    "p99_ms": "classifiers' and embedders' p99 request latency bound (default: none, throughput only)",
+    "ttft_p99_ms": "generation models' p99 time-to-first-token bound (a static model's first token is its answer)",
+    "itl_p99_ms": "streams' p99 inter-token latency bound",
+}
+
+
 def add_goal_arguments(add: Callable[..., object], prefix: str = "") -> None:
-    """The tune's bound and budget, as ``tritonhf tune`` and ``tritonhf build --tune`` take them."""
-    add("--p99-ms", type=float, default=None, help=f"{prefix}the p99 latency bound (default: none, throughput only)")
+    for name, text in GOALS.items():
+        add(f"--{name.replace('_', '-')}", type=float, default=None, help=f"{prefix}{text}")
     add("--budget-minutes", type=float, default=BUDGET_MINUTES, help=f"{prefix}for all models (default: %(default)s)")
+
+
+def goal_arguments(args: object) -> dict[str, float | None]:
+    """The parsed goal arguments, as keywords for ``TuneOptions``."""
+    return {name: getattr(args, name) for name in (*GOALS, "budget_minutes")}
 
 
 @dataclass(frozen=True, order=True)
@@ -76,15 +92,44 @@ class Point:
 
     candidate: Candidate
     concurrency: int
-    throughput: float  # answers per second
-    p99_ms: float
+    throughput: float  # answers per second; generation: output tokens per second
+    p99_ms: float  # a request's latency; a stream's: the latency between its tokens
     errors: int = 0  # failed or refused requests, or a server that died
+    ttft_p99_ms: float = 0.0  # generation: the time to the first token
 
-    def passes(self, p99_ms: float | None) -> bool:
-        return self.errors == 0 and self.throughput > 0 and (p99_ms is None or self.p99_ms <= p99_ms)
+    def passes(self, p99_ms: float | None, ttft_p99_ms: float | None = None) -> bool:
+        return (
+            self.errors == 0
+            and self.throughput > 0
+            and (p99_ms is None or self.p99_ms <= p99_ms)
+            and (ttft_p99_ms is None or self.ttft_p99_ms <= ttft_p99_ms)
+        )
 
 
 Measure = Callable[[Candidate, int], Point]
+
+
+class Serves(str, Enum):
+    """What a model's throughput counts, and which of the tune's bounds hold it (its value: as a grid records it)."""
+
+    REQUESTS = "requests"  # classifiers, embedders: answers/s, the p99 request latency bounded
+    TOKENS = "tokens"  # a generation model: output tokens/s; its answer comes whole: its first token is its latency
+    STREAM = "stream"  # output tokens/s, streamed: time to first token and inter-token latency bounded; the running
+    # batch's rows (the scheduler's max_running_sequences) are its max_batch_size, and nothing waits on a delay
+
+    @property
+    def unit(self) -> str:
+        return "req/s" if self is Serves.REQUESTS else "tokens/s"
+
+    def bounds(
+        self, p99_ms: float | None, ttft_p99_ms: float | None, itl_p99_ms: float | None
+    ) -> tuple[float | None, float | None]:
+        """The bounds on a point's ``p99_ms`` and on its ``ttft_p99_ms``."""
+        return {
+            Serves.REQUESTS: (p99_ms, None),
+            Serves.TOKENS: (None, ttft_p99_ms),
+            Serves.STREAM: (itl_p99_ms, ttft_p99_ms),
+        }[self]
 
 
 @dataclass(frozen=True)
@@ -96,6 +141,7 @@ class Space:
     instances: tuple[int, ...]
     batch_sizes: tuple[int, ...]
     delays_us: tuple[int, ...]
+    serves: Serves = Serves.REQUESTS
 
     def neighbours(self, candidate: Candidate) -> list[Candidate]:
         """The candidates one step away on one layout axis (instances, batch size, queue delay)."""
@@ -159,6 +205,7 @@ class Search:
     finalists: int = 4  # besides the default
     seed: int = 0
     on_trial: Callable[[Point, Point | None], None] = lambda point, best: None
+    ttft_p99_ms: float | None = None  # streams: the bound on the time to the first token (``p99_ms``: between tokens)
     trials: list[Point] = field(default_factory=list)
     cache: dict[tuple[Candidate, int], Point] = field(default_factory=dict)
     noise: float = MIN_NOISE
@@ -183,7 +230,11 @@ class Search:
 
     def fits(self, point: Point) -> bool:
         """Passes with the noise to spare: a capacity found at the bound's very edge would fail half the finals."""
-        return point.passes(None if self.p99_ms is None else self.p99_ms / (1 + self.noise))
+        return point.passes(*(None if bound is None else bound / (1 + self.noise) for bound in self.bounds))
+
+    @property
+    def bounds(self) -> tuple[float | None, float | None]:
+        return self.p99_ms, self.ttft_p99_ms
 
     def capacity(self, candidate: Candidate, start: int | None = None) -> Point | None:
         """The point at the highest load that passes: from a first load that passes (halved until one does), the
@@ -191,7 +242,8 @@ class Search:
         last pass and the first failure. The highest passing load, not the highest single throughput: past
         saturation a closed loop's throughput stays, so the highest load measures the capacity, where the best of
         a few noisy points would measure the luck. None: it fails even at concurrency 1."""
-        best = self.first_fit(candidate, start or max(1, candidate.instances * min(candidate.max_batch_size, 4)))
+        rows = candidate.max_batch_size if self.space.serves is Serves.STREAM else min(candidate.max_batch_size, 4)
+        best = self.first_fit(candidate, start or max(1, candidate.instances * rows))  # a stream: every slot busy
         if best is None:
             return None
         concurrency, failed_at = best.concurrency, None
@@ -262,12 +314,13 @@ class Search:
             if default is not None:  # the noise, from the first repeat: what a gain must exceed during the search
                 again = self.measure_again(default)
                 self.noise = max(MIN_NOISE, pooled_log_sd([(default, again)]))
+                default = self.pool().get(default.candidate)  # the repeat may have failed at that load
             load = default.concurrency if default is not None else 1  # one point each, at the default's capacity
             screened = [found for c in self.space.screened() if (found := self.first_fit(c, load)) is not None]
             if screened:
                 top = max(screened, key=lambda p: p.throughput)
                 self.capacity(top.candidate, top.concurrency)
-                if self.p99_ms is not None:  # a bound's best batch may be anywhere on the axis: look along it
+                if self.bounds != (None, None):  # a bound's best batch may be anywhere on the axis: look along it
                     for batch in self.space.batch_sizes[::2]:
                         seed = replace(top.candidate, max_batch_size=batch)
                         self.capacity(seed if reachable(seed) else replace(seed, queue_delay_us=0))
@@ -279,8 +332,11 @@ class Search:
 
     def pool(self) -> dict[Candidate, Point]:
         """Each candidate's fitting point at the highest load so far (a resumed tune's included): its capacity, or as
-        far as the budget let it get."""
-        return most_loaded(filter(self.fits, [*self.cache.values(), *self.trials]))
+        far as the budget let it get. A load that failed when measured again (refused at the edge of the queue, say)
+        is not one it sustains."""
+        points = [*self.cache.values(), *self.trials]
+        failed = {(p.candidate, p.concurrency) for p in points if not p.passes(*self.bounds)}
+        return most_loaded(p for p in points if self.fits(p) and (p.candidate, p.concurrency) not in failed)
 
     def finals(self) -> Outcome:
         """The best few (as many as the time left seats) and the default, raced: measured again in interleaved
@@ -326,7 +382,7 @@ class Search:
 
     def still_racing(self, racing: list[Point], rounds: dict[Candidate, list[Point]]) -> list[Point]:
         """Those that pass the bound in most rounds and that the leader doesn't beat beyond the noise."""
-        passing = [p for p in racing if majority_pass(rounds[p.candidate], self.p99_ms)]
+        passing = [p for p in racing if majority_pass(rounds[p.candidate], *self.bounds)]
         if not passing:
             return []
         leader = max(passing, key=lambda p: estimate(rounds[p.candidate]).throughput).candidate
@@ -354,17 +410,21 @@ class Search:
         return measured
 
     def closest(self) -> str:
-        """For an error: the point that came closest to the bound, and by how much it missed."""
+        """For an error: the point that came closest to the bounds, and by how much it missed them."""
         if not self.trials:
             return "nothing was measured"
-        if self.p99_ms is None:
+        named = [(name, bound, attribute) for name, bound, attribute in (
+            ("p99", self.p99_ms, "p99_ms"), ("time to first token p99", self.ttft_p99_ms, "ttft_p99_ms")
+        ) if bound is not None]  # fmt: skip
+        if not named:
             return "every measurement had errors"
         clean = [p for p in self.trials if p.errors == 0 and p.throughput > 0] or self.trials
-        near = min(clean, key=lambda p: p.p99_ms)
-        return (
-            f"the closest was {near.candidate.label} at concurrency {near.concurrency}: p99 {near.p99_ms:.1f} ms,"
-            f" {near.p99_ms / self.p99_ms - 1:+.0%} over the {self.p99_ms:g} ms bound"
+        near = min(clean, key=lambda p: max(getattr(p, a) / bound for _, bound, a in named))
+        missed = ", ".join(
+            f"{name} {getattr(near, a):.1f} ms, {getattr(near, a) / bound - 1:+.0%} over the {bound:g} ms bound"
+            for name, bound, a in named
         )
+        return f"the closest was {near.candidate.label} at concurrency {near.concurrency}: {missed}"
 
 
 class NoCandidateError(TritonHFError):
@@ -423,5 +483,5 @@ def median_point(points: Sequence[Point]) -> Point:
     return ordered[len(ordered) // 2]
 
 
-def majority_pass(points: Sequence[Point], p99_ms: float | None) -> bool:
-    return sum(p.passes(p99_ms) for p in points) * 2 > len(points)
+def majority_pass(points: Sequence[Point], p99_ms: float | None, ttft_p99_ms: float | None = None) -> bool:
+    return sum(p.passes(p99_ms, ttft_p99_ms) for p in points) * 2 > len(points)
