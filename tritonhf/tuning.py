@@ -114,7 +114,7 @@ class Serves(str, Enum):
 
     REQUESTS = "requests"  # classifiers, embedders: answers/s, the p99 request latency bounded
     TOKENS = "tokens"  # a generation model: output tokens/s; its answer comes whole: its first token is its latency
-    STREAM = "stream"  # output tokens/s, streamed: time to first token and inter-token latency bounded; the running
+    STREAM = "streamed"  # output tokens/s, streamed: time to first token and inter-token latency bounded; the running
     # batch's rows (the scheduler's max_running_sequences) are its max_batch_size, and nothing waits on a delay
 
     @property
