@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import csv
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from tritonhf import TritonHFError, cli, client, model_config, placement, tune
@@ -21,7 +25,7 @@ from tritonhf.tune import Live, Trials, TuneOptions, configured, read_trials, sp
 from tritonhf.tuning import Candidate, Outcome, Point, Search, Serves
 
 from .conftest import CLASSIFIER
-from .helpers import PROMPTS
+from .helpers import PROMPTS, until
 
 pytestmark = [pytest.mark.server]
 INT8 = f"{CLASSIFIER}_onnx-int8"
@@ -207,3 +211,22 @@ def test_a_stream_is_tuned_on_its_tokens_within_its_latency_bounds(generator: Pa
     with TritonServer(output) as server:
         pieces = list(client.stream(STREAM, PROMPTS[0], server.grpc_url, {"max_new_tokens": 4}))
     assert pieces, "the tuned stream answers"
+
+
+def test_a_stopped_tune_leaves_no_server_and_keeps_its_trials(built: Path, tmp_path: Path) -> None:
+    """SIGTERM (a job stopped, a pod deleted) mid-tune: the server it started (in a session of its own, where the
+    signal doesn't reach) stops with it, the output is not written, and the trials so far stay for a resume."""
+    output = tmp_path / "tuned"
+    argv = [sys.executable, "-m", "tritonhf", "tune", "--model-repository", str(built), "--output", str(output)]
+    tuner = psutil.Popen([*argv, "--budget-minutes", "10", "--no-prescreen"], stdout=subprocess.DEVNULL)
+    trials = output.with_name("tuned.tune") / "trials.csv"
+    until(lambda: trials.exists() and trials.read_text().count("\n") > 1, timeout=240, what="a first trial")
+    servers = [p for p in tuner.children(recursive=True) if p.name() == "tritonserver"]
+    assert servers, "the tune's server runs"
+    tuner.send_signal(signal.SIGTERM)
+    assert tuner.wait(timeout=120) != 0
+    _, alive = psutil.wait_procs(servers, timeout=30)
+    for process in alive:  # not into the rest of the session
+        process.kill()
+    assert not alive, f"left behind: {alive}"
+    assert not output.exists() and trials.read_text().count("\n") > 1

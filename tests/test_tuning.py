@@ -138,6 +138,22 @@ def test_a_streams_two_bounds_both_hold() -> None:
         Search(stream, measure, 1.0, ttft_p99_ms=1.0, budget=200).run()
 
 
+def test_a_race_lost_at_the_bounds_edge_is_run_again_lighter() -> None:
+    """Above concurrency 4 every point passes the bound when first measured and fails it when measured again (the
+    edge of the bound, where one measurement passes and the next fails): the finals fail at the loads the search
+    found, then race again at half the load, and so on, until the entrants hold the bound."""
+    seen: set[tuple[Candidate, int]] = set()
+
+    def measure(candidate: Candidate, concurrency: int) -> Point:
+        point = truth(candidate, concurrency)
+        again = (candidate, concurrency) in seen
+        seen.add((candidate, concurrency))
+        return replace(point, p99_ms=500.0 if again and concurrency > 4 else 10.0)
+
+    outcome = Search(SPACE, measure, 100.0, budget=400).run()
+    assert outcome.capacity.concurrency <= 4 and outcome.capacity.p99_ms <= 100.0, outcome.capacity
+
+
 def test_the_finals_race_spends_their_rounds_on_the_close() -> None:
     """Four entrants: two far behind drop out after the third round, the two close ones race on, the faster wins."""
     speeds = {DEFAULT: 60.0, replace(DEFAULT, instances=1): 70.0}

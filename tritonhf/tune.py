@@ -19,8 +19,9 @@ import csv
 import itertools
 import platform
 import shutil
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -352,7 +353,7 @@ def tune(options: TuneOptions) -> Path:
     budget = max(40, int(seconds / SECONDS_PER_POINT * 2))  # a bound on trials; the time is the budget
     outcomes: dict[str, Outcome] = {}
     timings: dict[str, dict[tuple[str, str], Timing]] = {}
-    with TritonServer(options.repository, models=()) as server:
+    with stopped_as_interrupted(), TritonServer(options.repository, models=()) as server:
         live = Live(server, options.repository, options.workdir, options.window_ms)
         for name, space in found.items():
             started = time.monotonic()
@@ -370,6 +371,21 @@ def tune(options: TuneOptions) -> Path:
     plot(outcomes, options.workdir / "candidates.png", options, serves)
     print(f"wrote {options.output} (report: {options.workdir / 'report.md'})")
     return options.output
+
+
+@contextlib.contextmanager
+def stopped_as_interrupted() -> Iterator[None]:
+    """SIGTERM (a job stopped, a pod deleted) as Ctrl-C: the server is stopped, not left behind in its own session,
+    and the trials so far stay, for the next tune to resume from."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def summary(name: str, outcome: Outcome, seconds: float, serves: Serves = Serves.REQUESTS) -> str:
