@@ -101,12 +101,11 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
         family = {n: e for n, e in manifest.items() if e["source"] == source and e["task"] == task}
         if any(e.get("runtime", "python") != "python" for e in family.values()):
             raise TritonHFError(f"{name}: its exports are ensembles (--runtime native): tune a --runtime python build")
-        if task in ENCODERS:  # any variant but the tutorial's may serve the plain name
+        serves = serving(tunable[name])
+        if serves is Serves.REQUESTS:  # any variant but the tutorial's may serve the plain name
             served = {n: e for n, e in family.items() if not VARIANTS[e["variant"]].perf.reference}
-            serves = Serves.REQUESTS
         else:
             served = {name: tunable[name]}
-            serves = Serves.STREAM if VARIANTS[tunable[name]["variant"]].streams else Serves.TOKENS
         config = model_config.read(repository / name / "config.pbtxt")
         gpu = config["instance_group"][0].get("kind") == "KIND_GPU"
         variants = {n: precisions(repository, n, e, gpu) for n, e in served.items()}
@@ -130,6 +129,13 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
             serves,
         )
     return found
+
+
+def serving(entry: dict) -> Serves:
+    """What a built model's throughput counts, and which bounds hold it, from its manifest entry."""
+    if entry["task"] in ENCODERS:
+        return Serves.REQUESTS
+    return Serves.STREAM if VARIANTS[entry["variant"]].streams else Serves.TOKENS
 
 
 def precisions(repository: Path, name: str, entry: dict, gpu: bool = False) -> tuple[str, ...]:
@@ -199,7 +205,7 @@ class Live:
         window counts: a first inference (lazy session set-up, kernel choice) would otherwise land in the first
         window, or leave a short one without a single answer."""
         requests = 2 * candidate.instances
-        if VARIANTS[self.manifest[candidate.variant]["variant"]].streams:
+        if serving(self.manifest[candidate.variant]) is Serves.STREAM:
             url, few = self.server.grpc_url, {"max_new_tokens": 4}
             with ThreadPoolExecutor(requests) as pool:  # all at once: its scheduler batches them
                 list(pool.map(lambda p: list(stream(candidate.variant, p, url, few)), self.prompts[:requests]))
@@ -240,9 +246,9 @@ class Live:
     def measured(self, candidate: Candidate, concurrency: int) -> Point:
         """The loaded candidate at ``concurrency``: answers/s and p99; generation, output tokens/s of the mixed
         workload, p99 of the answers' latency (of a stream's, between its tokens) and of the time to first token."""
-        entry = self.manifest[candidate.variant]
-        if entry["task"] == GENERATION:
-            streams = VARIANTS[entry["variant"]].streams
+        serves = serving(self.manifest[candidate.variant])
+        if serves is not Serves.REQUESTS:
+            streams = serves is Serves.STREAM
             found = measure_mixed(
                 candidate.variant, streams, self.server.grpc_url, self.mixed, concurrency, self.workdir, self.env,
                 self.server.control_key,
@@ -388,7 +394,7 @@ def stopped_as_interrupted() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def summary(name: str, outcome: Outcome, seconds: float, serves: Serves = Serves.REQUESTS) -> str:
+def summary(name: str, outcome: Outcome, seconds: float, serves: Serves) -> str:
     return (
         f"{name}: {outcome.chosen.label} ({outcome.note}): {outcome.capacity.throughput:.1f} {serves.unit} at"
         f" concurrency {outcome.capacity.concurrency}, {latency(outcome.capacity, serves)}; the default"
@@ -457,9 +463,8 @@ def report(
     options: TuneOptions,
     memory: dict[Candidate, int],
     timings: dict[str, dict[tuple[str, str], Timing]],
-    serves: dict[str, Serves] | None = None,
+    serves: dict[str, Serves],
 ) -> str:
-    serves = serves or {}
     machine = machine_record(options.p99_ms)
     versions = {name: metadata.version(name) for name in ("torch", "transformers", "onnxruntime", "tritonclient")}
     lines = [
@@ -483,7 +488,7 @@ def report(
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, outcome in outcomes.items():
-        kind = serves.get(name, Serves.REQUESTS)
+        kind = serves[name]
         for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
             ttft = f"{point.ttft_p99_ms:.0f}" if kind is not Serves.REQUESTS else ""
             lines.append(
@@ -494,7 +499,7 @@ def report(
                 f" {outcome.note if label == 'tuned' else ''} |"
             )
     for name, outcome in outcomes.items():
-        kind = serves.get(name, Serves.REQUESTS)
+        kind = serves[name]
         lines += ["", f"## {name}: the finals, a race (one measurement's noise: {outcome.noise:.1%})", ""]
         lines += [f"| candidate | rounds | {kind.unit} | p99 ms | |", "|---|---|---|---|---|"]
         most = max(map(len, outcome.finalists.values()))
@@ -540,7 +545,7 @@ def plot(outcomes: dict[str, Outcome], path: Path, options: TuneOptions, serves:
         for label, point in (("default", outcome.default), ("tuned", outcome.capacity)):
             axis.scatter([point.p99_ms], [point.throughput], s=160, facecolors="none", edgecolors="black")
             axis.annotate(label, (point.p99_ms, point.throughput), textcoords="offset points", xytext=(8, -4))
-        kind = serves.get(name, Serves.REQUESTS)
+        kind = serves[name]
         if (bound := options.bounds(kind)[0]) is not None:
             axis.axvline(bound, color="red", linestyle="--", linewidth=1, label=f"p99 bound {bound:g} ms")
         between = " between tokens" if kind is Serves.STREAM else ""
