@@ -25,6 +25,10 @@ each point once and takes any gain, noise included. Here:
    that the leader beats by more than two standard errors of the difference (the noise pooled over all the rounds),
    drops out, and the rounds left go to those still close. The default is kept unless the winner beats it so. Ties
    (within ``MIN_NOISE``: equal in practice) go to fewer processes, then to the lower latency at concurrency 1.
+4. **A queue delay must buy something.** It trades latency for throughput: under light load every request waits
+   for it (a closed loop of 16 against batches of 32 waits the whole delay for every batch). The winner keeps its
+   delay only if it beats the same layout without one beyond the noise: a duel after the finals (their rounds
+   keep the measurements for it), unless the finals raced both.
 
 Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
 p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows.
@@ -350,11 +354,12 @@ class Search:
         entrants = ([default] if default is not None else []) + ranked[: self.seats()]
         if not entrants:
             raise NoCandidateError(self.closest())
-        rounds, racing = self.race(entrants)
+        duel = 2 * MIN_ROUNDS if any(p.candidate.queue_delay_us for p in entrants) else 0  # kept for the last duel
+        rounds, racing = self.race(entrants, duel)
         while not racing and max(p.concurrency for p in entrants) > 1 and self.affords(MIN_ROUNDS * len(entrants)):
             # each was raced at the edge of the bound, where one measurement passes and the next fails: lighter
             entrants = [replace(p, concurrency=max(1, p.concurrency // 2)) for p in entrants]
-            rounds, racing = self.race(entrants)
+            rounds, racing = self.race(entrants, duel)
         estimates = {c: estimate(points) for c, points in rounds.items()}
         passing = {p.candidate: estimates[p.candidate] for p in racing}  # still racing: passing, and not beaten
         if not passing:
@@ -367,6 +372,9 @@ class Search:
         alone = {c: self.measure_again(Point(c, 1, 0.0, 0.0)).p99_ms for c in tied} if timed else {}
         chosen = min(tied, key=lambda c: (alone.get(c, 0.0), -passing[c].throughput))  # then the lower latency at c1
         note = "the fastest beyond the noise" if len(tied) == 1 else "the fewest processes among the fastest"
+        if chosen.queue_delay_us and (undelayed := self.delay_bought_nothing(chosen, rounds, pool)) is not None:
+            chosen, note = undelayed, f"{note}, without its queue delay: the delay bought nothing beyond the noise"
+            estimates[chosen] = estimate(rounds[chosen])
         baseline = estimates[default.candidate] if default is not None else estimates[chosen]
         if default is not None and default.candidate in passing and not self.beats(rounds, chosen, default.candidate):
             chosen, note = default.candidate, "the default: nothing beat it beyond the noise"
@@ -374,11 +382,32 @@ class Search:
         layouts[chosen.variant] = chosen
         return Outcome(chosen, estimates[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
 
-    def race(self, entrants: list[Point]) -> tuple[dict[Candidate, list[Point]], list[Point]]:
-        """Interleaved rounds, a new order each, until one is left, the rounds run out or the budget does: every
-        entrant's rounds, and those still racing (passing the bounds in most rounds, not beaten beyond the noise)."""
+    def delay_bought_nothing(
+        self, chosen: Candidate, rounds: dict[Candidate, list[Point]], pool: dict[Candidate, Point]
+    ) -> Candidate | None:
+        """``chosen`` without its queue delay, unless the delay beats that beyond the noise (or that fails the bounds):
+        a delay trades latency for throughput, and at light load every request waits for it, so it must be shown
+        to buy some. Raced now if the finals did not (at its capacity if the search found it, else at ``chosen``'s
+        load), as far as the budget allows; None: the delay stays."""
+        undelayed = replace(chosen, queue_delay_us=0)
+        if undelayed not in rounds:
+            if not self.affords(2 * MIN_ROUNDS):
+                return None
+            theirs = rounds[chosen][0]
+            self.race([theirs, pool.get(undelayed, replace(theirs, candidate=undelayed))], rounds=rounds)
+        held = majority_pass(rounds[undelayed], *self.bounds)
+        return undelayed if held and not self.beats(rounds, chosen, undelayed) else None
+
+    def race(
+        self, entrants: list[Point], keep: int = 0, rounds: dict[Candidate, list[Point]] | None = None
+    ) -> tuple[dict[Candidate, list[Point]], list[Point]]:
+        """Interleaved rounds, a new order each, until one is left, the rounds run out or the budget does (less
+        ``keep`` measurements): every entrant's rounds (added to ``rounds``, whose every round the noise is pooled
+        over), and those still racing (passing the bounds in most rounds, not beaten beyond the noise)."""
         rng = random.Random(self.seed)
-        rounds: dict[Candidate, list[Point]] = {p.candidate: [] for p in entrants}
+        rounds = {} if rounds is None else rounds
+        for entrant in entrants:
+            rounds.setdefault(entrant.candidate, [])
         racing = entrants
         for number in range(1, MAX_ROUNDS + 1):
             for entrant in rng.sample(racing, len(racing)):
@@ -386,7 +415,7 @@ class Search:
             if number >= MIN_ROUNDS:
                 self.noise = max(MIN_NOISE, pooled_log_sd(rounds.values()))
                 racing = self.still_racing(racing, rounds)
-                if len(racing) < 2 or not self.affords(len(racing)):
+                if len(racing) < 2 or not self.affords(len(racing) + keep):
                     break
         return rounds, racing
 
