@@ -27,8 +27,9 @@ each point once and takes any gain, noise included. Here:
    (within ``MIN_NOISE``: equal in practice) go to fewer processes, then to the lower latency at concurrency 1.
 4. **A queue delay must buy something.** It trades latency for throughput: under light load every request waits
    for it (a closed loop of 16 against batches of 32 waits the whole delay for every batch). The winner keeps its
-   delay only if it beats the same layout without one beyond the noise: a duel after the finals (their rounds
-   keep the measurements for it), unless the finals raced both.
+   delay only if it beats the same layout without one beyond the noise: a duel after the finals, unless they
+   raced both (the finals stop ``DUEL`` measurements early to leave room for it; without room, the delay stays and
+   the note says so). The default, when kept, stays as built.
 
 Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
 p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows.
@@ -51,6 +52,8 @@ MIN_NOISE = 0.03  # the smallest relative difference ever taken for a gain: a sh
 MIN_ROUNDS, MAX_ROUNDS = 3, 30  # of the finals: at least, and at most where the budget and the deadline allow
 FINALS_SHARE = 0.4  # of the budget, kept for the finals' race
 FINALS_PACE = 1.5  # a finals measurement's time, to a search measurement's: each one reloads its candidate
+DUEL = 2 * MIN_ROUNDS  # measurements the finals leave for a winner's duel with its undelayed self
+DUEL_ROUNDS = 10  # at most, where the budget allows
 Z = 2.0  # standard errors of a difference that make it a difference
 SCREEN_KEEP = 0.75  # a variant whose screened capacity is below this share of the best is dropped
 MAX_CONCURRENCY = 256
@@ -346,7 +349,8 @@ class Search:
         """The best few (as many as the time left seats) and the default, raced: measured again in interleaved
         rounds (a new order every round, each at its own load); from ``MIN_ROUNDS`` on, an entrant that fails the
         bound in most rounds, or falls behind the leader beyond the noise, drops out, so that the rounds left go to
-        those still close."""
+        those still close. A winner that beat the default then keeps its queue delay only if the delay buys
+        throughput (``undelayed``), for which the race leaves room."""
         self.phase = "finals"
         pool = self.pool()
         default = pool.get(self.space.default)
@@ -354,12 +358,14 @@ class Search:
         entrants = ([default] if default is not None else []) + ranked[: self.seats()]
         if not entrants:
             raise NoCandidateError(self.closest())
-        duel = 2 * MIN_ROUNDS if any(p.candidate.queue_delay_us for p in entrants) else 0  # kept for the last duel
-        rounds, racing = self.race(entrants, duel)
-        while not racing and max(p.concurrency for p in entrants) > 1 and self.affords(MIN_ROUNDS * len(entrants)):
+        keep = self.after_race(entrants)
+        rounds, racing = self.race(entrants, keep)
+        while (
+            not racing and max(p.concurrency for p in entrants) > 1 and self.affords(MIN_ROUNDS * len(entrants) + keep)
+        ):
             # each was raced at the edge of the bound, where one measurement passes and the next fails: lighter
             entrants = [replace(p, concurrency=max(1, p.concurrency // 2)) for p in entrants]
-            rounds, racing = self.race(entrants, duel)
+            rounds, racing = self.race(entrants, keep)
         estimates = {c: estimate(points) for c, points in rounds.items()}
         passing = {p.candidate: estimates[p.candidate] for p in racing}  # still racing: passing, and not beaten
         if not passing:
@@ -372,49 +378,81 @@ class Search:
         alone = {c: self.measure_again(Point(c, 1, 0.0, 0.0)).p99_ms for c in tied} if timed else {}
         chosen = min(tied, key=lambda c: (alone.get(c, 0.0), -passing[c].throughput))  # then the lower latency at c1
         note = "the fastest beyond the noise" if len(tied) == 1 else "the fewest processes among the fastest"
-        if chosen.queue_delay_us and (undelayed := self.delay_bought_nothing(chosen, rounds, pool)) is not None:
-            chosen, note = undelayed, f"{note}, without its queue delay: the delay bought nothing beyond the noise"
-            estimates[chosen] = estimate(rounds[chosen])
-        baseline = estimates[default.candidate] if default is not None else estimates[chosen]
         if default is not None and default.candidate in passing and not self.beats(rounds, chosen, default.candidate):
             chosen, note = default.candidate, "the default: nothing beat it beyond the noise"
+        elif chosen.queue_delay_us:
+            held = default is not None and majority_pass(rounds[default.candidate], *self.bounds)
+            chosen, why = self.undelayed(chosen, rounds, pool, default.candidate if held else None)
+            note = f"{note}{why}"
+        estimates = {c: estimate(points) for c, points in rounds.items()}  # a duel's rounds, too
+        baseline = estimates[default.candidate] if default is not None else estimates[chosen]
         layouts = {c.variant: c for c, _ in sorted(pool.items(), key=lambda item: item[1].throughput)}
         layouts[chosen.variant] = chosen
         return Outcome(chosen, estimates[chosen], baseline, self.noise, self.trials, rounds, note, layouts)
 
-    def delay_bought_nothing(
-        self, chosen: Candidate, rounds: dict[Candidate, list[Point]], pool: dict[Candidate, Point]
-    ) -> Candidate | None:
-        """``chosen`` without its queue delay, unless the delay beats that beyond the noise (or that fails the bounds):
-        a delay trades latency for throughput, and at light load every request waits for it, so it must be shown
-        to buy some. Raced now if the finals did not (at its capacity if the search found it, else at ``chosen``'s
-        load), as far as the budget allows; None: the delay stays."""
+    def after_race(self, entrants: list[Point]) -> int:
+        """The measurements that the race leaves for what follows it: the tie-break's (one each, at concurrency 1)
+        and the duel's, if some entrant but the default has a queue delay and its undelayed self does not race."""
+        racing = {p.candidate for p in entrants}
+        duel = any(
+            c.queue_delay_us and replace(c, queue_delay_us=0) not in racing for c in racing - {self.space.default}
+        )
+        return len(entrants) + (DUEL if duel else 0)
+
+    def undelayed(
+        self,
+        chosen: Candidate,
+        rounds: dict[Candidate, list[Point]],
+        pool: dict[Candidate, Point],
+        default: Candidate | None,
+    ) -> tuple[Candidate, str]:
+        """``chosen`` without its queue delay unless the delay beats that beyond the noise, and why: a delay trades
+        latency for throughput (under light load every request waits for it), so it must be shown to buy some.
+        Without it, the layout must pass the bounds in most rounds and beat the default (``default``: where it
+        passes them) too, judged on all the rounds (one that dropped out of the finals early may be within the noise of
+        the winner's many). A duel after the finals when they did not race it: the winner at its load, the other at
+        its own capacity where the search found a lower one."""
         undelayed = replace(chosen, queue_delay_us=0)
         if undelayed not in rounds:
-            if not self.affords(2 * MIN_ROUNDS):
-                return None
+            if not self.affords(DUEL):
+                return chosen, "; its queue delay untested without: no time left to race it"
             theirs = rounds[chosen][0]
-            self.race([theirs, pool.get(undelayed, replace(theirs, candidate=undelayed))], rounds=rounds)
-        held = majority_pass(rounds[undelayed], *self.bounds)
-        return undelayed if held and not self.beats(rounds, chosen, undelayed) else None
+            load = min(theirs.concurrency, pool[undelayed].concurrency if undelayed in pool else theirs.concurrency)
+            self.race([theirs, Point(undelayed, load, 0.0, 0.0)], rounds=rounds, most=None)
+        kept = (
+            not majority_pass(rounds[undelayed], *self.bounds)
+            or self.beats(rounds, chosen, undelayed)
+            or (default is not None and not self.beats(rounds, undelayed, default))
+        )
+        return (
+            (chosen, "")
+            if kept
+            else (undelayed, ", without its queue delay: the delay bought nothing beyond the noise")
+        )
 
     def race(
-        self, entrants: list[Point], keep: int = 0, rounds: dict[Candidate, list[Point]] | None = None
+        self,
+        entrants: list[Point],
+        keep: int = 0,
+        rounds: dict[Candidate, list[Point]] | None = None,
+        most: int | None = MAX_ROUNDS,
     ) -> tuple[dict[Candidate, list[Point]], list[Point]]:
         """Interleaved rounds, a new order each, until one is left, the rounds run out or the budget does (less
         ``keep`` measurements): every entrant's rounds (added to ``rounds``, whose every round the noise is pooled
-        over), and those still racing (passing the bounds in most rounds, not beaten beyond the noise)."""
+        over), and those still racing (passing the bounds in most rounds, not beaten beyond the noise). With
+        ``most=None``, a fixed race: none drops out, ``DUEL_ROUNDS`` at most, judged once at the end (every look
+        at a race that drops out is another chance to drop a tie)."""
         rng = random.Random(self.seed)
         rounds = {} if rounds is None else rounds
         for entrant in entrants:
             rounds.setdefault(entrant.candidate, [])
         racing = entrants
-        for number in range(1, MAX_ROUNDS + 1):
+        for number in range(1, (most or DUEL_ROUNDS) + 1):
             for entrant in rng.sample(racing, len(racing)):
                 rounds[entrant.candidate].append(self.measure_again(entrant))
             if number >= MIN_ROUNDS:
                 self.noise = max(MIN_NOISE, pooled_log_sd(rounds.values()))
-                racing = self.still_racing(racing, rounds)
+                racing = self.still_racing(racing, rounds) if most else racing
                 if len(racing) < 2 or not self.affords(len(racing) + keep):
                     break
         return rounds, racing
