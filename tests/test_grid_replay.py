@@ -29,6 +29,10 @@ NOT_YET = {
     # it fails the bound about a third of the time, and the search (which keeps the noise to spare) picks the best
     # point that meets it reliably, 2 x batch 1 at 84 ms: 91% of the best (issue #20).
     ("distilbert-base-uncased-finetuned-sst-2-english", 100.0): "the grid's best is 3% inside the bound: see above",
+    # The same edge on the Xeon's all-MiniLM-L6-v2 grid: the best under 100 ms (ONNX int8, 2 x batch 16, no delay)
+    # has its p99 at 98 ms at concurrency 32 and 97 ms at 64; the search picks its 2 ms twin (0.98 of it) in 7 of 10
+    # replays, and in 3 a layout that meets the bound with room (0.90-0.92).
+    ("all-MiniLM-L6-v2", 100.0): "the grid's best is 2-3% inside the bound: see above",
 }
 
 
