@@ -28,7 +28,7 @@ each point once and takes any gain, noise included. Here:
 4. **A queue delay must buy something.** It trades latency for throughput: under light load every request waits
    for it (a closed loop of 16 against batches of 32 waits the whole delay for every batch). The winner keeps its
    delay only if it beats the same layout without one beyond the noise: a duel after the finals, unless they
-   raced both (the finals stop ``DUEL`` measurements early to leave room for it; without room, the delay stays and
+   raced both (the finals stop early to leave room for it and the tie-break; without room, the delay stays and
    the note says so). The default, when kept, stays as built.
 
 Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
@@ -418,7 +418,7 @@ class Search:
                 return chosen, "; its queue delay untested without: no time left to race it"
             theirs = rounds[chosen][0]
             load = min(theirs.concurrency, pool[undelayed].concurrency if undelayed in pool else theirs.concurrency)
-            self.race([theirs, Point(undelayed, load, 0.0, 0.0)], rounds=rounds, most=None)
+            self.race([theirs, Point(undelayed, load, 0.0, 0.0)], rounds=rounds, most=DUEL_ROUNDS, drop=False)
         kept = (
             not majority_pass(rounds[undelayed], *self.bounds)
             or self.beats(rounds, chosen, undelayed)
@@ -435,24 +435,25 @@ class Search:
         entrants: list[Point],
         keep: int = 0,
         rounds: dict[Candidate, list[Point]] | None = None,
-        most: int | None = MAX_ROUNDS,
+        most: int = MAX_ROUNDS,
+        drop: bool = True,
     ) -> tuple[dict[Candidate, list[Point]], list[Point]]:
         """Interleaved rounds, a new order each, until one is left, the rounds run out or the budget does (less
         ``keep`` measurements): every entrant's rounds (added to ``rounds``, whose every round the noise is pooled
-        over), and those still racing (passing the bounds in most rounds, not beaten beyond the noise). With
-        ``most=None``, a fixed race: none drops out, ``DUEL_ROUNDS`` at most, judged once at the end (every look
-        at a race that drops out is another chance to drop a tie)."""
+        over), and those still racing (passing the bounds in most rounds, not beaten beyond the noise). Without
+        ``drop``, none drops out: the race is judged once, at the end (every look at a race that drops out is
+        another chance to drop a tie)."""
         rng = random.Random(self.seed)
         rounds = {} if rounds is None else rounds
         for entrant in entrants:
             rounds.setdefault(entrant.candidate, [])
         racing = entrants
-        for number in range(1, (most or DUEL_ROUNDS) + 1):
+        for number in range(1, most + 1):
             for entrant in rng.sample(racing, len(racing)):
                 rounds[entrant.candidate].append(self.measure_again(entrant))
             if number >= MIN_ROUNDS:
                 self.noise = max(MIN_NOISE, pooled_log_sd(rounds.values()))
-                racing = self.still_racing(racing, rounds) if most else racing
+                racing = self.still_racing(racing, rounds) if drop else racing
                 if len(racing) < 2 or not self.affords(len(racing) + keep):
                     break
         return rounds, racing
