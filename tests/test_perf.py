@@ -195,9 +195,18 @@ def test_the_side_by_side_verdicts() -> None:
         ("untuned", "m_onnx-int8", 16): [200.0, 201.0, 199.0],
         ("tuned 1", "m", 16): [196.0, 197.0, 195.0],
         ("tuned 2", "m", 16): [176.0, 178.0, 177.0],
+        # at 64, rounds that spread by 10%: tuned 2's 93% of the fastest is a miss inside the noise
+        ("untuned", "m", 64): [100.0, 110.0, 105.0],
+        ("untuned", "m_onnx-int8", 64): [200.0, 220.0, 210.0],
+        ("tuned 1", "m", 64): [190.0, 210.0, 200.0],
+        ("tuned 2", "m", 64): [186.0, 205.0, 195.0],
     }
-    verdicts = [line for line in table(figures, "m", [16]).splitlines() if line.startswith("- ")]
+    verdicts = [line for line in table(figures, "m", [16, 64]).splitlines() if line.startswith("- ")]
     assert verdicts[0].startswith("- c16: tuned 1 m 196.0/s = 98% of the fastest (untuned m_onnx-int8, 200.0/s): met")
-    assert verdicts[1].startswith("- c16: tuned 2 m 177.0/s = 88% of the fastest") and "MISSED" in verdicts[1]
-    assert "1.77x the untuned m (noise 8%): met" in verdicts[1]
+    assert verdicts[1].startswith("- c16: tuned 2 m 177.0/s = 88% of the fastest") and "MISSED;" in verdicts[1]
+    assert "1.77x the untuned m (noise 1%): met" in verdicts[1]
     assert verdicts[2] == "- c16: the 2 tuned ms are 10.7% apart: MISSED (within 10%)"
+    assert (
+        verdicts[4].startswith("- c64: tuned 2 m 195.0/s = 93% of the fastest")
+        and "MISSED, inside the noise;" in verdicts[4]
+    )
