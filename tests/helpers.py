@@ -136,9 +136,11 @@ class Streamed(Pieces):
         self.client.close()
 
 
-def metric(server: TritonServer, name: str, model: str) -> float:
-    """A model's value of one of the server's Prometheus metrics, summed over its instances (0 if not reported yet)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+def metric(server: TritonServer | str, name: str, model: str) -> float:
+    """A model's value of one of the server's Prometheus metrics, summed over its instances (0 if not reported yet).
+    ``server``: a TritonServer, or its metrics URL."""
+    url = server if isinstance(server, str) else server.metrics_url
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
     return sum(
         float(value)
         for labels, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,12 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
+from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
 from tritonhf.backends.python_hf.sequence import Sequence
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
+from tritonhf.backends.python_hf.text import render_chat
 
 from .helpers import LENGTHS, PROMPTS, Pieces, reference, until
 
@@ -34,9 +40,10 @@ class Recorder(Pieces):
         super().__init__()
         self.cancel_after = cancel_after
 
-    def send(self, text: str, new_tokens: int, final: bool) -> None:
-        self.pieces.append((time.monotonic(), text, new_tokens))
-        if final:
+    def send(self, piece: Piece) -> None:
+        self.pieces.append((time.monotonic(), piece.text, piece.new_tokens))
+        self.last = piece
+        if piece.final:
             self.done.set()
 
     def fail(self, message: str, kind: str) -> None:
@@ -123,6 +130,7 @@ BAD_PARAMETERS = {
     "two values in a scalar tensor": ({"seed": np.array([[1, 2]])}, "input 'seed' must hold one value"),
     "empty stop string": ({"stop": ""}, "stop must be non-empty strings"),
     "a digit int() refuses": ({"max_new_tokens": "²"}, "max_new_tokens must be an integer, got '²'"),
+    "penalty out of range": ({"frequency_penalty": 2.5}, "frequency_penalty must be in -2..2, got 2.5"),
 }
 
 
@@ -159,6 +167,98 @@ def test_a_static_batch_equals_generate_row_by_row(model: TextGeneration) -> Non
         assert (out["text"][i, 0].decode(), int(out["new_tokens"][i, 0])) == reference(
             model, prompt, max_new_tokens=n, do_sample=False
         )
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """The reference for the penalties: OpenAI's formula in generate's own loop, over the generated ids only."""
+
+    def __init__(self, prompt_tokens: int, presence: float, frequency: float) -> None:
+        self.prompt_tokens, self.presence, self.frequency = prompt_tokens, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        counts = torch.zeros_like(scores).scatter_add_(
+            1,
+            input_ids[:, self.prompt_tokens :],
+            torch.ones_like(input_ids[:, self.prompt_tokens :], dtype=scores.dtype),
+        )
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+@pytest.mark.parametrize(("presence", "frequency"), [(0.0, 1.5), (1.5, 0.0), (-0.5, 0.5)])
+def test_penalties_equal_openais_formula_in_generate(model: TextGeneration, presence: float, frequency: float) -> None:
+    """Greedy with presence / frequency penalties: each row equals generate with the same formula as a logits
+    processor, beside a row without penalties in the same batch; and the penalties change the answer."""
+    penalised = {"max_new_tokens": 24, "presence_penalty": presence, "frequency_penalty": frequency}
+    out = model([PROMPTS[1], PROMPTS[1]], [model.parse_options(penalised), model.parse_options({"max_new_tokens": 24})])
+    prompt_tokens = len(model.tokenizer(PROMPTS[1])["input_ids"])
+    processor = LogitsProcessorList([OpenAIPenalties(prompt_tokens, presence, frequency)])
+    expected = reference(model, PROMPTS[1], max_new_tokens=24, do_sample=False, logits_processor=processor)
+    assert (out["text"][0, 0].decode(), int(out["new_tokens"][0, 0])) == expected
+    assert (out["text"][1, 0].decode(), int(out["new_tokens"][1, 0])) == reference(
+        model, PROMPTS[1], max_new_tokens=24, do_sample=False
+    )
+    assert out["text"][0, 0] != out["text"][1, 0], "the tiny models repeat themselves: a penalty changes that"
+
+
+def test_every_answer_says_its_prompt_length_and_why_it_ended(model: TextGeneration) -> None:
+    """prompt_tokens as the model read the prompt; finish_reason length, or stop at a stop string."""
+    full = model([PROMPTS[4]], [model.parse_options({"max_new_tokens": 20, "return_full_text": False})])
+    text = full["text"][0, 0].decode()
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    out = model(
+        [PROMPTS[4], PROMPTS[0]],
+        [model.parse_options({"max_new_tokens": 20, "stop": stop}), model.parse_options({"max_new_tokens": 3})],
+    )
+    assert out["finish_reason"][:, 0].tolist() == [b"stop", b"length"] and full["finish_reason"][0, 0] == b"length"
+    assert out["prompt_tokens"][:, 0].tolist() == [
+        len(model.tokenizer(p)["input_ids"]) for p in (PROMPTS[4], PROMPTS[0])
+    ]
+    [streamed] = stream_all(model, [(PROMPTS[0], {"max_new_tokens": 3})])
+    assert (streamed.last.finish, streamed.last.prompt_tokens) == ("length", out["prompt_tokens"][1, 0])
+
+
+def test_a_prompt_too_long_is_cut_from_the_left_or_refused(model: TextGeneration) -> None:
+    words = " ".join(["word"] * model.max_tokens)
+    kept = model.sequence(words, model.parse_options({"max_new_tokens": 8}))
+    assert len(kept.prompt_ids) == model.max_tokens - 8
+    with pytest.raises(RequestError, match=f"maximum context length is {model.max_tokens} tokens; the prompt has"):
+        model.sequence(words, model.parse_options({"max_new_tokens": 8, "truncate": False}))
+
+
+def test_a_chat_goes_through_the_plain_template_where_the_model_has_none(model: TextGeneration) -> None:
+    """gpt2 and opt-125m have no chat template: the documented plain one, encoded with the model's special tokens,
+    and answered as that text would be."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    row = model.sequence(json.dumps(messages), model.parse_options({"chat": True}))
+    rendered = f"Be brief.\n\nUser: {PROMPTS[0]}\nAssistant:"
+    assert row.prompt == rendered and row.prompt_ids == model.tokenizer(rendered)["input_ids"]
+    chat = model([json.dumps(messages)], [model.parse_options({"chat": True, "max_new_tokens": 5})])
+    plain = model([rendered], [model.parse_options({"max_new_tokens": 5})])
+    assert chat["text"][0, 0] == plain["text"][0, 0]
+
+
+def test_a_chat_goes_through_the_models_own_template(model: TextGeneration) -> None:
+    """A tokenizer with a chat template renders with it and adds no special tokens of its own."""
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    tokenizer = copy.deepcopy(model.tokenizer)
+    tokenizer.chat_template = template
+    text, special = render_chat(tokenizer, json.dumps([{"role": "user", "content": "hi"}]))
+    assert (text, special) == ("<|user|>hi<|assistant|>", False)
+
+
+BAD_CHATS = {
+    "not JSON": ("hello", "chat: the prompt must be a JSON list of messages"),
+    "not a list": ('{"role": "user"}', "chat: the prompt must be a non-empty JSON list of messages"),
+    "no role": ('[{"content": "hi"}]', "chat: message 0 must be an object with a string 'role'"),
+    "content not text": ('[{"role": "user", "content": [1]}]', "chat: message 0's content must be text"),
+}
+
+
+@pytest.mark.parametrize("what", BAD_CHATS)
+def test_a_bad_chat_is_named(model: TextGeneration, what: str) -> None:
+    prompt, message = BAD_CHATS[what]
+    with pytest.raises(RequestError, match=re.escape(message)):
+        model.sequence(prompt, model.parse_options({"chat": True}))
 
 
 def test_a_prompt_without_tokens_starts_from_bos(model: TextGeneration) -> None:
@@ -293,7 +393,7 @@ def test_streams_hold_back_what_may_still_change() -> None:
         row.add(token, frozenset())
         row.extend(piece)
         sent.append(row.take())
-    assert sent == [("Hi ", 1), ("Ex ", 1), None, None, ("", 3)]
+    assert sent == [Piece("Hi ", 1, 1), Piece("Ex ", 1, 1), None, None, Piece("", 3, 1, "stop")]
     assert row.finish == "stop" and row.text == "Hi Ex "
 
 

@@ -110,7 +110,12 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
         )
         assert {p.name for p in (repository / entry.name / "1").glob("*.py")} == modules, "the whole generic model"
     outputs = {name: [(o["name"], o["data_type"], o["dims"]) for o in c["output"]] for name, c in configs.items()}
-    assert outputs["gpt2"] == [("text", "TYPE_STRING", ["1"]), ("new_tokens", "TYPE_INT32", ["1"])]
+    assert outputs["gpt2"] == [
+        ("text", "TYPE_STRING", ["1"]),
+        ("new_tokens", "TYPE_INT32", ["1"]),
+        ("prompt_tokens", "TYPE_INT32", ["1"]),
+        ("finish_reason", "TYPE_STRING", ["1"]),
+    ]
     assert configs["gpt2"]["parameters"]["max_length"] == {"string_value": str(GEN_MAX_LEN)}
     optional = {i["name"]: i for i in configs["gpt2"]["input"][1:]}
     assert optional["max_new_tokens"] == {
@@ -127,7 +132,7 @@ def test_built_configs(repository: Path, entries: list[ModelEntry]) -> None:
         "allow_ragged_batch": True,
     }
     assert outputs[CLASSIFIER] == [("label", "TYPE_STRING", ["1"]), ("score", "TYPE_FP32", ["1"])]
-    assert outputs[EMBEDDER] == [("embedding", "TYPE_FP32", ["384"])]
+    assert outputs[EMBEDDER] == [("embedding", "TYPE_FP32", ["384"]), ("tokens", "TYPE_INT32", ["1"])]
 
 
 def test_stream_configs(repository: Path) -> None:

@@ -79,7 +79,25 @@ def parser() -> argparse.ArgumentParser:
         default=1.0,
         help="a crashed model's reloads wait 0, 1, 2, 4, ... times this many seconds (default: %(default)s)",
     )
+    serve.add_argument(
+        "--openai-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/embeddings) on this"
+        " port, supervised with the server (default: off; README, 'OpenAI API')",
+    )
     serve.set_defaults(run=run_serve)
+
+    openai = commands.add_parser(
+        "openai", help="the OpenAI-compatible API alone, in front of a running tritonserver (README, 'OpenAI API')"
+    )
+    openai.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint (default: %(default)s)")
+    openai.add_argument("--openai-port", type=int, default=9000, help="default: %(default)s")
+    openai.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    openai.add_argument(
+        "--grace", type=float, default=30.0, help="seconds in-flight requests get at shutdown (default: %(default)s)"
+    )
+    openai.set_defaults(run=run_openai)
 
     push = commands.add_parser("push", help="copy a built repository to object storage (s3://) as a build of its own")
     push.add_argument("repository", type=Path, help="a repository tritonhf built")
@@ -242,8 +260,15 @@ def run_serve(args: argparse.Namespace) -> None:
             backoff=args.backoff,
             build=args.build,
             log_format=args.log_format,
+            openai_port=args.openai_port,
         )
     )
+
+
+def run_openai(args: argparse.Namespace) -> None:
+    from tritonhf.openai_api import run
+
+    run(args.url, args.host, args.openai_port, args.grace)
 
 
 def run_push(args: argparse.Namespace) -> None:

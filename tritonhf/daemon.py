@@ -19,6 +19,9 @@ stdout, and one shutdown budget.
   ``terminationGracePeriodSeconds`` (kubernetes.py adds the preStop and a margin).
 - **Start**: given up after ``--start-timeout``; ``tritonhf deploy`` sets it from the
   same estimate as the startup probe.
+- **OpenAI API** (``--openai-port``): ``tritonhf openai`` as a child process
+  (openai_api/process.py), started once the server serves, started again when it
+  dies, part of readiness, and stopped with the server within the same budget.
 - **Logs**: Triton's events on stdout, the supervisor's on stderr, text or JSON
   (logs.py); nothing is written to disk.
 """
@@ -39,11 +42,13 @@ from pathlib import Path
 from types import FrameType
 
 from tritonhf import TritonHFError, logs, placement, storage
+from tritonhf.openai_api.process import Frontend
 from tritonhf.repository import manifest_if_any
 from tritonhf.server import LIVE, READY, UNLOAD_S, TritonServer, check_free
 from tritonhf.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
+FRONTEND_START_S = 60.0
 PROBE_TIMEOUT_S = 1.0  # each of the two questions to Triton: the answer must beat the probe's 3 s timeout
 
 
@@ -61,6 +66,7 @@ class ServeOptions:
     backoff: float = 1.0
     build: str | None = None  # the build id a local copy must be (deploy sets it where KServe makes the copy)
     log_format: str = "text"
+    openai_port: int | None = None  # the OpenAI-compatible API beside the server (openai_api.process), or none
 
 
 class Probes(ThreadingHTTPServer):
@@ -68,8 +74,8 @@ class Probes(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
-        self.supervisor, self.draining = supervisor, threading.Event()
+    def __init__(self, supervisor: Supervisor, host: str, port: int, frontend: Frontend | None = None) -> None:
+        self.supervisor, self.frontend, self.draining = supervisor, frontend, threading.Event()
         super().__init__((host, port), ProbeHandler)
         self.thread = threading.Thread(target=self.serve_forever, name="tritonhf-probes", daemon=True)
 
@@ -82,6 +88,8 @@ class Probes(ThreadingHTTPServer):
             return False, {"*": str(err)}
         if not down and not self.supervisor.server.ready(timeout=PROBE_TIMEOUT_S):
             down = {"*": "tritonserver is not ready"}
+        if self.frontend is not None and not self.frontend.ready(timeout=PROBE_TIMEOUT_S):
+            down = {**down, "openai": "the OpenAI API does not answer (being restarted?)"}
         return not down, down
 
     def live(self) -> tuple[bool, dict[str, str]]:
@@ -160,7 +168,8 @@ def serve(options: ServeOptions) -> None:
     shutdown = Shutdown()
     http = options.http_port
     ports = {"http": http, "grpc": options.grpc_port or http + 1, "metrics": options.metrics_port or http + 2}
-    check_free(options.host, {**ports, "health": options.health_port or http + 3})  # before any download or load
+    openai = {"openai": options.openai_port} if options.openai_port else {}
+    check_free(options.host, {**ports, "health": options.health_port or http + 3, **openai})  # before any load
     repository = storage.materialize(options.repository, build=options.build)  # a verified copy of the build
     placement.check_host(repository)  # the build's CPU choices hold on this host, or serve refuses
     # the models' bytecode lives apart, never in the repository's __pycache__, which the seal does not cover: a
@@ -209,10 +218,17 @@ def supervise(
     """Serve until a signal, a model given up or the server's exit; then stop within the budget: out of the
     Service first, then Triton signalled at once (a heal under way is abandoned). Returns Triton's own exit code,
     if it exited by itself."""
-    probes, exited = None, None
+    probes, exited, frontend = None, None, None
     try:
         supervisor.start()
-        probes = Probes(supervisor, options.host, options.health_port or options.http_port + 3).start()
+        if options.openai_port:
+            frontend = Frontend(server.grpc_url, options.host, options.openai_port, options.grace, options.backoff)
+            if not frontend.start().wait_ready(FRONTEND_START_S):
+                raise TritonHFError(
+                    f"the OpenAI API did not answer on port {options.openai_port} within {FRONTEND_START_S:.0f} s"
+                )
+            logger.info("OpenAI API: %s", frontend.url)
+        probes = Probes(supervisor, options.host, options.health_port or options.http_port + 3, frontend).start()
         logger.info(
             "ready: HTTP %s  gRPC %s  metrics %s  probes http://%s:%d%s,%s on %s, supervised (Ctrl-C stops)",
             *(server.http_url, server.grpc_url, server.metrics_url, server.local_host),
@@ -227,7 +243,11 @@ def supervise(
         if probes is not None:
             probes.draining.set()
         supervisor.stopping.set()
+        if frontend is not None:
+            frontend.signal()  # it finishes its in-flight requests while the server drains
         server.stop(timeout=shutdown.left(budget))
+        if frontend is not None:
+            frontend.stop(timeout=shutdown.left(budget))
         supervisor.stop()
         if probes is not None:
             probes.close()

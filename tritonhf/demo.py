@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from tritonhf import cache_dir, client
+from tritonhf import TritonHFError, cache_dir, client
+from tritonhf.openai_api.process import Frontend
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import link_or_copy, read_manifest
-from tritonhf.server import TritonServer
+from tritonhf.server import TritonServer, free_port
 from tritonhf.standins import write_standins
 from tritonhf.variants import VARIANTS
 
@@ -49,6 +53,47 @@ def show_stream(name: str, prompt: str, url: str, new_tokens: int = 24) -> None:
     print(f"\n({pieces} pieces as they arrived, separated by |)\n")
 
 
+def show_openai(server: TritonServer, generator: str, embedder: str) -> None:
+    """The OpenAI-compatible API in front of the same server: a streamed chat and an embedding, as curl sends them."""
+    port = free_port()
+    frontend = Frontend(server.grpc_url, "127.0.0.1", port, grace=5.0).start()
+    try:
+        if not frontend.wait_ready(60):
+            raise TritonHFError("the OpenAI API did not start")
+        print(f"$ tritonhf openai --url {server.grpc_url} --openai-port {port}    # the OpenAI API, on {frontend.url}")
+        chat = {
+            "model": generator, "messages": [{"role": "user", "content": PROMPTS["text-generation"][0]}],
+            "max_tokens": 16, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        print(f"$ curl {frontend.url}/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(chat)}'")
+        usage = None
+        for event in post(f"{frontend.url}/chat/completions", chat):
+            for choice in event.get("choices", []):
+                print(choice["delta"].get("content", ""), end="|", flush=True)
+            usage = event.get("usage") or usage
+        print(f"\n(streamed as server-sent events; usage {usage})\n")
+        embed = {"model": embedder, "input": PROMPTS["feature-extraction"][:2], "dimensions": 8}
+        print(f"$ curl {frontend.url}/embeddings -H 'Content-Type: application/json' -d '{json.dumps(embed)}'")
+        [answer] = post(f"{frontend.url}/embeddings", embed)
+        for row in answer["data"]:
+            print(f"  {row['index']}: {np.array2string(np.array(row['embedding']), precision=3)}")
+        print(f"  usage {answer['usage']}\n")
+    finally:
+        frontend.stop(timeout=10)
+
+
+def post(url: str, body: dict) -> Iterator[dict]:
+    """A JSON POST's answer, or each of its server-sent events."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        if not body.get("stream"):
+            yield json.load(response)
+            return
+        for line in response:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                yield json.loads(line[len(b"data: ") :])
+
+
 def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
     print("Offline stand-ins for the tutorial's models: full-size configs, RANDOM weights (gibberish text,")
     print("coin-flip labels), tokenizers trained on the spot; all-MiniLM-L6-v2 is the real trained model.\n")
@@ -82,6 +127,7 @@ def demo(workdir: Path, repository: Path = Path("model_repository")) -> None:
                 similarity = outputs["embedding"] @ outputs["embedding"].T
                 print("cosine similarity of the three sentences (real model: the first two are close):")
                 print(np.array2string(similarity, precision=3) + "\n")
+        show_openai(server, "gpt2", "all-MiniLM-L6-v2")
     print("demo done: every model answered through tritonserver; the server is stopped.\n")
     print(what_next(repository, workdir))
 
@@ -102,7 +148,8 @@ def what_next(repository: Path, workdir: Path) -> str:
         [
             "What next (README, 'After the demo'):",
             "  source .venv/bin/activate    # puts tritonhf on PATH (or call .venv/bin/tritonhf)",
-            f"  tritonhf serve --model-repository {repository}    # serves what the demo built; Ctrl-C stops",
+            f"  tritonhf serve --model-repository {repository} --openai-port 9000    # Ctrl-C stops",
+            "  curl localhost:9000/v1/models    # in another shell: the OpenAI API (README, 'OpenAI API')",
             "  tritonhf client --list       # in another shell: the served models and how each is called",
             f'  tritonhf client -m gpt2 --prompt "{PROMPTS["text-generation"][0]}"',
             f"Left on disk: {used}.",

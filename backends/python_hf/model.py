@@ -19,6 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .batching import Failure, Result, attempt, run_batch, run_tensor_batch
+from .heads import Piece, generation_outputs
 from .steps import load_step
 
 # pb_utils.TritonError codes by what went wrong
@@ -51,13 +52,11 @@ class ResponseStream:
     def __init__(self, request: "pb_utils.InferenceRequest") -> None:
         self.sender = request.get_response_sender()
 
-    def send(self, text: str, new_tokens: int, final: bool) -> None:
-        outputs = [
-            pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=object)),
-            pb_utils.Tensor("new_tokens", np.array([new_tokens], dtype=np.int32)),
-        ]
+    def send(self, piece: Piece) -> None:
+        outputs = [pb_utils.Tensor(name, rows[0]) for name, rows in generation_outputs([piece]).items()]  # unbatched
         self.sender.send(
-            pb_utils.InferenceResponse(outputs), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+            pb_utils.InferenceResponse(outputs),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if piece.final else 0,
         )
 
     def fail(self, message: str, kind: str) -> None:

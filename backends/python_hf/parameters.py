@@ -92,11 +92,15 @@ PARAMETERS = {
         Parameter(TensorSpec("seed", "int64", optional=True), as_int),
         Parameter(TensorSpec("stop", "bytes", (-1,), optional=True), as_strings),  # any number of strings: ragged
         Parameter(TensorSpec("return_full_text", "bool", optional=True), as_bool),
+        Parameter(TensorSpec("presence_penalty", "float32", optional=True), as_float),
+        Parameter(TensorSpec("frequency_penalty", "float32", optional=True), as_float),
+        Parameter(TensorSpec("chat", "bool", optional=True), as_bool),
+        Parameter(TensorSpec("truncate", "bool", optional=True), as_bool),
     )
 }
 OPTIONAL_INPUTS = tuple(parameter.tensor for parameter in PARAMETERS.values())
 CONFIG_NAMES = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}  # the tutorial's config names
-PER_REQUEST_ONLY = ("seed", "stop")  # no model-wide default
+PER_REQUEST_ONLY = ("seed", "stop", "chat", "truncate")  # no model-wide default
 MAX_STOP_STRINGS = 8
 
 
@@ -109,6 +113,13 @@ class GenerationParams:
     top_k 50 once sampling). ``stop`` strings end the answer and are not part of
     it. ``return_full_text`` puts the prompt in front, as the tutorial's
     pipeline did (on a stream: in front of the first piece).
+    ``presence_penalty`` and ``frequency_penalty`` are OpenAI's (-2..2): each
+    token's logit is lowered by the first if the token was generated before, and
+    by the second times how often (generated tokens only, as vLLM counts).
+    ``chat``: the prompt is a JSON list of chat messages, rendered through the
+    model's chat template (text.render_chat). ``truncate``: a prompt longer
+    than the model leaves room for is cut from the left (the default), or,
+    false, refused.
     """
 
     max_new_tokens: int = 16
@@ -120,6 +131,14 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     return_full_text: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    chat: bool = False
+    truncate: bool = True
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     def updated(self, raw: Mapping[str, Any], max_new_limit: int) -> GenerationParams:
         """These defaults overridden by a request's values, checked; RequestError names what is wrong."""
@@ -169,6 +188,10 @@ class GenerationParams:
             (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k < 0, f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}"),
             (self.seed is not None and not 0 <= self.seed < 2**63, f"seed must be in 0..2**63-1, got {self.seed}"),
+            *(
+                (not -2 <= getattr(self, name) <= 2, f"{name} must be in -2..2, got {getattr(self, name)}")
+                for name in ("presence_penalty", "frequency_penalty")
+            ),
             (len(self.stop) > MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
         ]
         if messages := [message for failed, message in problems if failed]:

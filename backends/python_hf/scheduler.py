@@ -214,20 +214,19 @@ class Scheduler:
         for row in self.batch.rows:
             if (piece := row.take()) is None:
                 continue
-            text, new_tokens = piece
             try:
-                row.stream.send(text, new_tokens, final=row.finish is not None)
+                row.stream.send(piece)
             except Exception as err:  # noqa: BLE001 - this row fails; the others go on
                 if not self.cancelled(row):  # a client that went away is cancelled; anything else is our failure
                     self.fail(row, f"could not send: {err}", "internal")
                 continue
-            row.closed = row.finish is not None
+            row.closed = piece.final
             if row.responses == 1:
                 self.report("first_token", now - row.arrived)
-                if new_tokens > 1:
-                    self.report("inter_token", 0.0, new_tokens - 1)
+                if piece.new_tokens > 1:
+                    self.report("inter_token", 0.0, piece.new_tokens - 1)
             else:
-                self.report("inter_token", now - row.last_sent, new_tokens)
+                self.report("inter_token", now - row.last_sent, piece.new_tokens)
             row.last_sent = now
         self.batch.retire()
 

@@ -20,13 +20,14 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from .heads import Piece
 from .parameters import GenerationParams
 
 
 class Stream(Protocol):
     """Where a streaming request's pieces go (the Triton glue: its response sender)."""
 
-    def send(self, text: str, new_tokens: int, final: bool) -> None: ...
+    def send(self, piece: Piece) -> None: ...
 
     def fail(self, message: str, kind: str) -> None:
         """kind: invalid (a bad request), cancelled, or internal."""
@@ -97,20 +98,24 @@ class Sequence:
                     break
         return max(end, self.sent_chars)
 
-    def take(self) -> tuple[str, int] | None:
-        """The next piece to stream and its new-token count, or None if there is nothing to send yet."""
+    def take(self) -> Piece | None:
+        """The next piece to stream, or None if there is nothing to send yet."""
         end = self.settled()
         if end == self.sent_chars and not self.finish:
             return None
-        piece = self.text[self.sent_chars : end]
+        text = self.text[self.sent_chars : end]
         if self.responses == 0 and self.params.return_full_text:
-            piece = self.prompt + piece
-        new_tokens = len(self.tokens) - self.sent_tokens
+            text = self.prompt + text
+        piece = Piece(text, len(self.tokens) - self.sent_tokens, len(self.prompt_ids), self.finish)
         self.sent_chars, self.sent_tokens, self.responses = end, len(self.tokens), self.responses + 1
-        return piece, new_tokens
+        return piece
 
     def answer(self) -> str:
         return self.prompt + self.text if self.params.return_full_text else self.text
+
+    def whole(self) -> Piece:
+        """The whole answer as one piece (static batching)."""
+        return Piece(self.answer(), len(self.tokens), len(self.prompt_ids), self.finish)
 
     def sample(self, logits: torch.Tensor) -> int:
         """One token from this row's logits: transformers' warpers in ``generate``'s order, then a draw."""
@@ -133,13 +138,26 @@ class Sequence:
         return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 
+def penalise(logits: torch.Tensor, row: Sequence) -> None:
+    """OpenAI's presence and frequency penalties on one row's logits, in place, over its generated tokens."""
+    if row.tokens:
+        counts = torch.bincount(torch.tensor(row.tokens, device=logits.device), minlength=logits.shape[-1])
+        logits -= row.params.frequency_penalty * counts[: logits.shape[-1]] + row.params.presence_penalty * (
+            counts[: logits.shape[-1]] > 0
+        )
+
+
 def choose(logits: torch.Tensor, rows: list[Sequence], eos: frozenset[int]) -> list[int]:
     """The next token of every row: greedy or sampled, by the row's own parameters.
 
     EOS is masked by hand for rows short of ``min_new_tokens``: transformers'
     MinNewTokensLengthLogitsProcessor reads each row's length from its input
     ids, which a left-padded running batch doesn't keep; one assignment masks every row.
+    Penalties apply first, as in vLLM (transformers has no additive OpenAI-style processor).
     """
+    for i, row in enumerate(rows):
+        if row.params.penalised:
+            penalise(logits[i], row)
     early = [i for i, row in enumerate(rows) if len(row.tokens) < row.params.min_new_tokens]
     if early and eos:
         rows_index = torch.tensor(early, device=logits.device)[:, None]

@@ -44,14 +44,14 @@ from transformers.utils import cached_file
 
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .hardware import FLOAT32, Choice, choose
-from .heads import ClassificationHead, as_bytes, mean_pool
+from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
 from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, Limits, combine
 from .running_batch import generate_all
 from .scheduler import Observer, Scheduler
 from .sequence import Sequence, Stream
 from .steps import StepContext
 from .tensors import TensorSpec
-from .text import length_groups, load_tokenizer
+from .text import length_groups, load_tokenizer, render_chat
 
 
 class ConfigError(ValueError):
@@ -216,30 +216,35 @@ class TextGeneration(HFTask):
         return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
 
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence:
-        """A prompt, tokenised and truncated from the left to leave room for its new tokens.
+        """A prompt (a chat's, rendered through the chat template), tokenised and truncated from the left to leave
+        room for its new tokens, or refused if it does not fit and the request said ``truncate`` false.
 
         A prompt that makes no tokens starts from BOS (EOS if none), as ``generate`` does without input.
         """
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"] or self.start
+        prompt, special = render_chat(self.tokenizer, prompt) if params.chat else (prompt, True)
+        ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"] or self.start
         if not ids:
             raise RequestError("the prompt makes no tokens, and the model has no BOS or EOS token to start from")
-        return Sequence(prompt, ids[-(self.max_tokens - params.max_new_tokens) :], params, stream)
+        room = self.max_tokens - params.max_new_tokens
+        if len(ids) > room and not params.truncate:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_tokens} tokens; the prompt has {len(ids)}"
+                f" and max_new_tokens asks for {params.max_new_tokens}"
+            )
+        return Sequence(prompt, ids[-room:], params, stream)
 
     def __call__(self, texts: list[str], options: list[GenerationParams] | None = None) -> dict[str, np.ndarray]:
         """Static batching: every row of the batch decodes in one forward per step (running_batch.generate_all)."""
         rows = [self.sequence(text, params) for text, params in zip(texts, options or [self.defaults] * len(texts))]
         generate_all(self, rows)
-        return {
-            "text": as_bytes([row.answer() for row in rows]),
-            "new_tokens": np.array([[len(row.tokens)] for row in rows], dtype=np.int32),
-        }
+        return generation_outputs([row.whole() for row in rows])
 
     def scheduler(self, observer: Observer | None = None, log_error: Callable[[str], None] | None = None) -> Scheduler:
         """Continuous batching over this model, for the streaming variant."""
         return Scheduler(self, self.limits, observer, log_error)
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("text", "bytes"), TensorSpec("new_tokens", "int32")]
+        return list(GENERATION_OUTPUTS)
 
     def optional_inputs(self) -> list[TensorSpec]:
         """Generation parameters for clients that send tensors rather than request parameters."""
@@ -279,7 +284,7 @@ class FeatureExtraction(HFTask):
         return mean_pool(hidden, batch["attention_mask"].cpu().numpy())
 
     def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("embedding", "float32", (self.model.config.hidden_size,))]
+        return [TensorSpec("embedding", "float32", (self.model.config.hidden_size,)), TensorSpec("tokens", "int32")]
 
 
 TASKS: dict[str, type[HFTask]] = {cls.task: cls for cls in (TextGeneration, TextClassification, FeatureExtraction)}

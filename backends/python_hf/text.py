@@ -1,7 +1,8 @@
-"""Tokenizers: loading, and the ensembles' tokenize step (transformers' tokenizers only, no torch)."""
+"""Tokenizers: loading, chat prompts, and the ensembles' tokenize step (transformers' tokenizers only, no torch)."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import transformers
 
-from .batching import BatchFn, length_buckets
+from .batching import BatchFn, RequestError, length_buckets
 from .steps import StepContext
 
 MODEL_INPUTS = (
@@ -25,6 +26,42 @@ def load_tokenizer(source: str, side: str = "right") -> transformers.PreTrainedT
     tokenizer.padding_side = tokenizer.truncation_side = side
     tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name in MODEL_INPUTS]
     return tokenizer
+
+
+# For models whose tokenizer has no chat template (gpt2, opt-125m): a system message as a first paragraph, then
+# "User: ..." / "Assistant: ..." lines, ending with "Assistant:" for the model to go on from (README, "OpenAI API").
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}{{ message['content'] ~ '\\n\\n' }}"
+    "{%- else -%}{{ (message['role'] | capitalize) ~ ': ' ~ message['content'] ~ '\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+)
+
+
+def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, messages_json: str) -> tuple[str, bool]:
+    """A JSON list of chat messages ({"role", "content"} with text content) as the prompt the model's chat template
+    makes of it, ready for the answer; and whether to add the tokenizer's special tokens when encoding it (a model's
+    own template writes them itself; the plain one does not)."""
+    try:
+        messages = json.loads(messages_json)
+    except ValueError as err:
+        raise RequestError(f"chat: the prompt must be a JSON list of messages ({err})") from None
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("chat: the prompt must be a non-empty JSON list of messages")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
+            raise RequestError(f"chat: message {i} must be an object with a string 'role'")
+        if not isinstance(message.get("content"), str):
+            raise RequestError(f"chat: message {i}'s content must be text")
+    own = tokenizer.chat_template is not None
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=None if own else PLAIN_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
+    except Exception as err:  # noqa: BLE001 - a template may raise on what it does not accept (roles, order)
+        raise RequestError(f"chat: the model's chat template refused the messages: {err}".splitlines()[0]) from None
+    return text, not own
 
 
 def length_groups(

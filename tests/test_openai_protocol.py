@@ -1,0 +1,73 @@
+"""How the OpenAI API's requests are read (tritonhf/openai_api/protocol.py), without a server: what each field asks of
+the model, what is accepted as set to nothing, and what is refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tritonhf.openai_api.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest
+
+
+def parse(cls: type, **body: object) -> object:
+    return cls.parse(json.dumps({"model": "m", **body}).encode())
+
+
+def test_temperature_zero_is_greedy_and_above_it_samples_without_top_k() -> None:
+    greedy = parse(CompletionRequest, prompt="hi", temperature=0)
+    assert greedy.parameters(0) == {
+        "truncate": False, "return_full_text": False, "do_sample": False, "max_new_tokens": 16,
+    }  # fmt: skip
+    sampled = parse(CompletionRequest, prompt="hi", top_p=0.9, seed=5, n=3, presence_penalty=0.5, echo=True)
+    assert sampled.parameters(2) == {
+        "truncate": False, "return_full_text": True, "do_sample": True, "temperature": 1.0, "top_k": 0,
+        "top_p": 0.9, "max_new_tokens": 16, "seed": 7, "presence_penalty": 0.5,
+    }  # fmt: skip
+
+
+def test_chat_takes_max_completion_tokens_over_max_tokens_and_the_models_default_without() -> None:
+    messages = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    chat = parse(ChatRequest, messages=messages, max_tokens=5, max_completion_tokens=7)
+    assert chat.parameters(0)["max_new_tokens"] == 7 and chat.parameters(0)["chat"] is True
+    assert json.loads(chat.chat()) == [{"role": "user", "content": "ab"}]
+    assert "max_new_tokens" not in parse(ChatRequest, messages=messages).parameters(0)
+
+
+def test_null_and_harmless_values_are_not_refused() -> None:
+    """What clients send by default: nulls, logprobs false, a text response format, best_of equal to n."""
+    request = parse(
+        ChatRequest, messages=[{"role": "user", "content": "hi"}], logprobs=False, top_logprobs=None,
+        response_format={"type": "text"}, tools=None, user="someone", stop=None,
+    )  # fmt: skip
+    assert request.stops() == [] and request.user == "someone"
+    assert parse(CompletionRequest, prompt="hi", best_of=2, n=2).n == 2
+    assert parse(CompletionRequest, prompt="hi", stop=["a", "b"]).stops() == ["a", "b"]
+
+
+REFUSED = {
+    "tools": (ChatRequest, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+    "response_format": (
+        ChatRequest,
+        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+    ),
+    "best_of": (CompletionRequest, {"prompt": "x", "best_of": 3}),
+    "suffix": (CompletionRequest, {"prompt": "x", "suffix": "y"}),
+    "logit_bias": (CompletionRequest, {"prompt": "x", "logit_bias": {"50256": -100}}),
+    "messages.0.role": (ChatRequest, {"messages": [{"role": "tool", "content": "x"}]}),
+    "messages.0.content": (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+    "stop": (CompletionRequest, {"prompt": "x", "stop": ["a"] * 9}),
+    "input": (EmbeddingRequest, {"input": [[1, 2, 3]]}),
+    "encoding_format": (EmbeddingRequest, {"input": "x", "encoding_format": "int8"}),
+    "dimensions": (EmbeddingRequest, {"input": "x", "dimensions": 0}),
+}
+
+
+@pytest.mark.parametrize("param", REFUSED)
+def test_what_is_not_served_is_refused_by_name(param: str) -> None:
+    cls, body = REFUSED[param]
+    with pytest.raises(APIError) as refused:
+        parse(cls, **body)
+    assert refused.value.status == 400 and refused.value.param is not None
+    assert refused.value.param.startswith(param), refused.value
+    assert refused.value.body()["error"]["type"] == "invalid_request_error"
