@@ -222,14 +222,18 @@ def test_service_and_monitor_reach_the_named_ports(rendered: dict[str, Objects])
     objects = rendered[""]
     named = {port["name"]: port["containerPort"] for port in container_of(objects)["ports"]}
     assert named.pop("health") == 8003  # the kubelet's, from the node: not in the Service
-    assert named == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert named == {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 9000}
+    args = container_of(objects)["args"]
+    assert args[args.index("--openai-port") + 1] == "9000"
     service = one(objects, "Service")
     assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
         name: (port, name) for name, port in named.items()
     }
     monitor = one(objects, "ServiceMonitor")
-    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
-    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [
+        ("metrics", "/metrics"),
+        ("openai", "/metrics"),  # the OpenAI API's own metrics
+    ]
 
 
 def test_labels_and_selectors_match(rendered: dict[str, Objects]) -> None:
@@ -439,9 +443,10 @@ def served_pod(objects: Objects) -> tuple[dict[str, str], dict[str, Any]]:
 def test_the_network_policy_admits_clients_to_the_served_ports_and_monitoring_to_metrics(
     rendered: dict[str, Objects],
 ) -> None:
-    """By default pods of the same namespace reach HTTP and gRPC, the monitoring namespace the metrics, on the
-    ports `tritonhf serve` listens on (named ports resolved through the container's); the probes' port gets no
-    rule, since the kubelet probes from the node, which a policy never blocks."""
+    """By default pods of the same namespace reach HTTP, gRPC and the OpenAI API, the monitoring namespace the
+    metrics (Triton's, and the OpenAI API's own), on the ports `tritonhf serve` listens on (named ports resolved
+    through the container's); the probes' port gets no rule, since the kubelet probes from the node, which a
+    policy never blocks."""
     for overlay in COUNTS:
         objects = rendered[overlay]
         labels, pod = served_pod(objects)
@@ -452,13 +457,18 @@ def test_the_network_policy_admits_clients_to_the_served_ports_and_monitoring_to
         serve = cli.parser().parse_args(["serve", *container["args"]])
         grpc = serve.grpc_port or serve.http_port + 1
         metrics = serve.metrics_port or serve.http_port + 2
-        admitted = {}
+        admitted: dict[int, list] = {}
         for rule in policy["ingress"]:
             for port in rule["ports"]:
                 assert port["protocol"] == "TCP" and (isinstance(port["port"], int) or port["port"] in named)
-                admitted[named.get(port["port"], port["port"])] = rule["from"]
+                admitted.setdefault(named.get(port["port"], port["port"]), []).extend(rule["from"])
+        clients = [{"podSelector": {}}]
         monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
-        assert admitted == {serve.http_port: [{"podSelector": {}}], grpc: [{"podSelector": {}}], metrics: monitoring}
+        expected = {serve.http_port: clients, grpc: clients, metrics: monitoring}
+        if serve.openai_port:  # the OpenAI API: its clients, and its own /metrics for the monitoring namespace
+            expected[serve.openai_port] = clients + monitoring
+        assert admitted == expected, overlay
+        assert bool(serve.openai_port) == (overlay != "overlays/kserve"), "KServe's runtime has no OpenAI port"
         assert pod["shareProcessNamespace"] is False, "the server's command line (its key) stays in its container"
 
 

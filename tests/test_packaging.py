@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from tritonhf import cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -126,6 +128,10 @@ def test_the_docker_build_context_installs_and_runs(tmp_path: Path) -> None:
 
 
 def test_the_container_runs_the_supervisor() -> None:
-    """The image heals and drains as `tritonhf serve` does: it is the entry point, bound to every interface."""
+    """The image heals and drains as `tritonhf serve` does: it is the entry point, bound to every interface, with
+    the OpenAI API on a port the image exposes."""
     [(_, command)] = instructions("CMD")
     assert json.loads(command)[:2] == ["tritonhf", "serve"] and "0.0.0.0" in json.loads(command)
+    serve = cli.parser().parse_args(json.loads(command)[1:])
+    [(_, exposed)] = instructions("EXPOSE")
+    assert serve.openai_port and str(serve.openai_port) in exposed.split()

@@ -43,12 +43,13 @@ from tritonhf import TritonHFError, storage
 from tritonhf.placement import node_affinity
 from tritonhf.repository import sealed_id, staged
 from tritonhf.server import EXIT_MARGIN_S, LIVE, READY, UNLOAD_S
-from tritonhf.sizing import Facts, MiB, read_facts
+from tritonhf.sizing import FRONTEND_BASE, Facts, MiB, read_facts
 
 Object = dict[str, Any]
 
 # Ports: tritonhf serve's (Triton's defaults) and, under KServe, the ones its Triton runtime uses.
 HTTP, GRPC, METRICS = 8000, 8001, 8002
+OPENAI = 9000  # serve --openai-port: the OpenAI-compatible API, and its own /metrics
 KSERVE_HTTP, KSERVE_GRPC = 8080, 9000
 IN_IMAGE = "/models"  # where the Dockerfile builds the repository
 MOUNT = "/mnt/models"  # where a PVC is mounted, and where KServe's storage initializer puts storageUri
@@ -81,6 +82,7 @@ class DeployOptions:
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     allow_from: tuple[str, ...] = ()  # who may reach the inference ports, each a peer(); none: this namespace's pods
     monitoring_namespace: str = "monitoring"  # who may scrape the metrics port (kube-prometheus-stack's default)
+    openai: bool = True  # the OpenAI-compatible API beside the server, on OPENAI
 
     @property
     def metric(self) -> str:
@@ -135,7 +137,7 @@ class Pod:
     def resources(self) -> Object:
         """Requests = limits (Guaranteed QoS: evicted last). The CPU limit is deliberate: the models size their
         thread pools from the cgroup's CPU quota (hardware.cpu_count). /dev/shm counts against the memory limit."""
-        memory = quantity(self.facts.memory() + self.facts.shm())
+        memory = quantity(self.facts.memory() + self.facts.shm() + (FRONTEND_BASE if self.options.openai else 0))
         amounts = {
             "cpu": str(self.facts.cpus(self.device)),
             "memory": memory,
@@ -281,7 +283,11 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
     """The plain-Kubernetes objects, by file name."""
     pod, repository = server_pod(facts, options, device)
     copied = expect_build(storage.parse(options.model_repository)) if repository.startswith(MOUNT) else ()
-    container = pod.container(CONTAINER, repository, named_ports(HTTP, GRPC, METRICS), copied)
+    ports, args = named_ports(HTTP, GRPC, METRICS), list(copied)
+    if options.openai:  # the API's own readiness is part of serve's probe (daemon.Probes)
+        ports.append({"name": "openai", "containerPort": OPENAI, "protocol": "TCP"})
+        args += ["--openai-port", str(OPENAI)]
+    container = pod.container(CONTAINER, repository, ports, args)
     template: Object = {
         "metadata": {"labels": labels(options), "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER}},
         "spec": {
@@ -343,6 +349,7 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
                         "appProtocol": "kubernetes.io/h2c",
                     },
                     {"name": "metrics", "port": METRICS, "targetPort": "metrics", "protocol": "TCP"},
+                    *([{"name": "openai", "port": OPENAI, "targetPort": "openai", "protocol": "TCP"}] * options.openai),
                 ],
             },
         },
@@ -392,10 +399,15 @@ def base(facts: Facts, options: DeployOptions, device: str) -> dict[str, Object]
             "metadata": metadata(options),
             "spec": {
                 "selector": {"matchLabels": selector(options)},
-                "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}],
+                "endpoints": [
+                    {"port": port, "path": "/metrics", "interval": "15s"}
+                    for port in ("metrics", "openai")[: 1 + options.openai]
+                ],
             },
         },
-        "networkpolicy.yaml": network_policy(options, selector(options), ["http", "grpc"]),
+        "networkpolicy.yaml": network_policy(
+            options, selector(options), ["http", "grpc", "openai"][: 2 + options.openai], ["openai"] * options.openai
+        ),
     }
 
 
@@ -425,9 +437,12 @@ def peer(text: str) -> Object:
     return {name: {"matchLabels": labels} for name, labels in selectors.items()}
 
 
-def network_policy(options: DeployOptions, pods: dict[str, str], inference: list[str | int]) -> Object:
+def network_policy(
+    options: DeployOptions, pods: dict[str, str], inference: list[str | int], scraped: list[str] | tuple = ()
+) -> Object:
     """Ingress to the server's pods: the inference ports from ``--allow-from`` (default: pods of the same
-    namespace), the metrics port from the monitoring namespace, nothing else; egress stays open (object storage).
+    namespace), the metrics port (and ``scraped``: the OpenAI API's, whose /metrics is its own) from the monitoring
+    namespace, nothing else; egress stays open (object storage).
 
     No rule for the probes' port: the kubelet probes from the pod's node, and Kubernetes always admits traffic
     from a pod's own node, whatever the policies say. Enforced only where the network plugin implements
@@ -443,7 +458,7 @@ def network_policy(options: DeployOptions, pods: dict[str, str], inference: list
             "policyTypes": ["Ingress"],
             "ingress": [
                 {"from": clients, "ports": [{"port": port, "protocol": "TCP"} for port in inference]},
-                {"from": [monitoring], "ports": [{"port": "metrics", "protocol": "TCP"}]},
+                {"from": [monitoring], "ports": [{"port": port, "protocol": "TCP"} for port in ("metrics", *scraped)]},
             ],
         },
     }
@@ -766,14 +781,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PEER",
-        help="who the NetworkPolicy lets reach the HTTP and gRPC ports; repeat for more. PEER: comma-separated terms"
-        " a client must all match: namespace:NAME, namespace:KEY=VALUE (namespaces by label), pod:KEY=VALUE (pods"
+        help="who the NetworkPolicy lets reach the HTTP, gRPC and OpenAI ports; repeat for more. PEER: comma-separated"
+        " terms a client must all match: namespace:NAME, namespace:KEY=VALUE (namespaces by label), pod:KEY=VALUE (pods"
         " by label; of this namespace unless a namespace term is given too). Default: every pod of this namespace",
     )
     add(
         "--monitoring-namespace",
         default=defaults.monitoring_namespace,
         help="the namespace whose pods (Prometheus) may scrape the metrics port (default: %(default)s)",
+    )
+    add(
+        "--no-openai",
+        dest="openai",
+        action="store_false",
+        help=f"leave out the OpenAI-compatible API (serve --openai-port {OPENAI}, a Service port and a scrape target)",
     )
 
 
@@ -794,6 +815,7 @@ def run(args: argparse.Namespace) -> None:
         prometheus_url=args.prometheus_url,
         allow_from=tuple(args.allow_from),
         monitoring_namespace=args.monitoring_namespace,
+        openai=args.openai,
     )
     built = args.built or args.model_repository
     if args.built is None and storage.parse(built).local and not Path(built).exists():

@@ -21,6 +21,7 @@ MiB = 2**20
 # weights (Python, torch, transformers); tritonserver itself about 40 MiB, tritonhf serve about 60 MiB.
 STUB_BASE = 512 * MiB
 SERVER_BASE = 256 * MiB
+FRONTEND_BASE = 160 * MiB  # the OpenAI API's process (serve --openai-port): 83 MiB idle, measured 2026-12-02
 WEIGHT_FACTOR = 1.5  # weights in memory, plus activations and allocator slack at the largest batch
 SHM_PER_STUB = 64 * MiB  # each stub's shared-memory region (1 MiB, growing with the largest batch's tensors)
 SHM_MIN = 256 * MiB

@@ -119,7 +119,11 @@ class Triton:
         is reloaded."""
         async with self.lock:
             if time.monotonic() - self.read_at > MODELS_TTL_S:
-                stats = await self.client.get_inference_statistics(as_json=True, client_timeout=5.0)
+                try:
+                    stats = await self.client.get_inference_statistics(as_json=True, client_timeout=5.0)
+                except InferenceServerException as err:
+                    message = f"the server does not answer: {err.message()}"
+                    raise APIError(503, message, code="server_unavailable") from None
                 self.loaded = {entry["name"] for entry in stats.get("model_stats", [])}
                 for target in sorted(self.loaded - {served.target for served in self.served.values()}):
                     if served := await self.classify(target):
