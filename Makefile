@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tritonhf-setup
 APT_PACKAGES := libb64-0d haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo lint format test perf bench clean
+.PHONY: setup demo lint format test perf bench bench-openai clean
 
 setup: $(STAMP)
 
@@ -44,5 +44,15 @@ bench: setup
 	$(BIN)/python -m pytest tests/benchmarks --benchmark-enable --benchmark-only --bench-size full \
 		--benchmark-autosave --benchmark-storage=file://perf/benchmarks --benchmark-columns=min,median,mean,ops,rounds $(PYTEST_ARGS)
 
+# aiperf against the OpenAI API, beside the same workload straight to Triton (perf/openai_bench.py). aiperf gets a
+# venv of its own: its pins conflict with ours.
+AIPERF := .venv-aiperf/bin/aiperf
+$(AIPERF):
+	$(PYTHON) -m venv .venv-aiperf
+	.venv-aiperf/bin/pip install -q --disable-pip-version-check aiperf==0.13.0
+
+bench-openai: setup $(AIPERF)
+	$(BIN)/python -m tritonhf.perf.openai_bench --aiperf $(AIPERF) $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) model_repository .cache
+	rm -rf $(VENV) .venv-aiperf model_repository .cache

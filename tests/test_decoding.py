@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
-from tritonhf.backends.python_hf.sequence import Sequence
+from tritonhf.backends.python_hf.sequence import AdditivePenalties, Sequence
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
 from tritonhf.backends.python_hf.text import render_chat
 
@@ -169,29 +169,21 @@ def test_a_static_batch_equals_generate_row_by_row(model: TextGeneration) -> Non
         )
 
 
-class OpenAIPenalties(LogitsProcessor):
-    """The reference for the penalties: OpenAI's formula in generate's own loop, over the generated ids only."""
-
-    def __init__(self, prompt_tokens: int, presence: float, frequency: float) -> None:
-        self.prompt_tokens, self.presence, self.frequency = prompt_tokens, presence, frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        counts = torch.zeros_like(scores).scatter_add_(
-            1,
-            input_ids[:, self.prompt_tokens :],
-            torch.ones_like(input_ids[:, self.prompt_tokens :], dtype=scores.dtype),
-        )
-        return scores - self.frequency * counts - self.presence * (counts > 0)
+def test_the_penalties_are_openais_formula() -> None:
+    """Generated 3, 3, 5: token 3 loses presence + 2 x frequency, token 5 presence + frequency, the rest nothing."""
+    scores = AdditivePenalties(presence=0.5, frequency=1.0)(torch.tensor([[3, 3, 5]]), torch.zeros(1, 8))
+    assert scores[0].tolist() == [0, 0, 0, -2.5, 0, -1.5, 0, 0]
 
 
 @pytest.mark.parametrize(("presence", "frequency"), [(0.0, 1.5), (1.5, 0.0), (-0.5, 0.5)])
 def test_penalties_equal_openais_formula_in_generate(model: TextGeneration, presence: float, frequency: float) -> None:
-    """Greedy with presence / frequency penalties: each row equals generate with the same formula as a logits
-    processor, beside a row without penalties in the same batch; and the penalties change the answer."""
+    """Greedy with presence / frequency penalties: each row equals generate with the same processor over its
+    generated ids, beside a row without penalties in the same batch; and the penalties change the answer."""
     penalised = {"max_new_tokens": 24, "presence_penalty": presence, "frequency_penalty": frequency}
     out = model([PROMPTS[1], PROMPTS[1]], [model.parse_options(penalised), model.parse_options({"max_new_tokens": 24})])
     prompt_tokens = len(model.tokenizer(PROMPTS[1])["input_ids"])
-    processor = LogitsProcessorList([OpenAIPenalties(prompt_tokens, presence, frequency)])
+    penalties = AdditivePenalties(presence, frequency)
+    processor = LogitsProcessorList([lambda ids, scores: penalties(ids[:, prompt_tokens:], scores)])  # generated only
     expected = reference(model, PROMPTS[1], max_new_tokens=24, do_sample=False, logits_processor=processor)
     assert (out["text"][0, 0].decode(), int(out["new_tokens"][0, 0])) == expected
     assert (out["text"][1, 0].decode(), int(out["new_tokens"][1, 0])) == reference(

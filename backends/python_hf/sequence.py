@@ -18,7 +18,13 @@ from typing import Protocol
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .heads import Piece
 from .parameters import GenerationParams
@@ -138,13 +144,26 @@ class Sequence:
         return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 
 
+class AdditivePenalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, as a logits processor over the generated ids (transformers has
+    only the multiplicative repetition penalty): each token's score is lowered by ``presence`` if it was generated
+    before, and by ``frequency`` times how often."""
+
+    def __init__(self, presence: float, frequency: float) -> None:
+        self.presence, self.frequency = presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
 def penalise(logits: torch.Tensor, row: Sequence) -> None:
-    """OpenAI's presence and frequency penalties on one row's logits, in place, over its generated tokens."""
+    """The row's penalties on its logits, in place, over the tokens it generated so far."""
     if row.tokens:
-        counts = torch.bincount(torch.tensor(row.tokens, device=logits.device), minlength=logits.shape[-1])
-        logits -= row.params.frequency_penalty * counts[: logits.shape[-1]] + row.params.presence_penalty * (
-            counts[: logits.shape[-1]] > 0
-        )
+        generated = torch.tensor([row.tokens], device=logits.device)
+        logits[:] = AdditivePenalties(row.params.presence_penalty, row.params.frequency_penalty)(
+            generated, logits[None]
+        )[0]
 
 
 def choose(logits: torch.Tensor, rows: list[Sequence], eos: frozenset[int]) -> list[int]:

@@ -1,0 +1,250 @@
+"""``make bench-openai``: aiperf against the OpenAI API, and the same workload straight to Triton over gRPC, in one run.
+
+    python -m tritonhf.perf.openai_bench --aiperf .venv-aiperf/bin/aiperf
+
+aiperf (its own virtual environment: it conflicts with this project's pins) drives
+the frontend: streamed chat and completions at concurrency 1, 8 and 32 (the
+prompts of perf/prompts.json, 64 new tokens each: ``max_tokens`` and vLLM's
+``min_tokens``, so that every answer is as long on both sides), and embeddings at
+1 and 32. Right after each, the same payloads (aiperf's own ``inputs.json``), at
+the same concurrency, go straight to Triton over gRPC: each one read as the
+frontend reads it (same model parameters), then ``<name>_stream`` over a gRPC
+stream (tritonclient.grpc.aio) or the embedder's ``infer``. Figures: time to
+first token and inter-token latency (aiperf's definition: the request's time
+after its first token over its other tokens), request latency p50 / p99,
+output tokens/s, requests/s. Goals (issue #21): the frontend keeps >= 90% of
+the native tokens/s and adds <= 5 ms to the time to first token at concurrency
+1; embeddings >= 90% of the native requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
+from tritonhf.demo import minilm
+from tritonhf.openai_api.process import Frontend
+from tritonhf.openai_api.protocol import ChatRequest, CompletionRequest, EmbeddingRequest
+from tritonhf.openai_api.triton import Triton
+from tritonhf.perf.analyzer import prompts
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.server import TritonServer, free_port
+from tritonhf.standins import write_standins
+
+GENERATOR, EMBEDDER = "gpt2", "all-MiniLM-L6-v2"
+NEW_TOKENS = 64
+CELLS = [("chat", 1), ("chat", 8), ("chat", 32), ("completions", 1), ("completions", 8), ("completions", 32)]
+CELLS += [("embeddings", 1), ("embeddings", 32)]
+REQUESTS = {"chat": (16, 3), "completions": (16, 3), "embeddings": (64, 8)}  # at least, and per concurrency slot
+TTFT_ADDED_MS, KEPT = 5.0, 0.90
+
+
+@dataclass
+class Figures:
+    """One side of one cell."""
+
+    ttft_ms: tuple[float, float] = (0.0, 0.0)  # p50, p99
+    itl_ms: tuple[float, float] = (0.0, 0.0)
+    latency_ms: tuple[float, float] = (0.0, 0.0)
+    tokens_per_s: float = 0.0
+    requests_per_s: float = 0.0
+
+
+def repository(workdir: Path, size: str) -> Path:
+    """gpt2 (its stream) and all-MiniLM-L6-v2, built once into the workdir."""
+    path = workdir / f"repo-{size}"
+    if not (path / ".tritonhf.json").exists():
+        standins = write_standins(workdir / f"standins-{size}", size)
+        entries = plan([str(standins[GENERATOR])], [], [str(minilm(workdir / f"standins-{size}"))], NEW_TOKENS)
+        build(entries, BuildOptions(output=path, variants=("python", "stream"), gate_for="this-host"))
+    return path
+
+
+def aiperf(binary: str, url: str, endpoint: str, concurrency: int, tokenizer: Path, work: Path) -> Figures:
+    """One aiperf run against the frontend; its payloads stay in ``work/inputs.json``."""
+    inputs = work / "prompts.jsonl"
+    inputs.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts()))
+    least, each = REQUESTS[endpoint]
+    command = [
+        binary, "profile", "-m", EMBEDDER if endpoint == "embeddings" else GENERATOR, "--url", url,
+        "--endpoint-type", endpoint, "--concurrency", str(concurrency),
+        "--request-count", str(max(least, each * concurrency)), "--warmup-request-count", str(concurrency),
+        "--input-file", str(inputs), "--custom-dataset-type", "single_turn", "--tokenizer", str(tokenizer),
+        "--artifact-dir", str(work), "--ui-type", "none", "--random-seed", "0",
+    ]  # fmt: skip
+    if endpoint != "embeddings":
+        command += ["--streaming", "--use-server-token-count", "--output-tokens-mean", str(NEW_TOKENS)]
+        command += ["--output-tokens-stddev", "0", "--extra-inputs", f"min_tokens:{NEW_TOKENS}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"aiperf failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    export = json.loads((work / "profile_export_aiperf.json").read_text())
+
+    def pair(name: str) -> tuple[float, float]:
+        metric = export.get(name) or {}
+        return (metric.get("p50", 0.0), metric.get("p99", 0.0))
+
+    return Figures(
+        ttft_ms=pair("time_to_first_token"),
+        itl_ms=pair("inter_token_latency"),
+        latency_ms=pair("request_latency"),
+        tokens_per_s=(export.get("output_token_throughput") or {}).get("avg", 0.0),
+        requests_per_s=(export.get("request_throughput") or {}).get("avg", 0.0),
+    )
+
+
+def payloads(work: Path) -> list[dict[str, Any]]:
+    return [turn for session in json.loads((work / "inputs.json").read_text())["data"] for turn in session["payloads"]]
+
+
+async def native(url: str, endpoint: str, concurrency: int, work: Path) -> Figures:
+    """aiperf's payloads, straight to Triton: warm-up first (as aiperf's), then timed."""
+    triton = Triton(url)
+    await triton.connect()
+    try:
+        requests = payloads(work)
+        await run_all(triton, endpoint, requests[:concurrency], concurrency)
+        return await run_all(triton, endpoint, requests, concurrency)
+    finally:
+        await triton.close()
+
+
+async def run_all(triton: Triton, endpoint: str, requests: list[dict], concurrency: int) -> Figures:
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    records: list[tuple[float, float | None, float, int]] = []  # start, first token, end, tokens
+
+    async def worker() -> None:
+        while not queue.empty():
+            records.append(await one(triton, endpoint, queue.get_nowait()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    latency = [1e3 * (end - start) for start, _, end, _ in records]
+    if endpoint == "embeddings":
+        return Figures(latency_ms=percentiles(latency), requests_per_s=len(records) / wall)
+    ttft = [1e3 * (first - start) for start, first, _, _ in records if first is not None]
+    itl = [1e3 * (end - first) / (n - 1) for _, first, end, n in records if first is not None and n > 1]
+    return Figures(
+        percentiles(ttft),
+        percentiles(itl),
+        percentiles(latency),
+        sum(r[3] for r in records) / wall,
+        len(records) / wall,
+    )
+
+
+async def one(triton: Triton, endpoint: str, payload: dict) -> tuple[float, float | None, float, int]:
+    """One payload as the frontend reads it, sent as the frontend sends it, without HTTP in between."""
+    start = time.perf_counter()
+    if endpoint == "embeddings":
+        request = EmbeddingRequest.parse(json.dumps(payload).encode())
+        await triton.embed(await triton.model(request.model, "embedding"), request.inputs())
+        return start, None, time.perf_counter(), 0
+    if endpoint == "chat":
+        request = ChatRequest.parse(json.dumps(payload).encode())
+        prompt = request.chat()
+    else:
+        request = CompletionRequest.parse(json.dumps(payload).encode())
+        [prompt] = request.prompts()
+    served = await triton.model(request.model, "generation")
+    first, tokens = None, 0
+    async for piece in triton.generate(served, prompt, request.parameters(0), request.stops()):
+        if piece.new_tokens and first is None:
+            first = time.perf_counter()
+        tokens += piece.new_tokens
+    return start, first, time.perf_counter(), tokens
+
+
+def percentiles(values: list[float]) -> tuple[float, float]:
+    return (float(np.percentile(values, 50)), float(np.percentile(values, 99))) if values else (0.0, 0.0)
+
+
+def report(rows: list[tuple[str, int, Figures, Figures]], size: str, seconds: float) -> str:
+    lines = [
+        f"# The OpenAI API against Triton's gRPC, one run ({date.today()})",
+        "",
+        (
+            f"CPU: {cpu_model()}, {cpu_count()} cores ({platform.machine()}); {size} stand-ins: {GENERATOR}"
+            f" ({NEW_TOKENS} new tokens a request, the prompts of perf/prompts.json) and {EMBEDDER}."
+        ),
+        f"`python -m tritonhf.perf.openai_bench` took {seconds:.0f} s.",
+        "Frontend: aiperf over HTTP; native: the same payloads over gRPC (tritonclient.grpc.aio), same concurrency.",
+        "",
+        "| endpoint | c | side | TTFT p50 / p99 ms | ITL p50 / p99 ms | latency p50 / p99 ms | tokens/s | req/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for endpoint, concurrency, front, back in rows:
+        for side, f in (("frontend", front), ("native", back)):
+            cells = [f"{f.ttft_ms[0]:.1f} / {f.ttft_ms[1]:.1f}", f"{f.itl_ms[0]:.1f} / {f.itl_ms[1]:.1f}"]
+            cells += [
+                f"{f.latency_ms[0]:.1f} / {f.latency_ms[1]:.1f}",
+                f"{f.tokens_per_s:.1f}",
+                f"{f.requests_per_s:.1f}",
+            ]
+            lines.append(f"| {endpoint} | {concurrency} | {side} | " + " | ".join(cells) + " |")
+    lines += ["", "Goals:"]
+    for endpoint, concurrency, front, back in rows:
+        if endpoint == "embeddings":
+            kept = front.requests_per_s / max(back.requests_per_s, 1e-9)
+            lines.append(f"- embeddings c{concurrency}: {kept:.0%} of native req/s ({verdict(kept >= KEPT)}, >= 90%)")
+            continue
+        kept = front.tokens_per_s / max(back.tokens_per_s, 1e-9)
+        line = f"- {endpoint} c{concurrency}: {kept:.0%} of native tokens/s ({verdict(kept >= KEPT)}, >= 90%)"
+        if concurrency == 1:
+            added = front.ttft_ms[0] - back.ttft_ms[0]
+            line += f"; TTFT p50 +{added:.1f} ms ({verdict(added <= TTFT_ADDED_MS)}, <= {TTFT_ADDED_MS:.0f} ms)"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m tritonhf.perf.openai_bench")
+    parser.add_argument("--aiperf", default=".venv-aiperf/bin/aiperf", help="aiperf, in its own venv")
+    parser.add_argument("--size", choices=("full", "tiny"), default="full", help="the stand-ins (default: full)")
+    parser.add_argument("--workdir", type=Path, default=Path(".cache/openai-bench"))
+    parser.add_argument("--output", type=Path, default=Path(f"perf/reports/{date.today()}-cpu-openai.md"))
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    repo = repository(args.workdir, args.size)
+    tokenizer = next((args.workdir / f"standins-{args.size}").glob(f"**/{GENERATOR}/tokenizer.json")).parent
+    rows = []
+    with TritonServer(repo) as server:
+        frontend = Frontend(server.grpc_url, "127.0.0.1", free_port(), grace=5.0).start()
+        try:
+            if not frontend.wait_ready(60):
+                raise RuntimeError("the OpenAI API did not start")
+            for endpoint, concurrency in tqdm(CELLS, desc="aiperf, then native", unit="cell"):
+                work = args.workdir / f"{endpoint}-c{concurrency}"
+                front = aiperf(args.aiperf, frontend.url.removesuffix("/v1"), endpoint, concurrency, tokenizer, work)
+                back = asyncio.run(native(server.grpc_url, endpoint, concurrency, work))
+                rows.append((endpoint, concurrency, front, back))
+        finally:
+            frontend.stop(timeout=10)
+    text = report(rows, args.size, time.monotonic() - started)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
