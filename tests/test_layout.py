@@ -50,7 +50,7 @@ def test_every_module_is_listed_in_the_readme_layout() -> None:
             listed.setdefault(folder, set()).update([] if folder else [entry])
         else:
             listed.setdefault(folder, set()).update(re.findall(r"[\w.]+\.(?:py|json)", entry))
-    for folder in ("backends/python_hf/", "backends/onnx_export/", "tritonhf/", "perf/"):
+    for folder in ("backends/python_hf/", "backends/onnx_export/", "tritonhf/", "tritonhf/openai_api/", "perf/"):
         actual = {p.name for p in (ROOT / folder).iterdir() if p.suffix in (".py", ".json") and p.name != "__init__.py"}
         assert listed.get(folder) == actual, (
             f"README Layout, {folder}: lists {sorted(listed.get(folder, ()))}, has {sorted(actual)}"
@@ -91,6 +91,9 @@ def test_the_model_code_never_imports_tritonhf() -> None:
             )
 
 
+OPENAI_SPEAKERS = ("tritonhf.openai_api", "tritonhf.demo", "tritonhf.perf.openai_bench")
+
+
 def test_each_variant_name_is_declared_once() -> None:
     """A variant's name, as a string literal, appears in the registry's declaration and nowhere else in the code."""
     for name, path in modules().items():
@@ -99,10 +102,10 @@ def test_each_variant_name_is_declared_once() -> None:
         if name == "tritonhf.variants":
             assert named == set(VARIANT_NAMES)
         else:
-            stray = named - {
-                "python",
-                "onnx",
-            }  # also Triton's Python backend (and a runtime); the onnx package (and optimum's exporter)
+            # also Triton's Python backend (and a runtime); the onnx package (and optimum's exporter); and where a
+            # module speaks the OpenAI API, its field "stream"
+            words = {"python", "onnx"} | ({"stream"} if name.startswith(OPENAI_SPEAKERS) else set())
+            stray = named - words
             assert not stray, f"{path.relative_to(ROOT)} spells variant names {sorted(stray)}"
 
 
