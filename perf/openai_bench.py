@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ class Figures:
     latency_ms: tuple[float, float] = (0.0, 0.0)
     tokens_per_s: float = 0.0
     requests_per_s: float = 0.0
+    client_cpu_s: float = 0.0  # what the load generator itself took of the machine's CPUs
 
 
 def repository(workdir: Path, size: str) -> Path:
@@ -74,6 +77,7 @@ def repository(workdir: Path, size: str) -> Path:
 
 def aiperf(binary: str, url: str, endpoint: str, concurrency: int, tokenizer: Path, work: Path) -> Figures:
     """One aiperf run against the frontend; its payloads stay in ``work/inputs.json``."""
+    work.mkdir(parents=True, exist_ok=True)
     inputs = work / "prompts.jsonl"
     inputs.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts()))
     least, each = REQUESTS[endpoint]
@@ -87,7 +91,9 @@ def aiperf(binary: str, url: str, endpoint: str, concurrency: int, tokenizer: Pa
     if endpoint != "embeddings":
         command += ["--streaming", "--use-server-token-count", "--output-tokens-mean", str(NEW_TOKENS)]
         command += ["--output-tokens-stddev", "0", "--extra-inputs", f"min_tokens:{NEW_TOKENS}"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode:
         raise RuntimeError(f"aiperf failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     export = json.loads((work / "profile_export_aiperf.json").read_text())
@@ -102,6 +108,7 @@ def aiperf(binary: str, url: str, endpoint: str, concurrency: int, tokenizer: Pa
         latency_ms=pair("request_latency"),
         tokens_per_s=(export.get("output_token_throughput") or {}).get("avg", 0.0),
         requests_per_s=(export.get("request_throughput") or {}).get("avg", 0.0),
+        client_cpu_s=after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
     )
 
 
@@ -116,7 +123,9 @@ async def native(url: str, endpoint: str, concurrency: int, work: Path) -> Figur
     try:
         requests = payloads(work)
         await run_all(triton, endpoint, requests[:concurrency], concurrency)
-        return await run_all(triton, endpoint, requests, concurrency)
+        cpu = time.process_time()
+        figures = await run_all(triton, endpoint, requests, concurrency)
+        return dataclasses.replace(figures, client_cpu_s=time.process_time() - cpu)
     finally:
         await triton.close()
 
@@ -164,7 +173,7 @@ async def one(triton: Triton, endpoint: str, payload: dict) -> tuple[float, floa
     served = await triton.model(request.model, "generation")
     first, tokens = None, 0
     async for piece in triton.generate(served, prompt, request.parameters(0), request.stops()):
-        if piece.new_tokens and first is None:
+        if piece.text and first is None:  # aiperf's first token: the first piece with text
             first = time.perf_counter()
         tokens += piece.new_tokens
     return start, first, time.perf_counter(), tokens
@@ -185,8 +194,14 @@ def report(rows: list[tuple[str, int, Figures, Figures]], size: str, seconds: fl
         f"`python -m tritonhf.perf.openai_bench` took {seconds:.0f} s.",
         "Frontend: aiperf over HTTP; native: the same payloads over gRPC (tritonclient.grpc.aio), same concurrency.",
         "",
-        "| endpoint | c | side | TTFT p50 / p99 ms | ITL p50 / p99 ms | latency p50 / p99 ms | tokens/s | req/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "Both load generators run on the same CPUs as the server; `client CPU s` is what each took of them (aiperf:",
+        "its process tree, warm-up included).",
+        "",
+        (
+            "| endpoint | c | side | TTFT p50 / p99 ms | ITL p50 / p99 ms | latency p50 / p99 ms | tokens/s | req/s"
+            " | client CPU s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for endpoint, concurrency, front, back in rows:
         for side, f in (("frontend", front), ("native", back)):
@@ -195,6 +210,7 @@ def report(rows: list[tuple[str, int, Figures, Figures]], size: str, seconds: fl
                 f"{f.latency_ms[0]:.1f} / {f.latency_ms[1]:.1f}",
                 f"{f.tokens_per_s:.1f}",
                 f"{f.requests_per_s:.1f}",
+                f"{f.client_cpu_s:.1f}",
             ]
             lines.append(f"| {endpoint} | {concurrency} | {side} | " + " | ".join(cells) + " |")
     lines += ["", "Goals:"]

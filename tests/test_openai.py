@@ -245,7 +245,7 @@ BAD = {
     "logprobs": ({"prompt": "hi", "logprobs": 2}, "logprobs", "log probabilities are not returned"),
     "temperature": ({"prompt": "hi", "temperature": 3}, "temperature", "less than or equal to 2"),
     "n": ({"prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
-    "token ids": ({"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not supported"),
+    "token ids": ({"prompt": [1, 2, 3]}, "prompt", "token-id inputs are not supported"),
     "stream_options alone": ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
     "too long for the model": (
         {"prompt": PROMPTS[15] * 20, "max_tokens": 200},

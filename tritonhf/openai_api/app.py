@@ -66,6 +66,39 @@ class Metrics:
         )  # fmt: skip
 
 
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models")
+
+
+class Counted:
+    """Requests by endpoint and status, and how long they took, as plain ASGI (FastAPI's http middleware would sit
+    in the way of every streamed chunk). Paths outside the API count as ``other``: no label from a client's whim."""
+
+    def __init__(self, app: Callable, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.monotonic(), 500
+
+        async def sending(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            path = scope["path"]
+            endpoint = (
+                path if path in ENDPOINTS else "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+            )
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+
+
 @dataclass
 class Choice:
     """One choice as it is generated: its text so far, its tokens, why it ended."""
@@ -220,14 +253,7 @@ def create_app(url: str) -> FastAPI:
 
     app = FastAPI(title="tritonhf OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable) -> Response:
-        started = time.monotonic()
-        response = await call_next(request)
-        endpoint = request.url.path if request.url.path.startswith("/v1/") else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-        return response
+    app.add_middleware(Counted, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 MAX_CHOICES = 16  # n x prompts: each is a request to the model, so a bound on what one HTTP request can queue
 MAX_STOP = 8  # backends/python_hf/parameters.MAX_STOP_STRINGS
@@ -90,6 +90,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def text_only(value: Any) -> Any:
+    if isinstance(value, list) and value and not all(isinstance(item, str) for item in value):
+        raise ValueError("text only: token-id inputs are not supported by this server")
+    return value
+
+
+Texts = Annotated[str | Annotated[list[str], Field(min_length=1)], BeforeValidator(text_only)]  # one, or a choice each
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
 
@@ -179,15 +186,8 @@ class Sampling(Request):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: Texts
     echo: bool = False
-
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def text_only(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and not all(isinstance(item, str) for item in value):
-            raise ValueError("prompts must be text: token-id prompts are not supported by this server")
-        return value
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -234,16 +234,9 @@ class ChatRequest(Sampling):
 
 
 class EmbeddingRequest(Request):
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: Texts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def text_only(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and not all(isinstance(item, str) for item in value):
-            raise ValueError("inputs must be text: token-id inputs are not supported by this server")
-        return value
 
     def inputs(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else self.input
