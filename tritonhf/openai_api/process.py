@@ -48,11 +48,11 @@ class Frontend:
         return self
 
     def keep(self) -> None:
-        """Start the frontend again whenever it exits, until serve stops."""
+        """Start the frontend again whenever it exits, until serve stops; a start that fails is tried again."""
         failures = 0
         while not self.stopping.is_set():
             started = time.monotonic()
-            code = self.process.wait() if self.process else 0
+            code = self.process.wait() if self.process else None
             if self.stopping.is_set():
                 return
             failures = 1 if time.monotonic() - started > STEADY_S else failures + 1
@@ -60,8 +60,12 @@ class Frontend:
             logger.error("the OpenAI API exited (code %s): starting it again in %.0f s", code, wait)
             if self.stopping.wait(wait):
                 return
-            self.process = subprocess.Popen(self.command)
-            self.restarts += 1
+            try:
+                self.process = subprocess.Popen(self.command)
+                self.restarts += 1
+            except OSError as err:
+                logger.error("the OpenAI API could not be started: %s", err)
+                self.process = None
 
     def ready(self, timeout: float = 1.0) -> bool:
         """Running, and its /health says the server answers it."""
