@@ -250,14 +250,16 @@ def report(rows: list[tuple[str, int, dict[str, Figures]]], size: str, seconds: 
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for endpoint, concurrency, sides in rows:
+        streamed = endpoint != "embeddings"  # an embedding has no first token, no token stream
         for side, f in sides.items():
-            cells = [f"{f.ttft_ms[0]:.1f} / {f.ttft_ms[1]:.1f}", f"{f.itl_ms[0]:.1f} / {f.itl_ms[1]:.1f}"]
-            cells += [
+            cells = [
+                f"{f.ttft_ms[0]:.1f} / {f.ttft_ms[1]:.1f}" if streamed else "-",
+                f"{f.itl_ms[0]:.1f} / {f.itl_ms[1]:.1f}" if streamed else "-",
                 f"{f.latency_ms[0]:.1f} / {f.latency_ms[1]:.1f}",
-                f"{f.tokens_per_s:.1f}",
+                f"{f.tokens_per_s:.1f}" if streamed else "-",
                 f"{f.requests_per_s:.1f}",
+                f"{f.client_cpu_s:.1f}",
             ]
-            cells.append(f"{f.client_cpu_s:.1f}")
             lines.append(f"| {endpoint} | {concurrency} | {side} | " + " | ".join(cells) + " |")
     lines += ["", "Goals (http against native):"]
     for endpoint, concurrency, sides in rows:

@@ -96,6 +96,10 @@ def test_probes_tell_the_truth_through_a_crash_loop(layout_repository: Path, tmp
             assert len(kills) < 3 or time.monotonic() - started < kills[2] + 60, f"still up:\n{served.output()}"
             if time.monotonic() - started > 400:  # reported below, with the timeline
                 break
+            # what the supervisor said, read before the probes: it marks a model healing before it logs the death,
+            # so a kill it has logged can't hide behind a readiness sampled before it noticed (seen in CI: a third
+            # kill 0.2 s after the second hit a process already exiting, and no third heal came)
+            said = served.err.read_text()
             model_before = served.status("http", "/v2/models/gpt2/ready")
             ready = served.status(*probes["readinessProbe"])
             live = served.status(*probes["livenessProbe"])
@@ -104,7 +108,6 @@ def test_probes_tell_the_truth_through_a_crash_loop(layout_repository: Path, tmp
             timeline.append((time.monotonic() - started, ready, live, model_after, triton))
             if ready == 200 and model_before != 200 and model_after != 200:
                 lies.append(timeline[-1])
-            said = served.err.read_text()
             seen = said.count("unloading it")  # the supervisor saw each kill before the next
             back = said.count("serving again") == len(kills)  # and says the model serves again
             if ready != 200 and back and len(kills) < 3 and time.monotonic() - started > (kills or [0])[-1] + 60:
