@@ -210,3 +210,25 @@ def test_the_side_by_side_verdicts() -> None:
         verdicts[4].startswith("- c64: tuned 2 m 195.0/s = 93% of the fastest")
         and "MISSED, inside the noise;" in verdicts[4]
     )
+
+
+def test_the_openai_bench_judges_the_frontend_against_native() -> None:
+    """The goals compare the light client through the frontend with the same client straight to Triton: 90% of
+    the tokens/s (or req/s) kept, and at most 5 ms more to the first token at concurrency 1; aiperf is shown,
+    never judged; embeddings have no token figures."""
+    from tritonhf.perf.openai_bench import Figures, report
+
+    native = Figures(ttft_ms=(50.0, 60.0), tokens_per_s=100.0, requests_per_s=2.0)
+    fronted = {
+        ("chat", 1): Figures(ttft_ms=(54.9, 70.0), tokens_per_s=90.0),
+        ("chat", 8): Figures(tokens_per_s=89.0),
+        ("completions", 1): Figures(ttft_ms=(55.1, 0.0), tokens_per_s=99.0),
+        ("embeddings", 32): Figures(requests_per_s=1.7),
+    }
+    rows = [(*cell, {"aiperf": Figures(), "http": http, "native": native}) for cell, http in fronted.items()]
+    goals = report(rows, "tiny", 1.0).split("Goals (http against native):")[1]
+    assert "- chat c1: 90% of native tokens/s (met, >= 90%); TTFT p50 +4.9 ms (met, <= +5 ms)" in goals
+    assert "- chat c8: 89% of native tokens/s (MISSED, >= 90%)" in goals
+    assert "- completions c1: 99% of native tokens/s (met, >= 90%); TTFT p50 +5.1 ms (MISSED, <= +5 ms)" in goals
+    assert "- embeddings c32: 85% of native req/s (MISSED, >= 90%)" in goals
+    assert "| embeddings | 32 | native | - | - | 0.0 / 0.0 | - | 2.0 | 0.0 |" in report(rows, "tiny", 1.0)
