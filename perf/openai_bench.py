@@ -135,7 +135,7 @@ async def native(url: str, endpoint: str, concurrency: int, work: Path) -> Figur
         start = time.perf_counter()
         if endpoint == "embeddings":
             request = EmbeddingRequest.parse(json.dumps(payload).encode())
-            await triton.embed(await triton.model(request.model, "embedding"), request.inputs())
+            await triton.embed(await triton.model(request.model, "embedding"), request.inputs(), request.parameters())
             return start, None, time.perf_counter(), 0
         if endpoint == "chat":
             request = ChatRequest.parse(json.dumps(payload).encode())

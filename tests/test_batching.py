@@ -45,12 +45,16 @@ def test_collect_flattens_uneven_requests_in_order() -> None:
 
 
 def test_a_request_whose_options_break_the_reader_fails_alone() -> None:
-    def parse(options: dict) -> int:
-        return int(options["n"])  # int("²") raises ValueError, not RequestError
+    def read(rows: list[str], options: dict) -> list[int]:
+        if rows == ["bad"]:
+            raise RequestError("bad row")
+        return [int(options["n"])] * len(rows)  # int("²") raises ValueError, not RequestError
 
-    batch = collect([prompt("a"), prompt("b"), prompt("c")], [{"n": "1"}, {"n": "²"}, {"n": "3"}], parse)
-    assert batch.texts == ["a", "c"] and batch.options == [1, 3]
+    requests = [prompt("a"), prompt("b"), prompt("c", "d"), prompt("bad")]
+    batch = collect(requests, [{"n": "1"}, {"n": "²"}, {"n": "3"}, {"n": "4"}], read)
+    assert batch.texts == ["a", "c", "d"] and batch.options == [1, 3, 3] and batch.counts == [1, 0, 2, 0]
     assert batch.failures[1].internal and "ValueError" in batch.failures[1].message
+    assert batch.failures[3] == Failure("bad row")
 
 
 def test_split_gives_each_request_its_rows() -> None:

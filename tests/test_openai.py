@@ -170,6 +170,17 @@ def test_several_prompts_and_choices(api: API, gpt2: TextGeneration) -> None:
     assert [c.text for c in greedy.choices] == [completion_of(gpt2, p, 6)[0] for p in PROMPTS[:2]]
 
 
+def test_token_id_prompts_answer_as_their_text(api: API, gpt2: TextGeneration) -> None:
+    """A prompt as token ids (one list, or a list of them), taken as they are: the text's answer, its usage; with
+    echo, the ids decoded in front."""
+    ids = [gpt2.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    texts = [completion_of(gpt2, p, 6)[0] for p in PROMPTS[:2]]
+    one = api.client.completions.create(model="gpt2", prompt=ids[0], max_tokens=6, temperature=0, echo=True)
+    assert one.choices[0].text == gpt2.tokenizer.decode(ids[0]) + texts[0] and one.usage.prompt_tokens == len(ids[0])
+    both = api.client.completions.create(model="gpt2", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in both.choices] == texts and both.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+
+
 def test_stop_strings_end_the_answer(api: API, gpt2: TextGeneration) -> None:
     text, _ = completion_of(gpt2, PROMPTS[4], 20)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
@@ -238,6 +249,25 @@ def test_embeddings_equal_the_models(api: API, embedder: FeatureExtraction) -> N
     assert status == 200 and len(base64.b64decode(raw["data"][0]["embedding"])) == 4 * want.shape[1]
 
 
+def test_token_id_inputs_embed_as_their_text(api: API, embedder: FeatureExtraction) -> None:
+    """Token ids as the model's tokenizer makes them (special tokens included), one list or several: the text's
+    embeddings; ids outside the vocabulary or past the model's length are a 400 that says so."""
+    want = embedder(PROMPTS[:3])["embedding"]
+    ids = [embedder.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    got = api.client.embeddings.create(model=EMBEDDER, input=ids)
+    assert (np.array([d.embedding for d in got.data]) * want).sum(axis=1).min() >= 0.9999
+    assert got.usage.prompt_tokens == sum(map(len, ids))
+    one = api.client.embeddings.create(model=EMBEDDER, input=ids[1], encoding_format="float")
+    assert float(np.dot(one.data[0].embedding, want[1])) >= 0.9999
+    for bad, message in (
+        ([101, 10**9, 102], f"token_ids: 1000000000 is not a token id of this model (0 to {embedder.vocabulary - 1})"),
+        ([101] * 300, f"token_ids: row 0 has 300 tokens; this model takes at most {embedder.max_tokens}"),
+        ([], "not empty"),
+    ):
+        status, answer, _ = api.post("/v1/embeddings", {"model": EMBEDDER, "input": bad})
+        assert status == 400 and message in answer["error"]["message"], answer
+
+
 # --- errors ---------------------------------------------------------------------------------
 
 BAD = {
@@ -245,7 +275,8 @@ BAD = {
     "logprobs": ({"prompt": "hi", "logprobs": 2}, "logprobs", "log probabilities are not returned"),
     "temperature": ({"prompt": "hi", "temperature": 3}, "temperature", "less than or equal to 2"),
     "n": ({"prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
-    "token ids": ({"prompt": [1, 2, 3]}, "prompt", "token-id inputs are not supported"),
+    "token ids and text": ({"prompt": [1, "two"]}, "prompt", "a list holds one kind"),
+    "a token id out of the vocabulary": ({"prompt": [1, 10**9]}, None, "1000000000 is not a token id of this model"),
     "stream_options alone": ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream"),
     "too long for the model": (
         {"prompt": PROMPTS[15] * 20, "max_tokens": 200},

@@ -45,6 +45,17 @@ def test_null_and_harmless_values_are_not_refused() -> None:
     assert parse(CompletionRequest, prompt="hi", stop=["a", "b"]).stops() == ["a", "b"]
 
 
+def test_token_ids_go_to_the_models_as_json_rows() -> None:
+    """A list of ids is one row, a list of lists a row each (OpenAI's four prompt shapes), with ``token_ids``."""
+    assert parse(EmbeddingRequest, input=[1, 2]).inputs() == ["[1, 2]"]
+    many = parse(EmbeddingRequest, input=[[1], [2, 3]])
+    assert many.inputs() == ["[1]", "[2, 3]"] and many.parameters() == {"token_ids": True}
+    assert parse(EmbeddingRequest, input=["1", "2"]).parameters() == {}
+    completion = parse(CompletionRequest, prompt=[[5, 6], [7]], n=2)
+    assert completion.prompts() == ["[5, 6]", "[7]"] and completion.parameters(1)["token_ids"] is True
+    assert "token_ids" not in parse(CompletionRequest, prompt=["a", "b"]).parameters(0)
+
+
 REFUSED = {
     "tools": (ChatRequest, {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
     "response_format": (
@@ -57,7 +68,8 @@ REFUSED = {
     "messages.0.role": (ChatRequest, {"messages": [{"role": "tool", "content": "x"}]}),
     "messages.0.content": (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
     "stop": (CompletionRequest, {"prompt": "x", "stop": ["a"] * 9}),
-    "input": (EmbeddingRequest, {"input": [[1, 2, 3]]}),
+    "input": (EmbeddingRequest, {"input": [[1, 2], "mixed"]}),
+    "prompt": (CompletionRequest, {"prompt": [[1, -2]]}),
     "encoding_format": (EmbeddingRequest, {"input": "x", "encoding_format": "int8"}),
     "dimensions": (EmbeddingRequest, {"input": "x", "dimensions": 0}),
 }

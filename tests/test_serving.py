@@ -134,6 +134,36 @@ def test_bad_requests_fail_alone(server: TritonServer, model: str) -> None:
     assert grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()
 
 
+ROW_CHECKS = {  # what the model reads in a row with its parameters: refused for that request alone
+    "gpt2": [
+        ({"chat": True}, ["not json"], "chat: the prompt must be a JSON list of messages"),
+        ({"token_ids": True}, ["[1, 1000000000]"], "token_ids: 1000000000 is not a token id of this model"),
+        ({"truncate": False, "max_new_tokens": 4}, ["word " * 400], "maximum context length is"),
+        ({"chat": True, "token_ids": True}, ["[1]"], "chat and token_ids: a prompt is chat messages or token ids"),
+    ],
+    EMBEDDER: [
+        ({"token_ids": True}, ["[101, 102]", "[101, -3, 102]"], "token_ids: -3 is not a token id of this model"),
+        ({"token_ids": True}, ["[101, 102.5]"], "token_ids: the prompt must be a non-empty JSON list of integers"),
+        ({"pooling": "cls"}, ["hello"], "unknown parameter 'pooling'; feature-extraction takes 'token_ids'"),
+    ],
+}
+
+
+@pytest.mark.parametrize("model", ROW_CHECKS)
+def test_a_row_its_model_refuses_fails_its_request_alone(server: TritonServer, model: str) -> None:
+    """Rows read with their request's parameters (chat messages, token ids, the context): a bad one is that
+    request's error, in the same dynamic batch as good requests that are served as they are alone."""
+    good = [PROMPTS[3], PROMPTS[9]]
+    bad = ROW_CHECKS[model]
+    requests = [[bytes_input([good[0]])], *([bytes_input(rows)] for _, rows, _ in bad), [bytes_input([good[1]])]]
+    results = burst(server, model, requests, [{}, *(parameters for parameters, _, _ in bad), {}])
+    for (parameters, _, message), result in zip(bad, results[1:-1], strict=True):
+        assert isinstance(result, InferenceServerException), parameters
+        assert message in result.message() and result.status() == "StatusCode.INVALID_ARGUMENT", result.message()
+    assert_same(model, results[0], alone(server, model, [good[0]]))
+    assert_same(model, results[-1], alone(server, model, [good[1]]))
+
+
 # --- the commands around the server --------------------------------------------------------
 
 

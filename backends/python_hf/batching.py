@@ -53,7 +53,7 @@ class Collected:
     texts: list[str]
     counts: list[int]  # rows per request; 0 for a rejected request
     failures: dict[int, Failure] = field(default_factory=dict)
-    options: list[Any] = field(default_factory=list)  # per row, parsed by the step (generation parameters)
+    options: list[Any] = field(default_factory=list)  # per row, read by the step (read_rows)
 
 
 def decode_rows(prompt: np.ndarray | None) -> list[str]:
@@ -91,9 +91,10 @@ def attempt(read: Callable[[], T]) -> T | Failure:
 def collect(
     prompts: Sequence[np.ndarray | Failure | None],
     options: Sequence[Any] | None = None,
-    parse: Callable[[Any], Any] | None = None,
+    read: Callable[[list[str], Any], list[Any]] | None = None,
 ) -> Collected:
-    """Decode and validate every request, and its options if the step takes any.
+    """Decode and validate every request, and, if the step reads them (``read_rows``), its rows with its options:
+    one item per row (its parsed options), every row checked, so that a bad row fails its own request.
 
     A bad request becomes a Failure at its index; so does one that could not be read (a Failure already).
     """
@@ -106,8 +107,8 @@ def collect(
             if isinstance(prompt, Failure):
                 raise RequestError(prompt.message)
             rows = decode_rows(prompt)
-            if parse:
-                parsed.extend([parse(options[index] if options else {})] * len(rows))
+            if read:
+                parsed.extend(read(rows, options[index] if options else {}))
         except RequestError as err:
             failures[index] = Failure(str(err))
             rows = []
@@ -190,17 +191,18 @@ def run_batch(
 
     ``forward`` maps a list of texts to arrays whose first axis is the text. It
     is called once, over the valid rows of every request. A step with a
-    ``parse_options`` method (generation) also gets each row's parsed
-    ``options`` (that request's parameters and optional tensors); the other
-    steps take none. If ``forward`` raises, each request in the batch gets a
-    short INTERNAL failure; the next batch is served as usual.
+    ``read_rows`` method (generation, feature extraction) also gets what it
+    read of each row with that request's ``options`` (its parameters and
+    optional tensors); the other steps take none. If ``forward`` raises, each
+    request in the batch gets a short INTERNAL failure; the next batch is
+    served as usual.
     """
-    parse = getattr(forward, "parse_options", None)
-    batch = collect(prompts, options, parse)
+    read = getattr(forward, "read_rows", None)
+    batch = collect(prompts, options, read)
     if not batch.texts:
         return [batch.failures[index] for index in range(len(prompts))]
     per_request = guarded(
-        lambda: split(forward(batch.texts, batch.options) if parse else forward(batch.texts), batch.counts),
+        lambda: split(forward(batch.texts, batch.options) if read else forward(batch.texts), batch.counts),
         len(prompts),
         log_error,
     )

@@ -96,11 +96,12 @@ PARAMETERS = {
         Parameter(TensorSpec("frequency_penalty", "float32", optional=True), as_float),
         Parameter(TensorSpec("chat", "bool", optional=True), as_bool),
         Parameter(TensorSpec("truncate", "bool", optional=True), as_bool),
+        Parameter(TensorSpec("token_ids", "bool", optional=True), as_bool),
     )
 }
 OPTIONAL_INPUTS = tuple(parameter.tensor for parameter in PARAMETERS.values())
 CONFIG_NAMES = {"max_new_tokens": "max_length", "min_new_tokens": "min_length"}  # the tutorial's config names
-PER_REQUEST_ONLY = ("seed", "stop", "chat", "truncate")  # no model-wide default
+PER_REQUEST_ONLY = ("seed", "stop", "chat", "truncate", "token_ids")  # no model-wide default
 MAX_STOP_STRINGS = 8
 
 
@@ -119,7 +120,7 @@ class GenerationParams:
     ``chat``: the prompt is a JSON list of chat messages, rendered through the
     model's chat template (text.render_chat). ``truncate``: a prompt longer
     than the model leaves room for is cut from the left (the default), or,
-    false, refused.
+    false, refused. ``token_ids``: the prompt is a JSON list of token ids (text.token_ids), taken as they are.
     """
 
     max_new_tokens: int = 16
@@ -135,6 +136,7 @@ class GenerationParams:
     frequency_penalty: float = 0.0
     chat: bool = False
     truncate: bool = True
+    token_ids: bool = False
 
     @property
     def penalised(self) -> bool:
@@ -193,6 +195,7 @@ class GenerationParams:
                 for name in ("presence_penalty", "frequency_penalty")
             ),
             (len(self.stop) > MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}"),
+            (self.chat and self.token_ids, "chat and token_ids: a prompt is chat messages or token ids, not both"),
         ]
         if messages := [message for failed, message in problems if failed]:
             raise RequestError("; ".join(messages))

@@ -45,13 +45,22 @@ from transformers.utils import cached_file
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .hardware import FLOAT32, Choice, choose
 from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
-from .parameters import CONFIG_NAMES, OPTIONAL_INPUTS, PARAMETERS, PER_REQUEST_ONLY, GenerationParams, Limits, combine
+from .parameters import (
+    CONFIG_NAMES,
+    OPTIONAL_INPUTS,
+    PARAMETERS,
+    PER_REQUEST_ONLY,
+    GenerationParams,
+    Limits,
+    as_bool,
+    combine,
+)
 from .running_batch import generate_all
 from .scheduler import Observer, Scheduler
 from .sequence import Sequence, Stream
 from .steps import StepContext
 from .tensors import TensorSpec
-from .text import length_groups, load_tokenizer, render_chat
+from .text import length_groups, load_tokenizer, render_chat, token_ids
 
 
 class ConfigError(ValueError):
@@ -107,6 +116,7 @@ class HFTask:
         self.model = self.auto_model.from_pretrained(model_id, dtype=DTYPES[self.precision.dtype])
         self.model.to(self.device).eval()
         self.max_tokens = self.max_positions()
+        self.vocabulary = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)  # valid ids
 
     def max_positions(self) -> int:
         """The longest input the model takes, in tokens."""
@@ -118,15 +128,25 @@ class HFTask:
             raise ConfigError(f"{self.model_id}: neither the tokenizer nor the config gives a maximum length")
         return min(limits)
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def __call__(self, texts: list[str], ids: list[list[int] | None] | None = None) -> dict[str, np.ndarray]:
         """Padded forwards over rows of similar length; arrays with one row per text, in order."""
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)
+        encoded = self.encode(texts, ids)
         with torch.inference_mode():
             parts = [
                 (rows, self.forward([texts[i] for i in rows], {name: t.to(self.device) for name, t in padded.items()}))
                 for rows, padded in length_groups(self.tokenizer, encoded, self.overhead_tokens, "pt")
             ]
         return merge(parts, len(texts))
+
+    def encode(self, texts: list[str], ids: list[list[int] | None] | None = None) -> dict[str, list[list[int]]]:
+        """Each row's tokens: the tokenizer's for a text, truncated to the model's length; or the ids its request
+        gave (``ids``, None for a text row)."""
+        rows = list(ids or [None] * len(texts))
+        if plain := [i for i, row in enumerate(rows) if row is None]:
+            tokenized = self.tokenizer([texts[i] for i in plain], truncation=True, max_length=self.max_tokens)
+            for i, row in zip(plain, tokenized["input_ids"], strict=True):
+                rows[i] = row
+        return {"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]}
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -215,14 +235,29 @@ class TextGeneration(HFTask):
         """A request's generation parameters over the defaults: (request parameters, optional input tensors)."""
         return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
 
+    def read_rows(
+        self, texts: list[str], raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
+    ) -> list[GenerationParams]:
+        """A request's parameters, for each of its rows; every row's prompt checked here (chat messages, token ids,
+        the context), so that a bad one fails its own request, not the batch. The forward tokenises again:
+        microseconds, against a generation's seconds."""
+        params = self.parse_options(raw)
+        for text in texts:
+            self.sequence(text, params)
+        return [params] * len(texts)
+
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence:
-        """A prompt (a chat's, rendered through the chat template), tokenised and truncated from the left to leave
-        room for its new tokens, or refused if it does not fit and the request said ``truncate`` false.
+        """A prompt (a chat's, rendered through the chat template; or token ids), tokenised and truncated from the
+        left to leave room for its new tokens, or refused if it does not fit and the request said ``truncate`` false.
 
         A prompt that makes no tokens starts from BOS (EOS if none), as ``generate`` does without input.
         """
-        prompt, special = render_chat(self.tokenizer, prompt) if params.chat else (prompt, True)
-        ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"] or self.start
+        if params.token_ids:
+            ids = token_ids(prompt, self.vocabulary)
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        else:
+            prompt, special = render_chat(self.tokenizer, prompt) if params.chat else (prompt, True)
+            ids = self.tokenizer(prompt, add_special_tokens=special)["input_ids"] or self.start
         if not ids:
             raise RequestError("the prompt makes no tokens, and the model has no BOS or EOS token to start from")
         room = self.max_tokens - params.max_new_tokens
@@ -278,6 +313,23 @@ class FeatureExtraction(HFTask):
         path = cached_file(self.model_id, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
         limit = json.loads(Path(path).read_text()).get("max_seq_length") if path else None
         return min(super().max_positions(), limit or UNBOUNDED)
+
+    def read_rows(
+        self, texts: list[str], raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
+    ) -> list[list[int] | None]:
+        """Each row's token ids where its request says ``token_ids`` (a JSON list a row, as the model's tokenizer
+        makes them, special tokens included; refused past the model's length, which text is cut to), else None."""
+        given = combine(*raw) if isinstance(raw, tuple) else raw
+        if unknown := sorted(set(given) - {"token_ids"}):
+            raise RequestError(f"unknown parameter {', '.join(map(repr, unknown))}; {self.task} takes 'token_ids'")
+        if not as_bool("token_ids", given.get("token_ids", False)):
+            return [None] * len(texts)
+        rows = [token_ids(text, self.vocabulary) for text in texts]
+        if (long := next((i for i, ids in enumerate(rows) if len(ids) > self.max_tokens), None)) is not None:
+            raise RequestError(
+                f"token_ids: row {long} has {len(rows[long])} tokens; this model takes at most {self.max_tokens}"
+            )
+        return rows
 
     def forward(self, texts: list[str], batch: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         hidden = self.model(**batch).last_hidden_state.float().cpu().numpy()

@@ -64,6 +64,20 @@ def render_chat(tokenizer: transformers.PreTrainedTokenizerBase, messages_json: 
     return text, not own
 
 
+def token_ids(text: str, vocabulary: int) -> list[int]:
+    """A prompt given as token ids (a JSON list of integers, as the model's tokenizer makes them, special tokens
+    included): the ids, checked against the vocabulary."""
+    try:
+        ids = json.loads(text)
+    except ValueError as err:
+        raise RequestError(f"token_ids: the prompt must be a JSON list of token ids ({err})") from None
+    if not isinstance(ids, list) or not ids or not all(type(i) is int for i in ids):
+        raise RequestError("token_ids: the prompt must be a non-empty JSON list of integers")
+    if bad := [i for i in ids if not 0 <= i < vocabulary]:
+        raise RequestError(f"token_ids: {bad[0]} is not a token id of this model (0 to {vocabulary - 1})")
+    return ids
+
+
 def length_groups(
     tokenizer: transformers.PreTrainedTokenizerBase, encoded: Mapping[str, list], overhead_tokens: float, tensors: str
 ) -> Iterator[tuple[list[int], Mapping[str, Any]]]:

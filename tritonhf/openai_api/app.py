@@ -362,7 +362,7 @@ def create_app(url: str) -> FastAPI:
         body = EmbeddingRequest.parse(await read_body(request))
         assert isinstance(body, EmbeddingRequest)
         served = await triton.model(body.model, "embedding")
-        vectors, tokens = await triton.embed(served, body.inputs())
+        vectors, tokens = await triton.embed(served, body.inputs(), body.parameters())
         if body.dimensions is not None:
             if body.dimensions > vectors.shape[1]:
                 raise APIError(400, f"dimensions: at most {vectors.shape[1]} for {body.model}", "dimensions")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 MAX_CHOICES = 16  # n x prompts: each is a request to the model, so a bound on what one HTTP request can queue
 MAX_STOP = 8  # backends/python_hf/parameters.MAX_STOP_STRINGS
@@ -90,13 +90,50 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-def text_only(value: Any) -> Any:
-    if isinstance(value, list) and value and not all(isinstance(item, str) for item in value):
-        raise ValueError("text only: token-id inputs are not supported by this server")
-    return value
+def texts(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    """OpenAI's four shapes of a prompt or input, checked here with messages that say which shape was meant
+    (a union's own checks would name one of its members only)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("a text, a list of texts, a list of token ids, or a list of token-id lists; not empty")
+    if all(isinstance(item, str) for item in value):
+        return value
+    if all(isinstance(item, list) for item in value):
+        for i, ids in enumerate(value):
+            token_ids(ids, f"item {i}: ")
+        return value
+    return token_ids(value, "")
 
 
-Texts = Annotated[str | Annotated[list[str], Field(min_length=1)], BeforeValidator(text_only)]  # one, or a choice each
+def token_ids(ids: list, where: str) -> list[int]:
+    if not ids:
+        raise ValueError(f"{where}a list of token ids must not be empty")
+    if not all(type(i) is int for i in ids):  # no bools, no floats, no texts mixed in
+        raise ValueError(f"{where}token ids are integers, and a list holds one kind (texts, ids or lists of ids)")
+    if min(ids) < 0:
+        raise ValueError(f"{where}token ids are >= 0, got {min(ids)}")
+    return ids
+
+
+# a prompt or an embedding input: one text, several (a choice or a row each), token ids, or several lists of them
+Texts = Annotated[str | list[str] | list[int] | list[list[int]], PlainValidator(texts)]
+
+
+def rows(value: Texts) -> list[str]:
+    """The rows a prompt or input makes, as the models read them: a text each, or a token-id list each as JSON
+    (with the models' ``token_ids`` parameter: is_token_ids)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value[0], int):
+        return [json.dumps(value)]
+    return [item if isinstance(item, str) else json.dumps(item) for item in value]
+
+
+def is_token_ids(value: Texts) -> bool:
+    return isinstance(value, list) and not isinstance(value[0], str)
+
+
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
 
@@ -190,10 +227,11 @@ class CompletionRequest(Sampling):
     echo: bool = False
 
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return rows(self.prompt)
 
     def parameters(self, choice: int) -> dict[str, Any]:
-        return {**super().parameters(choice), "return_full_text": self.echo}
+        token_ids = {"token_ids": True} if is_token_ids(self.prompt) else {}
+        return {**super().parameters(choice), "return_full_text": self.echo, **token_ids}
 
     def new_tokens(self) -> int:
         return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default for completions
@@ -239,4 +277,8 @@ class EmbeddingRequest(Request):
     dimensions: Annotated[int, Field(ge=1)] | None = None
 
     def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+        return rows(self.input)
+
+    def parameters(self) -> dict[str, Any]:
+        """The embedding model's request parameters."""
+        return {"token_ids": True} if is_token_ids(self.input) else {}

@@ -211,20 +211,26 @@ class Triton:
             if not reading.done():
                 reading.cancel()
 
-    async def embed(self, served: Served, texts: list[str]) -> tuple[np.ndarray, int]:
+    async def embed(
+        self, served: Served, texts: list[str], parameters: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, int]:
         """The texts' embeddings, as the rows of one request, or of several where they pass the model's batch size
         (learnt from the server's refusal, once: model configs are an admin API); and the tokens they took."""
         size = self.batch_sizes.get(served.target) or len(texts)
+        parts = (self.infer(served, texts[i : i + size], parameters) for i in range(0, len(texts), size))
         try:
-            parts = await asyncio.gather(*(self.infer(served, texts[i : i + size]) for i in range(0, len(texts), size)))
+            answers = await asyncio.gather(*parts)
         except TooBigError as err:
             self.batch_sizes[served.target] = err.most
-            return await self.embed(served, texts)
-        return np.concatenate([embedding for embedding, _ in parts]), sum(tokens for _, tokens in parts)
+            return await self.embed(served, texts, parameters)
+        return np.concatenate([embedding for embedding, _ in answers]), sum(tokens for _, tokens in answers)
 
-    async def infer(self, served: Served, texts: list[str]) -> tuple[np.ndarray, int]:
+    async def infer(
+        self, served: Served, texts: list[str], parameters: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, int]:
         try:
-            result = await self.client.infer(served.target, [text_input("prompt", texts, rows=True)])
+            inputs = [text_input("prompt", texts, rows=True)]
+            result = await self.client.infer(served.target, inputs, parameters=dict(parameters or {}) or None)
         except InferenceServerException as err:
             if (most := BATCH_LIMIT.search(err.message() or "")) and int(most[1]) < len(texts):
                 raise TooBigError(int(most[1])) from None
