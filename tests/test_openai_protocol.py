@@ -8,6 +8,7 @@ import json
 import pytest
 
 from tritonhf.openai_api.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest
+from tritonhf.openai_api.triton import ClientGoneError, error_for
 
 
 def parse(cls: type, **body: object) -> object:
@@ -83,3 +84,27 @@ def test_what_is_not_served_is_refused_by_name(param: str) -> None:
     assert refused.value.status == 400 and refused.value.param is not None
     assert refused.value.param.startswith(param), refused.value
     assert refused.value.body()["error"]["type"] == "invalid_request_error"
+
+
+ANSWERS = [  # (the server's message, its gRPC status or None on a stream) -> HTTP status, code
+    ("Exceeds maximum queue size", "StatusCode.UNAVAILABLE", 429, "model_overloaded"),
+    ("overloaded: 4 requests already wait for a slot; try again later", None, 429, "model_overloaded"),
+    ("Request for unknown model: 'gpt2_stream' has no available versions", "StatusCode.NOT_FOUND", 503, None),
+    ("the model is unloading", None, 503, "model_unavailable"),
+    ("max_new_tokens must be in 1..63, got 99", "StatusCode.INVALID_ARGUMENT", 400, None),
+    ("chat: the prompt must be a JSON list of messages", None, 400, None),
+    ("inference failed: RuntimeError: mat1 and mat2 shapes cannot be multiplied", "StatusCode.INTERNAL", 500, None),
+    ("generation failed: OutOfMemoryError: ...", None, 500, "internal_error"),
+]
+
+
+@pytest.mark.parametrize(("message", "status", "http", "code"), ANSWERS)
+def test_the_servers_errors_map_to_openais(message: str, status: str | None, http: int, code: str | None) -> None:
+    """429 for what may succeed later, 503 while the model is away, 400 for the request's fault, 500 for the
+    model's: its message stays in the log, never in the body."""
+    error = error_for(message, status, "gpt2")
+    assert isinstance(error, APIError) and error.status == http, error
+    assert code is None or error.body()["error"]["code"] == code
+    assert (message in error.body()["error"]["message"]) == (http in (400, 429)), error.body()
+    assert (error.retry_after == 1.0) == (http == 429)
+    assert isinstance(error_for("request cancelled", None, "gpt2"), ClientGoneError)
