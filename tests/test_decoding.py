@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +20,9 @@ from transformers import LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.heads import Piece
+from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache
 from tritonhf.backends.python_hf.parameters import GenerationParams
+from tritonhf.backends.python_hf.running_batch import RunningBatch
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
 from tritonhf.backends.python_hf.sequence import AdditivePenalties, Sequence
 from tritonhf.backends.python_hf.tasks import TextGeneration, load_task
@@ -56,13 +59,18 @@ class Recorder(Pieces):
 
 @contextmanager
 def scheduling(
-    model: TextGeneration, max_sequences: int = 32, max_tokens: int | None = None, observer: Observer | None = None
+    model: TextGeneration,
+    max_sequences: int = 32,
+    max_tokens: int | None = None,
+    observer: Observer | None = None,
+    step_tokens: int | None = None,
 ) -> Iterator[Scheduler]:
     """A scheduler with these settings from its start, always closed."""
     limits = dataclasses.replace(
         model.limits,
         max_running_sequences=max_sequences,
         max_running_tokens=max_tokens or model.limits.max_running_tokens,
+        max_step_tokens=step_tokens or model.limits.max_step_tokens,
     )
     scheduler = Scheduler(model, limits, observer)
     try:
@@ -329,6 +337,77 @@ def test_streams_concatenate_to_the_static_answers(model: TextGeneration) -> Non
         assert (recorder.text, recorder.tokens) == (static["text"][i, 0].decode(), static["new_tokens"][i, 0])
 
 
+class Steps:
+    """A model that records each packed step: (tokens, decoding rows, chunks as (slot, start, length))."""
+
+    def __init__(self, model: TextGeneration) -> None:
+        self.model, self.seen = model, []
+
+    def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        self.seen.append((len(ids), len(plan.decoding), plan.chunks))
+        return self.model.packed_forward(ids, plan, keep, cache)
+
+    def running_batch(self, step_tokens: int | None = None) -> PackedBatch:
+        assert self.model.packs
+        return PackedBatch(self, step_tokens)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def test_prompts_go_in_by_chunks_beside_the_decoding_rows(model: TextGeneration) -> None:
+    """Steps of at most 5 tokens for 3 rows: prompts go in by chunks over several steps, in the same forwards as
+    the rows decoding; every answer is transformers' generate on its prompt alone."""
+    steps = Steps(model)
+    requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
+    recorders = [Recorder() for _ in requests]
+    with scheduling(steps, max_sequences=3, step_tokens=5) as scheduler:  # type: ignore[arg-type]
+        for (prompt, n), recorder in zip(requests, recorders, strict=True):
+            scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
+        assert all(r.done.wait(60) for r in recorders)
+    for (prompt, n), recorder in zip(requests, recorders, strict=True):
+        assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+    assert max(tokens for tokens, _, _ in steps.seen) <= 5
+    assert any(decoding and chunks for _, decoding, chunks in steps.seen), "no step mixed decoding and a prompt"
+    assert any(start > 0 for _, _, chunks in steps.seen for _, start, _ in chunks), "no prompt was split"
+
+
+def test_a_prompt_cancelled_half_way_in_frees_its_slot(model: TextGeneration) -> None:
+    """A client that leaves while its prompt is still going in by chunks: cancelled at the next step, its slot
+    free, the row beside it unharmed."""
+    steps, half_way = Steps(model), threading.Event()
+
+    class Leaving(Recorder):
+        def cancelled(self) -> bool:
+            return half_way.is_set()
+
+    kept, leaving = Recorder(), Leaving()
+    with scheduling(steps, max_sequences=3, step_tokens=5) as scheduler:  # type: ignore[arg-type]
+        scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 40}), kept))
+        until(lambda: kept.tokens >= 1, what="the first request to be decoding")
+        scheduler.submit(model.sequence(PROMPTS[9], model.parse_options({"max_new_tokens": 5}), leaving))
+        until(lambda: any(start > 0 for _, _, chunks in steps.seen for _, start, _ in chunks), what="a split prompt")
+        half_way.set()
+        assert kept.done.wait(60) and leaving.done.wait(60)
+        until(lambda: not scheduler.batch.rows, what="the slots to be freed")
+    assert leaving.error == ("request cancelled", "cancelled") and leaving.tokens == 0
+    assert (kept.text, kept.tokens) == reference(model, PROMPTS[3], max_new_tokens=40, do_sample=False)
+
+
+def test_a_model_that_does_not_pack_decodes_alike_in_a_padded_batch(model: TextGeneration) -> None:
+    """The padded running batch (a model whose packed forward would not give its own logits) answers the same."""
+    requests = [(prompt, {"max_new_tokens": n}) for prompt, n in zip(PROMPTS, LENGTHS)]
+    packed = [(r.text, r.tokens) for r in stream_all(model, requests, gap=0.004)]
+    padded = copy.copy(model)
+    padded.packs = False
+    assert isinstance(padded.running_batch(), RunningBatch)
+    assert [(r.text, r.tokens) for r in stream_all(padded, requests, gap=0.004)] == packed
+    assert (
+        model([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6})])["text"].tolist()
+        == padded([PROMPTS[2]], [model.parse_options({"max_new_tokens": 6})])["text"].tolist()
+    )
+
+
 def test_the_running_batch_is_bounded(model: TextGeneration) -> None:
     seen: list[int] = []
 
@@ -402,7 +481,8 @@ def test_a_stream_with_a_stop_string_ends_before_it(model: TextGeneration) -> No
 
 
 class Faulty:
-    """A model whose prefill fails for one prompt, as an out-of-memory error would."""
+    """A model whose prefill fails for one prompt, as an out-of-memory error would: in a padded prefill forward, or
+    in a packed step that carries the prompt's end."""
 
     def __init__(self, model: TextGeneration, poison: list[int]) -> None:
         self.model, self.poison = model, poison
@@ -412,12 +492,21 @@ class Faulty:
             raise RuntimeError("out of memory (injected)")
         return self.model.forward(ids, mask, cache)
 
+    def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        tokens, n = ids.tolist(), len(self.poison)
+        if any(tokens[i : i + n] == self.poison for i in range(len(tokens) - n + 1)):
+            raise RuntimeError("out of memory (injected)")
+        return self.model.packed_forward(ids, plan, keep, cache)
+
+    def running_batch(self, step_tokens: int | None = None) -> PackedBatch | RunningBatch:
+        return PackedBatch(self, step_tokens) if self.model.packs else RunningBatch(self)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
 
 def test_a_failed_prefill_fails_only_its_newcomers(model: TextGeneration) -> None:
-    poisoned = PROMPTS[9]
+    poisoned = "Zebras quietly juggle seven violet umbrellas."  # its own tokens, in one chunk: a step's budget holds it
     faulty = Faulty(model, model.sequence(poisoned, model.defaults).prompt_ids[-3:])
     running, bad, later = Recorder(), Recorder(), Recorder()
     with scheduling(faulty) as scheduler:

@@ -203,10 +203,12 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class Limits:
-    """How big a stream's running batch may grow, and when it admits (TGI's rule: scheduler.Scheduler)."""
+    """How big a stream's running batch may grow, how many tokens a packed step carries (packed.py), and when a
+    padded batch admits (TGI's rule: scheduler.Scheduler)."""
 
     max_running_sequences: int = 32  # rows in the running batch
     max_running_tokens: int = 16384  # rows x longest (prompt + max_new_tokens): the KV cache's size in tokens
+    max_step_tokens: int = 64  # tokens a packed step carries: the decoding rows' first, then prompt chunks
     max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
     waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
     max_waiting_sequences: int = 64  # requests waiting for a slot; more are refused at once (UNAVAILABLE)
@@ -216,6 +218,10 @@ class Limits:
         if min(self.max_running_sequences, self.max_running_tokens, self.max_waiting_sequences) < 1:
             raise ValueError(
                 f"max_running_sequences, max_running_tokens, max_waiting_sequences must be >= 1; got {self}"
+            )
+        if self.max_step_tokens <= self.max_running_sequences:
+            raise ValueError(
+                f"max_step_tokens must be > max_running_sequences, so that every step has room for a prompt; got {self}"
             )
         if min(self.max_waiting_steps, self.waiting_served_ratio) < 0:
             raise ValueError(f"max_waiting_steps and waiting_served_ratio must be >= 0; got {self}")

@@ -53,6 +53,24 @@ class LanguageModel(Protocol):
 
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence: ...
 
+    def running_batch(self, step_tokens: int | None = None) -> Batch:
+        """The packed batch (packed.py) where the model packs, else this module's padded one."""
+        ...
+
+
+class Batch(Protocol):
+    """What the scheduler drives: RunningBatch, or packed.PackedBatch."""
+
+    rows: list[Sequence]
+
+    def admit(self, new: list[Sequence]) -> None: ...
+
+    def step(self) -> None: ...
+
+    def retire(self) -> None: ...
+
+    def reset(self) -> None: ...
+
 
 def pad_left(tensor: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
     missing = width - tensor.shape[dim]
@@ -84,7 +102,7 @@ class RunningBatch:
             [pad + [1] * len(row.prompt_ids) for pad, row in zip(padding, new)], device=self.model.device
         )
         logits, cache = self.model.forward(ids, mask, self.model.new_cache())
-        last = self.record(new, logits)
+        last = record(self.model, new, logits)
         if not self.rows:
             self.rows, self.cache, self.mask, self.last = new, cache, mask, last
             return
@@ -105,22 +123,7 @@ class RunningBatch:
         """One decoding step for every row."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         logits, self.cache = self.model.forward(self.last[:, None], self.mask, self.cache)
-        self.last = self.record(self.rows, logits)
-
-    def record(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-        """Every row's next token and the text it adds; a row that ends gets its whole completion decoded once."""
-        tokens = choose(logits, rows, self.model.eos)
-        for row, token in zip(rows, tokens):
-            row.add(token, self.model.eos)
-            if row.decoder is not None:
-                try:
-                    row.extend(self.model.decode_step(row.decoder, token))
-                except Exception:  # noqa: BLE001 - DecodeStream can refuse odd decoders: this row's text then comes whole at its end
-                    row.decoder = None
-        if ended := [row for row in rows if row.finish in ("eos", "length")]:
-            for row, text in zip(ended, self.model.decode([row.tokens for row in ended])):
-                row.complete(text)
-        return torch.tensor(tokens, device=self.model.device)
+        self.last = record(self.model, self.rows, logits)
 
     def retire(self) -> None:
         """Drop the finished rows, and the cache columns nobody uses any more."""
@@ -140,9 +143,25 @@ class RunningBatch:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
 
+def record(model: LanguageModel, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """Every row's next token and the text it adds; a row that ends gets its whole completion decoded once."""
+    tokens = choose(logits, rows, model.eos)
+    for row, token in zip(rows, tokens):
+        row.add(token, model.eos)
+        if row.decoder is not None:
+            try:
+                row.extend(model.decode_step(row.decoder, token))
+            except Exception:  # noqa: BLE001 - DecodeStream can refuse odd decoders: this row's text then comes whole at its end
+                row.decoder = None
+    if ended := [row for row in rows if row.finish in ("eos", "length")]:
+        for row, text in zip(ended, model.decode([row.tokens for row in ended])):
+            row.complete(text)
+    return torch.tensor(tokens, device=model.device)
+
+
 def generate_all(model: LanguageModel, rows: list[Sequence]) -> None:
     """Static batching: the rows decode together until the last one finishes; finished rows leave at once."""
-    batch = RunningBatch(model)
+    batch = model.running_batch()
     with torch.inference_mode():
         batch.admit(rows)
         batch.retire()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .batching import RequestError, decode_rows
+from .packed import PrefillError
 from .parameters import Limits
 from .running_batch import LanguageModel, RunningBatch
 from .sequence import Sequence, Stream
@@ -58,12 +59,14 @@ class Scheduler:
     and never blocks; a request whose own reservation exceeds
     ``max_running_tokens`` is refused at once.
 
-    When to admit is TGI's rule: at once into an empty batch; otherwise when
-    the waiting requests number ``waiting_served_ratio`` x the running ones,
-    or the oldest has waited ``max_waiting_steps`` decoding steps. Each
-    admission costs a prefill forward and a copy of the cache, so admitting a
-    few at a time beats one at every step (on a 2-core CPU a gpt2 prefill
-    forward costs about a third of a 32-row decoding step, before its tokens).
+    A packed batch (packed.py, the models that pack) admits at every step
+    whatever fits: a join costs nothing, and a prompt goes in by chunks within
+    the step's token budget, inside the same forward as the decoding rows.
+    A padded batch (running_batch.py) admits by TGI's rule: at once into an
+    empty batch; otherwise when the waiting requests number
+    ``waiting_served_ratio`` x the running ones, or the oldest has waited
+    ``max_waiting_steps`` decoding steps, since each of its admissions costs a
+    prefill forward and a copy of the cache.
     """
 
     def __init__(
@@ -73,8 +76,8 @@ class Scheduler:
         observer: Observer | None = None,
         log_error: Callable[[str], None] | None = None,
     ) -> None:
-        self.model, self.batch = model, RunningBatch(model)
         self.limits = limits or Limits()
+        self.model, self.batch = model, model.running_batch(self.limits.max_step_tokens)
         self.steps_waited = 0  # decoding steps run while someone waited
         self.observer = observer or Quiet()
         self.log_error = log_error or logger.error
@@ -128,7 +131,8 @@ class Scheduler:
         new: list[Sequence] = []
         running = len(self.batch.rows)
         if (
-            running
+            isinstance(self.batch, RunningBatch)  # a padded join costs a prefill forward: TGI's rule spaces them
+            and running
             and len(self.waiting) < self.limits.waiting_served_ratio * running
             and self.steps_waited < self.limits.max_waiting_steps
         ):
@@ -182,7 +186,15 @@ class Scheduler:
     def step(self) -> None:
         self.flush()  # the newcomers' first pieces
         if self.batch.rows:
-            self.batch.step()
+            try:
+                self.batch.step()
+            except PrefillError as failed:  # a packed step fails its prompts, then runs again for the others
+                cause = failed.__cause__
+                self.log_error(traceback.format_exc())
+                for row in failed.rows:
+                    self.fail(row, f"generation failed: {type(cause).__name__}: {cause}".splitlines()[0], "internal")
+                self.batch.retire()
+                self.batch.step()
             self.flush()
 
     def guard(self, rows: list[Sequence], work: Callable[[], Any], reset: bool = True) -> bool:

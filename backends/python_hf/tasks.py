@@ -45,6 +45,7 @@ from transformers.utils import cached_file
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .hardware import FLOAT32, Choice, choose
 from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
+from .packed import PackedBatch, Plan, SlotCache, packs
 from .parameters import (
     CONFIG_NAMES,
     OPTIONAL_INPUTS,
@@ -55,7 +56,7 @@ from .parameters import (
     as_bool,
     combine,
 )
-from .running_batch import generate_all
+from .running_batch import RunningBatch, generate_all
 from .scheduler import Observer, Scheduler
 from .sequence import Sequence, Stream
 from .steps import StepContext
@@ -203,6 +204,7 @@ class TextGeneration(HFTask):
         self.start = [token for token in starts if token is not None][:1]
         accepted = inspect.signature(self.model.forward).parameters
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
+        self.packs = self.takes_positions and packs(self)
 
     # --- what running_batch.RunningBatch needs (running_batch.LanguageModel) ---
 
@@ -218,6 +220,25 @@ class TextGeneration(HFTask):
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
+
+    def running_batch(self, step_tokens: int | None = None) -> RunningBatch | PackedBatch:
+        """The packed batch (packed.py: one forward a step, chunked prefill within ``step_tokens``) where this model
+        packs, else the padded one."""
+        return PackedBatch(self, step_tokens) if self.packs else RunningBatch(self)
+
+    def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
+        config = self.model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        shape = (getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None))
+        dtype = next(self.model.parameters()).dtype
+        return [(shape[0], shape[1] or config.hidden_size // heads, dtype)] * config.num_hidden_layers
+
+    def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        inputs: dict[str, Any] = {"input_ids": ids[None], "position_ids": plan.positions[None], "use_cache": True}
+        inputs.update(past_key_values=cache, cache_position=plan.positions)
+        if self.keeps_logits:
+            return self.model(**inputs, logits_to_keep=keep).logits[0].float()
+        return self.model(**inputs).logits[0, keep].float()
 
     def decode(self, tokens: list[list[int]]) -> list[str]:
         """Whole completions. Without the legacy space clean-up, as DecodeStream decodes: the streamed

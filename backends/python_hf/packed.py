@@ -1,0 +1,391 @@
+"""The packed running batch: one forward a step over every row's next token and chunks of new prompts.
+
+No Triton import. vLLM's scheduling on a Hugging Face model, without its kernels:
+
+- **Packed tokens.** A step's new tokens, from every row, go through the model
+  as one sequence ``[1, T]``: the decoding rows' next tokens, then chunks of
+  prompts being prefilled. Linear layers do not care where a token comes from,
+  so the weights are read once a step whatever the mix (on a CPU a forward is
+  bound by reading them: a separate prefill forward of 8 tokens cost as much
+  as a decoding step of 8 rows). Each token carries its own position.
+- **Slots.** Each row owns a slot of a KV cache reserved ahead,
+  ``[slots, heads, columns, head_dim]`` a layer; a token's keys and values are
+  written in place at (its row's slot, its position). Nothing is concatenated
+  at a step (``DynamicCache`` copies the whole cache at every step: 11-27% of a
+  gpt2 step on 2 cores), nothing is copied at a join, and a retired row's slot
+  is refilled by the last one.
+- **Attention** is the model's own attention module with its scaled
+  dot-product replaced (transformers' ``AttentionInterface``): the decoding
+  rows attend over their slots in one batched call, each prompt chunk over its
+  own slot, causally. Without a plan (any other forward) it is transformers'
+  SDPA, unchanged.
+- **Chunked prefill.** A step carries at most ``step_tokens`` tokens: the
+  decoding rows' first, then prompt tokens in arrival order; a prompt longer
+  than what is left is cut into chunks over the next steps, and its row starts
+  decoding once its prompt is in. Decoding never waits for a prompt, and no
+  prompt makes a step longer than the budget.
+
+A model qualifies if a packed forward gives its own logits (``packs``,
+checked once at load); one that does not keeps the padded running batch
+(running_batch.py).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .running_batch import LanguageModel, record
+from .sequence import Sequence
+
+ATTENTION = "tritonhf_packed"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a packed step's tokens go: the decoding rows' tokens (one a slot, slots 0..``slots``-1 in use), then
+    the prompt chunks, each (slot, start, length)."""
+
+    slots: int  # slots in use
+    decoding: torch.Tensor  # [d] the slots of the decoding rows, in token order
+    lengths: torch.Tensor  # [slots] each slot's cached tokens after this step (0: none decoding there)
+    chunks: tuple[tuple[int, int, int], ...]
+    token_slots: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+
+
+PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("tritonhf_packed_plan", default=None)
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention of a packed step (query ``[1, heads, T, dim]``; key and value: the layer's slots); any other
+    forward: transformers' SDPA."""
+    plan = PLAN.get()
+    if plan is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    q = query[0].transpose(0, 1)  # [T, heads, dim]
+    out = []
+    if decoding := len(plan.decoding):
+        # every slot in use gets a query row (a prefilling slot a dummy one, masked to its first column), so the
+        # keys are a view of the cache, not a gather of the decoding slots
+        width = int(plan.lengths.max())
+        queries = q.new_zeros(plan.slots, q.shape[1], 1, q.shape[2])
+        queries[plan.decoding, :, 0] = q[:decoding]
+        columns = torch.arange(width, device=q.device)
+        mask = columns[None, :] < plan.lengths.clamp(min=1)[:, None]
+        attended = scaled_dot_product_attention(
+            queries, key[: plan.slots, :, :width], value[: plan.slots, :, :width], mask[:, None, None], scale=scaling
+        )
+        out.append(attended[plan.decoding, :, 0])
+    start_token = decoding
+    for slot, start, length in plan.chunks:
+        end = start + length
+        causal = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
+        chunk = q[start_token : start_token + length].transpose(0, 1)[None]  # [1, heads, length, dim]
+        attended = scaled_dot_product_attention(
+            chunk, key[slot : slot + 1, :, :end], value[slot : slot + 1, :, :end], causal[None, None], scale=scaling
+        )
+        out.append(attended[0].transpose(0, 1))
+        start_token += length
+    return torch.cat(out)[None], None
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the mask an unplanned forward needs; a planned one ignores it
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values, ``[slots, heads, columns, head_dim]``; a packed step writes its tokens in place."""
+
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+    def lazy_initialization(self, key_states: torch.Tensor) -> None:  # reserved ahead: nothing to do
+        pass
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = PLAN.get()
+        assert plan is not None, "a slot cache is written by packed steps only"
+        self.keys.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = key_states[0].transpose(0, 1)
+        self.values.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = value_states[0].transpose(0, 1)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0  # positions are given with every token
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return self.keys.shape[2]
+
+
+class SlotCache(Cache):
+    """The reserved KV cache: a SlotLayer per model layer, grown (copied once) when rows or columns run out."""
+
+    def __init__(self, layers: list[SlotLayer]) -> None:
+        super().__init__(layers=layers)
+
+    @classmethod
+    def reserve(
+        cls, shapes: list[tuple[int, int, torch.dtype]], slots: int, columns: int, device: torch.device
+    ) -> SlotCache:
+        """``shapes``: each layer's (heads, head_dim, dtype)."""
+        return cls(
+            [
+                SlotLayer(*(torch.zeros(slots, heads, columns, dim, dtype=dtype, device=device) for _ in range(2)))
+                for heads, dim, dtype in shapes
+            ]
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(slots, columns)."""
+        keys = self.layers[0].keys
+        return keys.shape[0], keys.shape[2]
+
+    def grown(self, slots: int, columns: int) -> SlotCache:
+        """A bigger cache holding this one."""
+        old_slots, old_columns = self.size
+        shapes = [(layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype) for layer in self.layers]
+        bigger = SlotCache.reserve(shapes, max(slots, old_slots), max(columns, old_columns), self.layers[0].keys.device)
+        for new, old in zip(bigger.layers, self.layers, strict=True):
+            new.keys[:old_slots, :, :old_columns] = old.keys
+            new.values[:old_slots, :, :old_columns] = old.values
+        return bigger
+
+    def move(self, source: int, target: int, columns: int) -> None:
+        for layer in self.layers:
+            layer.keys[target, :, :columns] = layer.keys[source, :, :columns]
+            layer.values[target, :, :columns] = layer.values[source, :, :columns]
+
+
+class PrefillError(Exception):
+    """A packed step that carried prompt chunks failed: their ``rows`` fail, and the step runs again without them
+    (nothing is counted as written until a step succeeds; the retry writes the same columns again)."""
+
+    def __init__(self, rows: list[Sequence]) -> None:
+        super().__init__(f"{len(rows)} prompt(s) being prefilled")
+        self.rows = rows
+
+
+class PackingModel(LanguageModel, Protocol):
+    """What a packed batch needs of a model besides decoding (tasks.TextGeneration)."""
+
+    max_tokens: int
+
+    def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
+        """Each layer's (key-value heads, head_dim, dtype)."""
+        ...
+
+    def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        """The logits [len(keep), vocab] (float32) of the packed tokens at ``keep``."""
+        ...
+
+
+@dataclass(eq=False)
+class Slot:
+    """A row's place in the cache and how much of it is filled."""
+
+    index: int
+    cached: int = 0  # tokens written: prompt tokens prefilled, then one a decoding step
+
+
+@dataclass
+class PackedBatch:
+    """The rows decoding together, packed (see the module): the same calls as running_batch.RunningBatch."""
+
+    model: PackingModel
+    step_tokens: int | None = None  # None: no budget (static batching prefills every prompt at once)
+    rows: list[Sequence] = field(default_factory=list)
+    slots: dict[int, Slot] = field(default_factory=dict)  # by id(row)
+    cache: SlotCache | None = None
+
+    def reset(self) -> None:
+        self.rows, self.slots, self.cache = [], {}, None
+
+    def admit(self, new: list[Sequence]) -> None:
+        """Give the newcomers slots; their prompts go in with the next steps."""
+        for row in new:
+            self.slots[id(row)] = Slot(len(self.rows))
+            self.rows.append(row)
+        self.reserve()
+
+    def reserve(self) -> None:
+        """Slots for every row, columns for the longest reservation (prompt + max_new_tokens); grown by doubling,
+        within the model's length, so that a growing batch copies its cache a few times, not at every join."""
+        slots, columns = len(self.rows), max(row.reserved for row in self.rows)
+        if self.cache is None:
+            self.cache = SlotCache.reserve(self.model.cache_shapes(), slots, columns, self.model.device)
+            return
+        have_slots, have_columns = self.cache.size
+        if slots > have_slots or columns > have_columns:
+            slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
+            columns = max(columns, min(2 * have_columns, self.model.max_tokens)) if columns > have_columns else 0
+            self.cache = self.cache.grown(slots, columns)
+
+    def prefilling(self, row: Sequence) -> bool:
+        return self.slots[id(row)].cached < len(row.prompt_ids)
+
+    def step(self) -> None:
+        """One forward: every decoding row's next token, and prompt chunks within the step's token budget."""
+        decoding = [row for row in self.rows if not self.prefilling(row)]
+        budget = math.inf if self.step_tokens is None else self.step_tokens - len(decoding)
+        chunks: list[tuple[Sequence, int, int]] = []
+        for row in sorted((row for row in self.rows if self.prefilling(row)), key=lambda row: row.arrived):
+            if budget <= 0:
+                break
+            start = self.slots[id(row)].cached
+            length = int(min(len(row.prompt_ids) - start, budget))
+            chunks.append((row, start, length))
+            budget -= length
+        if not decoding and not chunks:
+            return
+        ids = [row.tokens[-1] for row in decoding] + [t for row, s, n in chunks for t in row.prompt_ids[s : s + n]]
+        positions = [self.slots[id(row)].cached for row in decoding]
+        positions += [position for _, start, length in chunks for position in range(start, start + length)]
+        token_slots = [self.slots[id(row)].index for row in decoding]
+        token_slots += [self.slots[id(row)].index for row, _, n in chunks for _ in range(n)]
+        lengths = [0] * len(self.rows)
+        for row in decoding:
+            lengths[self.slots[id(row)].index] = self.slots[id(row)].cached + 1
+        device = self.model.device
+        plan = Plan(
+            slots=len(self.rows),
+            decoding=torch.tensor(token_slots[: len(decoding)], dtype=torch.long, device=device),
+            lengths=torch.tensor(lengths, device=device),
+            chunks=tuple((self.slots[id(row)].index, start, length) for row, start, length in chunks),
+            token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+        )
+        # logits only where a token is chosen: every decoding row, and the last token of a prompt now complete
+        finishing, offset = [], len(decoding)
+        for row, start, length in chunks:
+            offset += length
+            if start + length == len(row.prompt_ids):
+                finishing.append((row, offset - 1))
+        keep = torch.tensor([*range(len(decoding)), *(i for _, i in finishing)], dtype=torch.long, device=device)
+        token = PLAN.set(plan)
+        try:
+            logits = self.model.packed_forward(torch.tensor(ids, device=device), plan, keep, self.cache)
+        except Exception as err:
+            if chunks:  # the rows before were decoding fine: the prompts are the suspects
+                raise PrefillError([row for row, _, _ in chunks]) from err
+            raise
+        finally:
+            PLAN.reset(token)
+        for row in decoding:
+            self.slots[id(row)].cached += 1
+        for row, _, length in chunks:
+            self.slots[id(row)].cached += length
+        record(self.model, decoding + [row for row, _ in finishing], logits)
+
+    def retire(self) -> None:
+        """Drop the finished rows; the last rows move into the freed slots (one row's columns each)."""
+        if all(not row.finish for row in self.rows):
+            return
+        keep = [row for row in self.rows if not row.finish]
+        if not keep:
+            self.reset()
+            return
+        for row in self.rows:
+            if row.finish:
+                del self.slots[id(row)]
+        holes = iter(sorted(set(range(len(keep))) - {self.slots[id(row)].index for row in keep}))
+        for row in keep:
+            slot = self.slots[id(row)]
+            if slot.index >= len(keep):
+                target = next(holes)
+                self.cache.move(slot.index, target, slot.cached)
+                slot.index = target
+        self.rows = sorted(keep, key=lambda row: self.slots[id(row)].index)
+
+
+def packs(model: PackingModel) -> bool:
+    """Whether packed steps give this model's own logits: two prompts prefilled in one packed forward, then a
+    decoding step for both, against each sequence's plain forward. If so, the model's attention becomes the
+    packed one (SDPA for any other forward); if not, or if it does not use SDPA, it stays as it was."""
+    module = model.model
+    if module.config._attn_implementation != "sdpa":
+        return False
+    prompts, new = [[5, 6, 7, 8, 9], [11, 12, 13]], 3
+    with torch.inference_mode():
+        want = [
+            module(input_ids=torch.tensor([[*p, new]], device=model.device)).logits[0, -2:].float() for p in prompts
+        ]
+        use_attention(module, ATTENTION)
+        try:
+            got = packed_check(model, prompts, new)
+        except Exception:  # noqa: BLE001 - whatever the model's code does with a foreign cache: it does not pack
+            got = None
+    tolerance = 1e-3 if next(module.parameters()).dtype == torch.float32 else 5e-2
+    if got is None or not all(
+        torch.allclose(g, w, atol=tolerance * float(w.abs().max()), rtol=0) for g, w in zip(got, want, strict=True)
+    ):
+        use_attention(module, "sdpa")
+        return False
+    return True
+
+
+def packed_check(model: PackingModel, prompts: list[list[int]], new: int) -> list[torch.Tensor]:
+    """Each prompt's last two logits (its end, then ``new`` after it) from two packed steps in slots 0 and 1."""
+    device = model.device
+    cache = SlotCache.reserve(model.cache_shapes(), len(prompts), max(map(len, prompts)) + 1, device)
+    lengths = [len(p) for p in prompts]
+
+    def step(ids: list[int], slots: list[int], positions: list[int], decoding: bool) -> torch.Tensor:
+        plan = Plan(
+            slots=len(prompts),
+            decoding=torch.tensor(slots if decoding else [], dtype=torch.long, device=device),
+            lengths=torch.tensor([n + 1 for n in lengths] if decoding else [0] * len(prompts), device=device),
+            chunks=() if decoding else tuple((i, 0, n) for i, n in enumerate(lengths)),
+            token_slots=torch.tensor(slots, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+        )
+        keep = torch.tensor(range(len(prompts)) if decoding else list(itertools.accumulate(lengths, initial=-1))[1:])
+        token = PLAN.set(plan)
+        try:
+            return model.packed_forward(torch.tensor(ids, device=device), plan, keep.to(device), cache)
+        finally:
+            PLAN.reset(token)
+
+    ends = step(
+        [t for p in prompts for t in p],
+        [i for i, n in enumerate(lengths) for _ in range(n)],
+        [position for n in lengths for position in range(n)],
+        decoding=False,
+    )
+    after = step([new] * len(prompts), list(range(len(prompts))), lengths, decoding=True)
+    return [torch.stack([ends[i], after[i]]) for i in range(len(prompts))]
+
+
+def use_attention(module: torch.nn.Module, name: str) -> None:
+    """The model's attention function, by its registered name. Not ``set_attn_implementation``: it reads the
+    model's source file in the locale's encoding, which is ASCII in Triton's Python stub (a UnicodeDecodeError)."""
+    module.config._attn_implementation = name
