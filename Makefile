@@ -54,5 +54,9 @@ $(AIPERF):
 bench-openai: setup $(AIPERF)
 	$(BIN)/python -m tritonhf.perf.openai_bench --aiperf $(AIPERF) $(BENCH_ARGS)
 
+# Generation at the machine's limit: static, padded stream, packed stream under the mixed workload (perf/streaming.py)
+bench-streaming: setup
+	$(BIN)/python -m tritonhf.perf.streaming $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .venv-aiperf model_repository .cache

@@ -65,6 +65,7 @@ class PerfOptions:
     streaming: bool = False  # gRPC streaming: required by decoupled (streaming) models
     profile_path: Path | None = None  # --profile-export-file: every request's send and response times and outputs
     control_key: str = ""  # TritonServer.control_key: perf_analyzer reads the model config, a restricted API
+    request_rate: float = 0.0  # > 0: open loop, requests sent at this rate (Poisson arrivals) instead of concurrency
 
     def argv(self) -> list[str]:
         windows = (
@@ -78,7 +79,7 @@ class PerfOptions:
             "-u", self.url,
             "-i", "grpc",
             "--input-data", str(self.input_data),
-            "--concurrency-range", f"{self.concurrency}:{self.concurrency}",
+            *self.load(),
             *windows,
             "--stability-percentage", str(self.stability_percent),
             "--max-trials", str(self.max_trials),
@@ -88,6 +89,12 @@ class PerfOptions:
             # -H is sent as gRPC metadata too, whatever --help says (seen with 2.51)
             *(["-H", f"{GRPC_CONTROL_HEADER}:{self.control_key}"] if self.control_key else []),
         ]  # fmt: skip
+
+    def load(self) -> list[str]:
+        if self.request_rate:
+            rate = f"{self.request_rate:g}"
+            return ["--request-rate-range", f"{rate}:{rate}", "--request-distribution", "poisson"]
+        return ["--concurrency-range", f"{self.concurrency}:{self.concurrency}"]
 
 
 # A stability band no three windows can miss (perf_analyzer accepts any percentage): for runs whose

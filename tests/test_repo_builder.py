@@ -13,6 +13,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from tritonhf import TritonHFError, cli, model_config
+from tritonhf.backends.python_hf.hardware import default_instances
 from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.demo import disk_use
 from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
@@ -143,7 +144,11 @@ def test_stream_configs(repository: Path) -> None:
     assert stream["input"] == static["input"] and stream["output"] == static["output"]
     assert stream["parameters"]["max_running_sequences"] == {"string_value": "32"}
     assert stream["parameters"]["max_running_tokens"] == {"string_value": "16384"}
+    assert stream["parameters"]["max_step_tokens"] == {"string_value": "64"}
     assert "max_running_tokens" not in static["parameters"]
+    # one running batch over every CPU on a CPU host; the other models one instance per core (hardware.py)
+    assert stream["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
+    assert static["instance_group"][0]["count"] == default_instances("cpu")
 
 
 def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -155,7 +155,8 @@ def triton_config(
         max_batch_size=options.max_batch_size if generic.batched else 0,
         queue_delay_us=options.max_queue_delay_us if generic.batched else None,
         queue=options.queue,
-        instances=1 if generic.tutorial_io else options.instances,  # the tutorial's model: one instance
+        # the tutorial's model: one instance; a stream on CPUs: one running batch over all of them (README, Perf)
+        instances=1 if generic.tutorial_io or (generic.decoupled and options.device == "cpu") else options.instances,
         device=options.device,
         decoupled=generic.decoupled,
     )
@@ -439,6 +440,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " i.e. KV-cache size in tokens per instance (default: %(default)s)",
     )
     add(
+        "--gen-max-step-tokens",
+        type=int,
+        default=limits.max_step_tokens,
+        help="streaming models: tokens one packed step carries, the decoding rows' first, then chunks of prompts"
+        " (must pass --gen-max-running) (default: %(default)s)",
+    )
+    add(
         "--gen-max-waiting-steps",
         type=int,
         default=limits.max_waiting_steps,
@@ -477,6 +485,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         max_running_tokens=args.gen_max_running_tokens,
         max_waiting_steps=args.gen_max_waiting_steps,
         max_waiting_sequences=args.gen_max_waiting,
+        max_step_tokens=args.gen_max_step_tokens,
     )
     try:
         limits.check()

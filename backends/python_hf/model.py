@@ -138,7 +138,7 @@ class TritonPythonModel:
             )
         pb_utils.Logger.log_info(
             f"{args['model_name']}: step {self.context.parameters.get('step', 'hf')} on {device}"
-            + (", streaming" if self.scheduler else "")
+            + (f", streaming ({self.scheduler.describe()})" if self.scheduler else "")
         )
 
     def read_text(self, request: "pb_utils.InferenceRequest") -> tuple[np.ndarray | None, tuple[dict, dict]]:

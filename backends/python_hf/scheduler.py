@@ -87,6 +87,12 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="tritonhf-decode", daemon=True)
         self.thread.start()
 
+    def describe(self) -> str:
+        """The batch it runs, for the log."""
+        if isinstance(self.batch, RunningBatch):
+            return "a padded running batch"
+        return f"packed steps of up to {self.limits.max_step_tokens} tokens, prompts chunked"
+
     def start(self, prompt: np.ndarray | None, raw: Any, stream: Stream) -> None:
         """Check one streaming request and queue it; a bad one gets its error on its own stream."""
         try:

@@ -174,6 +174,7 @@ class TextGeneration(HFTask):
     options = (
         *(CONFIG_NAMES.get(name, name) for name in PARAMETERS if name not in PER_REQUEST_ONLY),
         *Limits().as_config(),
+        "packed",  # auto (packed steps where the model's own logits come out of them) or false (the padded batch)
     )
 
     def __init__(
@@ -204,7 +205,9 @@ class TextGeneration(HFTask):
         self.start = [token for token in starts if token is not None][:1]
         accepted = inspect.signature(self.model.forward).parameters
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
-        self.packs = self.takes_positions and packs(self)
+        if config.get("packed", "auto") not in ("auto", "false"):
+            raise ConfigError(f"packed must be auto or false, got {config['packed']!r}")
+        self.packs = config.get("packed", "auto") == "auto" and self.takes_positions and packs(self)
 
     # --- what running_batch.RunningBatch needs (running_batch.LanguageModel) ---
 

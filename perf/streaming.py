@@ -1,0 +1,234 @@
+"""``make bench-streaming``: generation at the machine's limit (issue #22), static against stream, in one run.
+
+    python -m tritonhf.perf.streaming
+
+One server with gpt2 (the full-size stand-in) three ways: the static model
+(``gpt2``, a dynamic batch decoded together), its stream in a padded running
+batch (``gpt2_stream_padded``: the stream model with ``packed: false``, the
+batch before packed steps) and its stream in packed steps with chunked
+prefill (``gpt2_stream``). The mixed workload of perf/generation.py (each
+request its own 8..64 new tokens) drives each of them: open loop, Poisson
+arrivals at several rates, and closed loop at concurrency 32. Figures from
+perf_analyzer's profile export: output tokens/s, time to first token and
+inter-token latency p50 / p99. Then, with the server gone, the same workload
+through the model's own scheduler in this process, at the same threads and
+batch bound: what the server's decoding is measured against.
+
+Goals (issue #22): packed >= 1.5x static tokens/s at concurrency 32;
+inter-token p99 <= 1.5x p50 under open-loop arrivals; in-server >= 80% of
+in-process tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tritonhf import model_config
+from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
+from tritonhf.backends.python_hf.heads import Piece
+from tritonhf.backends.python_hf.tasks import load_task
+from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, measure, prompts
+from tritonhf.perf.generation import MIXED_TOKENS, mixed_data, profile_stats
+from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import seal
+from tritonhf.server import TritonServer, find_installation
+from tritonhf.standins import write_standins
+
+GENERATOR = "gpt2"
+MODELS = {"static": "gpt2", "stream, padded": "gpt2_stream_padded", "stream, packed": "gpt2_stream"}
+RATES = (1.0, 2.0, 4.0)  # requests/s, Poisson arrivals; about 36 new tokens a request
+CONCURRENCY = 32
+REQUESTS = 24  # a measurement window, in answers; three windows at least
+KEPT, FASTER, STEADY = 0.80, 1.5, 1.5
+
+
+def repository(workdir: Path) -> Path:
+    """gpt2, its stream, and the stream again with packed steps off; built once into the workdir."""
+    path = workdir / "repo"
+    if not (path / ".tritonhf.json").exists():
+        standins = write_standins(workdir / "standins", "full")
+        entries = plan([str(standins[GENERATOR])], [], [], MIXED_TOKENS[1])
+        build(entries, BuildOptions(output=path, variants=("python", "stream"), gate_for="this-host"))
+        padded = path / MODELS["stream, padded"]
+        shutil.copytree(path / MODELS["stream, packed"], padded, symlinks=True)
+        config = model_config.read(padded / "config.pbtxt")
+        config["name"] = padded.name
+        config["parameters"]["packed"] = {"string_value": "false"}
+        model_config.write(config, padded)
+        seal(path)
+    return path
+
+
+@dataclass
+class Cell:
+    model: str
+    load: str  # "c32" or "1 req/s"
+    offered: float  # requests/s (open loop), or 0 for closed loop
+    figures: dict[str, float | None]
+
+
+def served(server: TritonServer, workdir: Path, data: Path) -> list[Cell]:
+    cells = []
+    loads = [(f"{rate:g} req/s", rate) for rate in RATES] + [(f"c{CONCURRENCY}", 0.0)]
+    runs = [(name, label, rate) for label, rate in loads for name in MODELS]
+    for name, label, rate in tqdm(runs, desc="perf_analyzer", unit="cell"):
+        model = MODELS[name]
+        stem = f"{model}.{label.replace(' ', '').replace('/', '-')}"
+        options = PerfOptions(
+            model, server.grpc_url, data, CONCURRENCY, workdir / f"{stem}.csv", request_count=REQUESTS,
+            streaming=model != MODELS["static"], profile_path=workdir / f"{stem}.profile.json",
+            control_key=server.control_key, request_rate=rate,
+        )  # fmt: skip
+        measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)
+        cells.append(Cell(name, label, rate, profile_stats(options.profile_path)))
+    return cells
+
+
+class Counter:
+    """An in-process stream: counts what it is sent."""
+
+    def __init__(self) -> None:
+        self.tokens, self.done = 0, threading.Event()
+
+    def send(self, piece: Piece) -> None:
+        self.tokens += piece.new_tokens
+        if piece.final:
+            self.done.set()
+
+    def fail(self, message: str, kind: str) -> None:
+        raise RuntimeError(message)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def in_process(repo: Path, requests: int = 3 * REQUESTS) -> float:
+    """The mixed workload through the stream model's own scheduler in this process, ``CONCURRENCY`` at a time,
+    with the threads and limits of its config: output tokens/s."""
+    config = model_config.read(repo / MODELS["stream, packed"] / "config.pbtxt")
+    parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
+    torch.set_num_threads(cpu_count() // config["instance_group"][0]["count"])
+    source = repo / MODELS["stream, packed"] / "1" / parameters.pop("huggingface_model")
+    for key in ("task", "step", "cpu_threads"):  # dtype and verified_dtypes: the precision the server runs
+        parameters.pop(key, None)
+    model = load_task(str(source), "text-generation", **parameters)
+    rng, texts = random.Random(0), prompts()
+    scheduler = model.scheduler()
+    started, counters, sent = time.monotonic(), [], 0
+    try:
+        while sent < requests or not all(c.done.is_set() for c in counters):
+            running = sum(not c.done.is_set() for c in counters)
+            if sent < requests and running < CONCURRENCY:
+                n = rng.randint(*MIXED_TOKENS)
+                options = model.parse_options({"max_new_tokens": n, "min_new_tokens": n})
+                counters.append(Counter())
+                scheduler.submit(model.sequence(texts[sent % len(texts)], options, counters[-1]))
+                sent += 1
+            else:
+                time.sleep(0.002)
+    finally:
+        scheduler.close()
+    return sum(c.tokens for c in counters) / (time.monotonic() - started)
+
+
+def report(cells: list[Cell], alone: float, seconds: float) -> str:
+    lines = [
+        f"# Generation at the machine's limit: static, stream padded, stream packed, one run ({date.today()})",
+        "",
+        (
+            f"CPU: {cpu_model()}, {cpu_count()} cores. gpt2 full-size stand-in, the mixed workload (each request"
+            f" {MIXED_TOKENS[0]}..{MIXED_TOKENS[1]} new tokens); `python -m tritonhf.perf.streaming` took"
+            f" {seconds:.0f} s."
+        ),
+        "",
+        "| load | model | tokens/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | ITL p99 / p50 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in cells:
+        f = cell.figures
+        itl = f"{f['itl_p50_ms']:.1f} / {f['itl_p99_ms']:.1f}" if f["itl_p50_ms"] else "-"
+        spread = f"{f['itl_p99_ms'] / f['itl_p50_ms']:.2f}" if f["itl_p50_ms"] else "-"
+        lines.append(
+            f"| {cell.load} | {cell.model} | {f['output_tokens_per_s']:.1f} |"
+            f" {f['ttft_p50_ms']:.0f} / {f['ttft_p99_ms']:.0f} | {itl} | {spread} |"
+        )
+    closed = {cell.model: cell.figures for cell in cells if not cell.offered}
+    packed, static = closed["stream, packed"]["output_tokens_per_s"], closed["static"]["output_tokens_per_s"]
+    lines += [
+        "",
+        "Goals:",
+        (
+            f"- packed / static tokens/s at c{CONCURRENCY}: {packed / static:.2f}x"
+            f" ({verdict(packed / static >= FASTER)}, >= {FASTER})"
+        ),
+    ]
+    for cell in cells:
+        if cell.offered and cell.model == "stream, packed":
+            spread = cell.figures["itl_p99_ms"] / cell.figures["itl_p50_ms"]
+            lines.append(f"- ITL p99 / p50 at {cell.load}: {spread:.2f} ({verdict(spread <= STEADY)}, <= {STEADY})")
+    lines.append(
+        f"- in-server / in-process tokens/s at c{CONCURRENCY}: {packed:.1f} / {alone:.1f} = {packed / alone:.0%}"
+        f" ({verdict(packed / alone >= KEPT)}, >= {KEPT:.0%})"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    """TTFT and ITL (p50 solid, p99 dashed) against offered load, one line per model."""
+    from tritonhf.perf.report import pyplot
+
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, color in zip(MODELS, ("tab:orange", "tab:blue", "tab:green"), strict=True):
+        mine = [cell for cell in cells if cell.model == name and cell.offered]
+        rates = [cell.offered for cell in mine]
+        for axis, metric in zip(axes, ("ttft", "itl"), strict=True):
+            for q, style in (("p50", "-"), ("p99", "--")):
+                values = [cell.figures[f"{metric}_{q}_ms"] for cell in mine]
+                if all(v is not None for v in values):
+                    axis.plot(rates, values, style, color=color, marker="o", label=f"{name} {q}")
+    for axis, what in zip(axes, ("time to first token", "inter-token latency"), strict=True):
+        axis.set(title=what, xlabel="offered load (requests/s, Poisson)", ylabel="ms", yscale="log")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m tritonhf.perf.streaming")
+    parser.add_argument("--workdir", type=Path, default=Path(".cache/streaming-bench"))
+    parser.add_argument("--output", type=Path, default=Path(f"perf/reports/{date.today()}-cpu-streaming.md"))
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    repo = repository(args.workdir)
+    results = args.workdir / "results"
+    results.mkdir(exist_ok=True)
+    data = mixed_data(results / "mixed.json", prompts())
+    with TritonServer(repo) as server:
+        cells = served(server, results, data)
+    alone = in_process(repo)
+    text = report(cells, alone, time.monotonic() - started)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+    plot(cells, args.output.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
