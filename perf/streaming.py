@@ -43,6 +43,7 @@ from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import seal
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
+from tritonhf.variants import PYTHON, STREAM
 
 GENERATOR = "gpt2"
 MODELS = {"static": "gpt2", "stream, padded": "gpt2_stream_padded", "stream, packed": "gpt2_stream"}
@@ -58,7 +59,7 @@ def repository(workdir: Path) -> Path:
     if not (path / ".tritonhf.json").exists():
         standins = write_standins(workdir / "standins", "full")
         entries = plan([str(standins[GENERATOR])], [], [], MIXED_TOKENS[1])
-        build(entries, BuildOptions(output=path, variants=("python", "stream"), gate_for="this-host"))
+        build(entries, BuildOptions(output=path, variants=(PYTHON.name, STREAM.name), gate_for="this-host"))
         padded = path / MODELS["stream, padded"]
         shutil.copytree(path / MODELS["stream, packed"], padded, symlinks=True)
         config = model_config.read(padded / "config.pbtxt")
