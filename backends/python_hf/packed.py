@@ -33,7 +33,6 @@ checked once at load); one that does not keeps the padded running batch
 from __future__ import annotations
 
 import contextvars
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,6 +64,52 @@ class Plan:
 
 
 PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("tritonhf_packed_plan", default=None)
+
+
+def plan_step(
+    slots: int,
+    decoding: list[tuple[int, int, int]],
+    chunks: list[tuple[int, int, list[int], bool]],
+    device: torch.device,
+) -> tuple[torch.Tensor, Plan, torch.Tensor]:
+    """One packed step's token ids, plan, and the indices of the tokens whose logits are wanted.
+
+    ``decoding``: (slot, position, token) a decoding row; ``chunks``: (slot, start, prompt tokens, whether they end
+    the prompt). Logits are kept for every decoding row and for the last token of a prompt now complete.
+    """
+    ids = [token for _, _, token in decoding] + [token for _, _, tokens, _ in chunks for token in tokens]
+    positions = [position for _, position, _ in decoding]
+    positions += [start + i for _, start, tokens, _ in chunks for i in range(len(tokens))]
+    token_slots = [slot for slot, _, _ in decoding] + [slot for slot, _, tokens, _ in chunks for _ in tokens]
+    lengths = [0] * slots
+    for slot, position, _ in decoding:
+        lengths[slot] = position + 1
+    keep, offset = list(range(len(decoding))), len(decoding)
+    for _, _, tokens, ends in chunks:
+        offset += len(tokens)
+        if ends:
+            keep.append(offset - 1)
+    plan = Plan(
+        slots=slots,
+        decoding=torch.tensor(token_slots[: len(decoding)], dtype=torch.long, device=device),
+        lengths=torch.tensor(lengths, device=device),
+        chunks=tuple((slot, start, len(tokens)) for slot, start, tokens, _ in chunks),
+        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+    )
+    long = {"dtype": torch.long, "device": device}
+    return torch.tensor(ids, **long), plan, torch.tensor(keep, **long)
+
+
+def planned_forward(
+    model: PackingModel, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache
+) -> torch.Tensor:
+    """The model's packed forward with ``plan`` in force for its attention and its cache."""
+    token = PLAN.set(plan)
+    try:
+        return model.packed_forward(ids, plan, keep, cache)
+    finally:
+        PLAN.reset(token)
 
 
 def packed_attention(
@@ -224,7 +269,7 @@ class PackedBatch:
     model: PackingModel
     step_tokens: int | None = None  # None: no budget (static batching prefills every prompt at once)
     rows: list[Sequence] = field(default_factory=list)
-    slots: dict[int, Slot] = field(default_factory=dict)  # by id(row)
+    slots: dict[Sequence, Slot] = field(default_factory=dict)
     cache: SlotCache | None = None
 
     def reset(self) -> None:
@@ -233,7 +278,7 @@ class PackedBatch:
     def admit(self, new: list[Sequence]) -> None:
         """Give the newcomers slots; their prompts go in with the next steps."""
         for row in new:
-            self.slots[id(row)] = Slot(len(self.rows))
+            self.slots[row] = Slot(len(self.rows))
             self.rows.append(row)
         self.reserve()
 
@@ -247,11 +292,13 @@ class PackedBatch:
         have_slots, have_columns = self.cache.size
         if slots > have_slots or columns > have_columns:
             slots = max(slots, 2 * have_slots) if slots > have_slots else have_slots
-            columns = max(columns, min(2 * have_columns, self.model.max_tokens)) if columns > have_columns else 0
+            columns = (
+                max(columns, min(2 * have_columns, self.model.max_tokens)) if columns > have_columns else have_columns
+            )
             self.cache = self.cache.grown(slots, columns)
 
     def prefilling(self, row: Sequence) -> bool:
-        return self.slots[id(row)].cached < len(row.prompt_ids)
+        return self.slots[row].cached < len(row.prompt_ids)
 
     def step(self) -> None:
         """One forward: every decoding row's next token, and prompt chunks within the step's token budget."""
@@ -261,50 +308,30 @@ class PackedBatch:
         for row in sorted((row for row in self.rows if self.prefilling(row)), key=lambda row: row.arrived):
             if budget <= 0:
                 break
-            start = self.slots[id(row)].cached
+            start = self.slots[row].cached
             length = int(min(len(row.prompt_ids) - start, budget))
             chunks.append((row, start, length))
             budget -= length
         if not decoding and not chunks:
             return
-        ids = [row.tokens[-1] for row in decoding] + [t for row, s, n in chunks for t in row.prompt_ids[s : s + n]]
-        positions = [self.slots[id(row)].cached for row in decoding]
-        positions += [position for _, start, length in chunks for position in range(start, start + length)]
-        token_slots = [self.slots[id(row)].index for row in decoding]
-        token_slots += [self.slots[id(row)].index for row, _, n in chunks for _ in range(n)]
-        lengths = [0] * len(self.rows)
-        for row in decoding:
-            lengths[self.slots[id(row)].index] = self.slots[id(row)].cached + 1
-        device = self.model.device
-        plan = Plan(
-            slots=len(self.rows),
-            decoding=torch.tensor(token_slots[: len(decoding)], dtype=torch.long, device=device),
-            lengths=torch.tensor(lengths, device=device),
-            chunks=tuple((self.slots[id(row)].index, start, length) for row, start, length in chunks),
-            token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
+        finishing = [row for row, start, length in chunks if start + length == len(row.prompt_ids)]
+        ids, plan, keep = plan_step(
+            len(self.rows),
+            [(self.slots[row].index, self.slots[row].cached, row.tokens[-1]) for row in decoding],
+            [(self.slots[row].index, s, row.prompt_ids[s : s + n], row in finishing) for row, s, n in chunks],
+            self.model.device,
         )
-        # logits only where a token is chosen: every decoding row, and the last token of a prompt now complete
-        finishing, offset = [], len(decoding)
-        for row, start, length in chunks:
-            offset += length
-            if start + length == len(row.prompt_ids):
-                finishing.append((row, offset - 1))
-        keep = torch.tensor([*range(len(decoding)), *(i for _, i in finishing)], dtype=torch.long, device=device)
-        token = PLAN.set(plan)
         try:
-            logits = self.model.packed_forward(torch.tensor(ids, device=device), plan, keep, self.cache)
+            logits = planned_forward(self.model, ids, plan, keep, self.cache)
         except Exception as err:
             if chunks:  # the rows before were decoding fine: the prompts are the suspects
                 raise PrefillError([row for row, _, _ in chunks]) from err
             raise
-        finally:
-            PLAN.reset(token)
         for row in decoding:
-            self.slots[id(row)].cached += 1
+            self.slots[row].cached += 1
         for row, _, length in chunks:
-            self.slots[id(row)].cached += length
-        record(self.model, decoding + [row for row, _ in finishing], logits)
+            self.slots[row].cached += length
+        record(self.model, decoding + finishing, logits)
 
     def retire(self) -> None:
         """Drop the finished rows; the last rows move into the freed slots (one row's columns each)."""
@@ -316,15 +343,15 @@ class PackedBatch:
             return
         for row in self.rows:
             if row.finish:
-                del self.slots[id(row)]
-        holes = iter(sorted(set(range(len(keep))) - {self.slots[id(row)].index for row in keep}))
+                del self.slots[row]
+        holes = iter(sorted(set(range(len(keep))) - {self.slots[row].index for row in keep}))
         for row in keep:
-            slot = self.slots[id(row)]
+            slot = self.slots[row]
             if slot.index >= len(keep):
                 target = next(holes)
                 self.cache.move(slot.index, target, slot.cached)
                 slot.index = target
-        self.rows = sorted(keep, key=lambda row: self.slots[id(row)].index)
+        self.rows = sorted(keep, key=lambda row: self.slots[row].index)
 
 
 def packs(model: PackingModel) -> bool:
@@ -357,31 +384,10 @@ def packed_check(model: PackingModel, prompts: list[list[int]], new: int) -> lis
     """Each prompt's last two logits (its end, then ``new`` after it) from two packed steps in slots 0 and 1."""
     device = model.device
     cache = SlotCache.reserve(model.cache_shapes(), len(prompts), max(map(len, prompts)) + 1, device)
-    lengths = [len(p) for p in prompts]
-
-    def step(ids: list[int], slots: list[int], positions: list[int], decoding: bool) -> torch.Tensor:
-        plan = Plan(
-            slots=len(prompts),
-            decoding=torch.tensor(slots if decoding else [], dtype=torch.long, device=device),
-            lengths=torch.tensor([n + 1 for n in lengths] if decoding else [0] * len(prompts), device=device),
-            chunks=() if decoding else tuple((i, 0, n) for i, n in enumerate(lengths)),
-            token_slots=torch.tensor(slots, dtype=torch.long, device=device),
-            positions=torch.tensor(positions, dtype=torch.long, device=device),
-        )
-        keep = torch.tensor(range(len(prompts)) if decoding else list(itertools.accumulate(lengths, initial=-1))[1:])
-        token = PLAN.set(plan)
-        try:
-            return model.packed_forward(torch.tensor(ids, device=device), plan, keep.to(device), cache)
-        finally:
-            PLAN.reset(token)
-
-    ends = step(
-        [t for p in prompts for t in p],
-        [i for i, n in enumerate(lengths) for _ in range(n)],
-        [position for n in lengths for position in range(n)],
-        decoding=False,
-    )
-    after = step([new] * len(prompts), list(range(len(prompts))), lengths, decoding=True)
+    prefill = plan_step(len(prompts), [], [(slot, 0, p, True) for slot, p in enumerate(prompts)], device)
+    ends = planned_forward(model, *prefill, cache)
+    decode = plan_step(len(prompts), [(slot, len(p), new) for slot, p in enumerate(prompts)], [], device)
+    after = planned_forward(model, *decode, cache)
     return [torch.stack([ends[i], after[i]]) for i in range(len(prompts))]
 
 
