@@ -36,7 +36,7 @@ from tqdm import tqdm
 from tritonhf import model_config
 from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
 from tritonhf.backends.python_hf.heads import Piece
-from tritonhf.backends.python_hf.tasks import load_task
+from tritonhf.backends.python_hf.steps import load_step
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, measure, prompts
 from tritonhf.perf.generation import MIXED_TOKENS, mixed_data, profile_stats
 from tritonhf.repo_builder import BuildOptions, build, plan
@@ -116,13 +116,9 @@ class Counter:
 def in_process(repo: Path, requests: int = 3 * REQUESTS) -> float:
     """The mixed workload through the stream model's own scheduler in this process, ``CONCURRENCY`` at a time,
     with the threads and limits of its config: output tokens/s."""
-    config = model_config.read(repo / MODELS["stream, packed"] / "config.pbtxt")
-    parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-    torch.set_num_threads(cpu_count() // config["instance_group"][0]["count"])
-    source = repo / MODELS["stream, packed"] / "1" / parameters.pop("huggingface_model")
-    for key in ("task", "step", "cpu_threads"):  # dtype and verified_dtypes: the precision the server runs
-        parameters.pop(key, None)
-    model = load_task(str(source), "text-generation", **parameters)
+    model_dir = repo / MODELS["stream, packed"]
+    model, context = load_step(model_config.read(model_dir / "config.pbtxt"), model_dir / "1")  # as the server does
+    torch.set_num_threads(int(context.parameters["cpu_threads"]))  # this process's pools are already up
     rng, texts = random.Random(0), prompts()
     scheduler = model.scheduler()
     started, counters, sent = time.monotonic(), [], 0
