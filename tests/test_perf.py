@@ -232,3 +232,30 @@ def test_the_openai_bench_judges_the_frontend_against_native() -> None:
     assert "- completions c1: 99% of native tokens/s (met, >= 90%); TTFT p50 +5.1 ms (MISSED, <= +5 ms)" in goals
     assert "- embeddings c32: 85% of native req/s (MISSED, >= 90%)" in goals
     assert "| embeddings | 32 | native | - | - | 0.0 / 0.0 | - | 2.0 | 0.0 |" in report(rows, "tiny", 1.0)
+
+
+def test_the_streaming_bench_judges_packed_steps_by_its_goals() -> None:
+    """Packed against static and against the tutorial at concurrency 32, each rate's inter-token p99 / p50, and
+    in-server against in-process: each goal met or MISSED by its own figures; the tutorial answers whole."""
+    from tritonhf.perf.streaming import TUTORIAL, Cell, report
+
+    def figures(tokens: float, itl: tuple[float, float] | None = None) -> dict[str, float | None]:
+        return {
+            "output_tokens_per_s": tokens, "ttft_p50_ms": 100.0, "ttft_p99_ms": 200.0,
+            "itl_p50_ms": itl[0] if itl else None, "itl_p99_ms": itl[1] if itl else None,
+        }  # fmt: skip
+
+    cells = [
+        Cell("stream, packed", "2 req/s", 2.0, figures(50.0, (40.0, 60.0))),
+        Cell("stream, packed", "4 req/s", 4.0, figures(90.0, (40.0, 61.0))),
+        Cell("static", "c32", 0.0, figures(300.0)),
+        Cell("stream, packed", "c32", 0.0, figures(449.0, (50.0, 70.0))),
+        Cell(TUTORIAL[0], "c32", 0.0, figures(45.0)),
+    ]
+    goals = report(cells, alone=500.0, seconds=1.0).split("Goals:")[1]
+    assert "- packed / static tokens/s at c32: 1.50x (MISSED, >= 1.5)" in goals  # 1.497
+    assert "- packed / tutorial tokens/s at c32: 10.0x (MISSED, >= 10)" in goals  # 9.98
+    assert "- ITL p99 / p50 at 2 req/s: 1.50 (met, <= 1.5)" in goals
+    assert "- ITL p99 / p50 at 4 req/s: 1.52 (MISSED, <= 1.5)" in goals
+    assert "- in-server / in-process tokens/s at c32: 449.0 / 500.0 = 90% (met, >= 80%)" in goals
+    assert "| c32 | tutorial | 45.0 | 100 / 200 | - | - |" in report(cells, 500.0, 1.0)

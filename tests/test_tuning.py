@@ -138,6 +138,31 @@ def test_a_streams_two_bounds_both_hold() -> None:
         Search(stream, measure, 1.0, ttft_p99_ms=1.0, budget=200).run()
 
 
+def test_a_streams_prefill_per_step_is_searched_within_its_inter_token_bound() -> None:
+    """A stream's own axis: the prompt tokens a packed step carries besides its rows. More let newcomers in sooner
+    (tokens/s grows with them) and make every step that carries them longer (the inter-token p99 grows too). With
+    no bound the search takes the most; under an inter-token bound that the default's steps break at every load,
+    it finds the most that keep within it."""
+    default = Candidate("gen_stream", "bfloat16", 1, 32, 0, prefill_tokens=32)
+    space = Space(
+        default, {"gen_stream": ("bfloat16",)}, (1, 2), (16, 32, 64), (0,), Serves.STREAM, (8, 16, 32, 64, 128)
+    )
+
+    def measure(seed: int) -> Measure:
+        rng = random.Random(seed)
+
+        def step(candidate: Candidate, concurrency: int) -> Point:
+            rows, prefill = min(concurrency, candidate.max_batch_size), candidate.prefill_tokens
+            tokens = 400 * rows / 32 * prefill / (prefill + 16) * math.exp(rng.gauss(0, 0.03))
+            return Point(candidate, concurrency, tokens, 20 + 0.5 * prefill, ttft_p99_ms=100.0)
+
+        return step
+
+    for bound, best in ((None, 128), (30.0, 16)):  # 30 ms: 20 + 0.5 x 16 = 28 passes, 20 + 0.5 x 32 = 36 fails
+        chosen = [Search(space, measure(seed), bound, budget=120, seed=seed).run().chosen for seed in range(10)]
+        assert all(c.prefill_tokens == best for c in chosen), (bound, chosen)
+
+
 def test_a_race_lost_at_the_bounds_edge_is_run_again_lighter() -> None:
     """Above concurrency 4 every point passes the bound when first measured and fails it when measured again (the
     edge of the bound, where one measurement passes and the next fails): the finals fail at the loads the search

@@ -39,6 +39,7 @@ from tritonhf.backends.python_hf.hardware import (
     cpu_model,
     memory_limit,
 )
+from tritonhf.backends.python_hf.parameters import Limits
 from tritonhf.client import infer, stream
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfAnalyzerError, PerfOptions, data_file, measure, prompts
 from tritonhf.perf.generation import measure_mixed, mixed_data
@@ -54,10 +55,14 @@ GPU_BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # a GPU's forward costs about
 GPU_INSTANCES = (1, 2, 3)  # instances share the GPU: more than a few only split its memory and its streams
 DELAYS_US = (0, 500, 2000, 8000)
 STREAM_ROWS = (4, 8, 16, 32, 64)  # a stream's running batch (max_running_sequences): its "max_batch_size"
+STREAM_PREFILL = (8, 16, 32, 64, 128)  # a packed step's tokens besides the rows' (max_step_tokens - rows)
+GPU_STREAM_PREFILL = (128, 256, 512, 1024, 2048)  # a GPU's step costs about the same up to far more tokens
 MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
 WINDOW_MS = 2000  # perf_analyzer's measurement window in a tune
 SECONDS_PER_POINT = 12.0  # a measurement's windows, a reload now and then: what a budget in minutes buys
-TRIAL_FIELDS = ("model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "concurrency")
+TRIAL_FIELDS = (
+    "model", "variant", "dtype", "instances", "max_batch_size", "queue_delay_us", "prefill_tokens", "concurrency"
+)  # fmt: skip
 MEASURED_FIELDS = ("throughput", "p99_ms", "errors", "phase", "ttft_p99_ms")  # ttft: generation's, after the rest
 
 
@@ -84,7 +89,8 @@ class TuneOptions:
 def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
     """Per tuned name: the variants that may serve it and the layouts to try. A classifier's or embedder's plain
     name may be served by any of its variants (python and the fused exports); a generation model and its stream are
-    each tuned as themselves (a stream's layout: instances, precision and its running batch's rows)."""
+    each tuned as themselves (a stream's layout: instances, precision, its running batch's rows and the prompt
+    tokens a packed step carries besides them)."""
     manifest = read_manifest(repository)
     tunable = {
         n: e
@@ -111,15 +117,19 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
         variants = {n: precisions(repository, n, e, gpu) for n, e in served.items()}
         parameters = config["parameters"]
         streams = serves is Serves.STREAM
+        rows = int(parameters["max_running_sequences"]["string_value"]) if streams else int(config["max_batch_size"])
         default = Candidate(
             name,
             parameters.get("dtype", {}).get("string_value", "float32"),
             int(config["instance_group"][0]["count"]),
-            int(parameters["max_running_sequences"]["string_value"]) if streams else int(config["max_batch_size"]),
+            rows,
             int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
+            step_tokens(parameters) - rows if streams else 0,
         )
         instances = GPU_INSTANCES if gpu else range(1, min(cpu_count(), MAX_CPU_INSTANCES) + 1)
         batch_sizes = GPU_BATCH_SIZES if gpu else STREAM_ROWS if streams else BATCH_SIZES  # a GPU: rows as batches
+        packs = streams and parameters.get("packed", {}).get("string_value") != "false"  # else its steps are padded
+        prefill = (GPU_STREAM_PREFILL if gpu else STREAM_PREFILL) if packs else ()
         found[name] = Space(
             default,
             variants,
@@ -127,8 +137,15 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
             tuple(sorted({*batch_sizes, default.max_batch_size})),
             (0,) if streams else tuple(sorted({*DELAYS_US, default.queue_delay_us})),
             serves,
+            tuple(sorted({*prefill, default.prefill_tokens})),
         )
     return found
+
+
+def step_tokens(parameters: dict) -> int:
+    """A stream's packed step budget (config parameter max_step_tokens; a repository built before it: the
+    default)."""
+    return int(parameters.get("max_step_tokens", {}).get("string_value", Limits.max_step_tokens))
 
 
 def serving(entry: dict) -> Serves:
@@ -163,6 +180,8 @@ def configured(
     config["instance_group"][0]["count"] = candidate.instances
     if "max_running_sequences" in config["parameters"]:  # a stream: its own scheduler batches, Triton doesn't
         config["parameters"]["max_running_sequences"] = {"string_value": str(candidate.max_batch_size)}
+        step = candidate.max_batch_size + candidate.prefill_tokens
+        config["parameters"]["max_step_tokens"] = {"string_value": str(step)}
     else:
         config["max_batch_size"] = candidate.max_batch_size
         config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us
@@ -289,7 +308,12 @@ def read_points(path: Path, model: str, phase: str) -> list[Point]:
     with path.open() as handle:
         return [
             Point(
-                Candidate(row["variant"], row["dtype"], *(int(row[k]) for k in TRIAL_FIELDS[3:6])),
+                Candidate(
+                    row["variant"],
+                    row["dtype"],
+                    *(int(row[k]) for k in TRIAL_FIELDS[3:6]),
+                    int(row.get("prefill_tokens") or 0),  # recorded before streams' prefill was tuned: none
+                ),
                 int(row["concurrency"]),
                 float(row["throughput"]),
                 float(row["p99_ms"]),
@@ -320,7 +344,8 @@ class Trials:
     def add(self, model: str, point: Point, phase: str) -> None:
         c = point.candidate
         self.writer.writerow(
-            [model, c.variant, c.dtype, c.instances, c.max_batch_size, c.queue_delay_us, point.concurrency,
+            [model, c.variant, c.dtype, c.instances, c.max_batch_size, c.queue_delay_us, c.prefill_tokens,
+             point.concurrency,
              f"{point.throughput:.3f}", f"{point.p99_ms:.3f}", point.errors, phase, f"{point.ttft_p99_ms:.3f}"]
         )  # fmt: skip
         self.handle.flush()

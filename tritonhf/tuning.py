@@ -32,7 +32,9 @@ each point once and takes any gain, noise included. Here:
    the note says so). The default, when kept, stays as built.
 
 Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
-p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows.
+p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows, and its own
+axis is the prompt tokens a packed step carries besides the decoding rows' (chunked prefill's budget: more lets
+newcomers in sooner, fewer keeps the steps, and so the inter-token latency, even).
 """
 
 from __future__ import annotations
@@ -87,10 +89,15 @@ class Candidate:
     instances: int
     max_batch_size: int
     queue_delay_us: int
+    prefill_tokens: int = 0  # a stream's: prompt tokens a packed step carries besides a token a decoding row
 
     @property
     def label(self) -> str:
-        return f"{self.variant} {self.dtype} {self.instances}x mbs {self.max_batch_size} delay {self.queue_delay_us}us"
+        prefill = f" prefill {self.prefill_tokens}" if self.prefill_tokens else ""
+        return (
+            f"{self.variant} {self.dtype} {self.instances}x mbs {self.max_batch_size} delay {self.queue_delay_us}us"
+            + prefill
+        )
 
 
 @dataclass(frozen=True)
@@ -149,14 +156,17 @@ class Space:
     batch_sizes: tuple[int, ...]
     delays_us: tuple[int, ...]
     serves: Serves = Serves.REQUESTS
+    prefill_tokens: tuple[int, ...] = (0,)  # a stream's step budget beyond its rows; (0,): not a stream
 
     def neighbours(self, candidate: Candidate) -> list[Candidate]:
-        """The candidates one step away on one layout axis (instances, batch size, queue delay)."""
+        """The candidates one step away on one layout axis (instances, batch size, queue delay, a stream's prefill
+        tokens a step)."""
         found = []
         for axis, values in (
             ("instances", self.instances),
             ("max_batch_size", self.batch_sizes),
             ("queue_delay_us", self.delays_us),
+            ("prefill_tokens", self.prefill_tokens),
         ):
             at = values.index(getattr(candidate, axis)) if getattr(candidate, axis) in values else None
             for step in (-1, 1):
@@ -164,10 +174,17 @@ class Space:
                     found.append(replace(candidate, **{axis: values[at + step]}))
         return [c for c in found if reachable(c)]
 
+    def along(self, candidate: Candidate) -> list[Candidate]:
+        """Every other value of the batch axis, and of a stream's prefill axis, from ``candidate``: where to look
+        under a bound, which may allow only a corner of an axis (a stream's inter-token bound: short steps)."""
+        batches = [replace(candidate, max_batch_size=batch) for batch in self.batch_sizes[::2]]
+        seeds = [c if reachable(c) else replace(c, queue_delay_us=0) for c in batches]
+        return seeds + [replace(candidate, prefill_tokens=n) for n in self.prefill_tokens[::2] if n]
+
     def everything(self) -> list[Candidate]:
         """The whole space, as a brute-force grid measures it: the default and every reachable layout of every
         variant in every precision."""
-        layouts = itertools.product(self.instances, self.batch_sizes, self.delays_us)
+        layouts = itertools.product(self.instances, self.batch_sizes, self.delays_us, self.prefill_tokens)
         found = [Candidate(v, d, *layout) for layout in layouts for v, dtypes in self.variants.items() for d in dtypes]
         return [self.default, *sorted(c for c in found if reachable(c) and c != self.default)]
 
@@ -324,15 +341,15 @@ class Search:
                 default = self.pool().get(default.candidate)  # the repeat may have failed at that load
             load = default.concurrency if default is not None else 1  # one point each, at the default's capacity
             screened = [found for c in self.space.screened() if (found := self.first_fit(c, load)) is not None]
-            if screened:
-                top = max(screened, key=lambda p: p.throughput)
+            top = max(screened, key=lambda p: p.throughput) if screened else None
+            if top is not None:
                 self.capacity(top.candidate, top.concurrency)
-                if self.bounds != (None, None):  # a bound's best batch may be anywhere on the axis: look along it
-                    for batch in self.space.batch_sizes[::2]:
-                        seed = replace(top.candidate, max_batch_size=batch)
-                        self.capacity(seed if reachable(seed) else replace(seed, queue_delay_us=0))
-                keep = SCREEN_KEEP * top.throughput
-                self.explore({(p.candidate.variant, p.candidate.dtype) for p in screened if p.throughput >= keep})
+            if self.bounds != (None, None):  # what a bound allows may be anywhere on an axis: look along them
+                for seed in self.space.along(self.space.default if top is None else top.candidate):
+                    self.capacity(seed)
+            keep = SCREEN_KEEP * top.throughput if top is not None else 0.0
+            survivors = [p.candidate for p in screened if p.throughput >= keep] or self.space.screened()
+            self.explore({(c.variant, c.dtype) for c in survivors})
         except BudgetSpentError:
             pass  # the finals have their own share: see finals()
         return self.finals()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import BatchFn, TensorFn
-from .hardware import cpu_threads
+from .hardware import cpu_threads, on_a_thread_that_ends
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tu
 
     Parameters in upper case are Triton's own (EXECUTION_ENV_PATH) and are left out; an empty string
     value is absent from a parsed config (proto3). On a CPU, the instance's compute threads are set
-    first (hardware.cpu_threads).
+    first (hardware.cpu_threads), and the step is built on a thread that ends with the load, so that the
+    thread which computes afterwards (the caller's, or a stream's scheduler) has the cores to itself.
     """
     parameters = {
         key: value.get("string_value", "")
@@ -80,4 +81,4 @@ def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tu
         input_names=tuple(tensor["name"] for tensor in model_config["input"]),
         output_names=tuple(tensor["name"] for tensor in model_config["output"]),
     )
-    return step_factory(parameters.get("step", "hf"))(context), context
+    return on_a_thread_that_ends(lambda: step_factory(parameters.get("step", "hf"))(context)), context
