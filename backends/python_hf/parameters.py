@@ -238,8 +238,15 @@ class Limits:
         return cls(**{name: type(getattr(defaults, name))(parameters[name]) for name in names}).check()
 
 
-def combine(parameters: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """A request's options from its parameters and its optional input tensors; one name, one place."""
+Options = tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]  # (parameters, tensors), or one
+
+
+def combine(raw: Options) -> dict[str, Any]:
+    """A request's options from its parameters and its optional input tensors (one name, one place); a single
+    mapping (an in-process caller's) as it is."""
+    if not isinstance(raw, tuple):
+        return dict(raw)
+    parameters, tensors = raw
     if both := sorted(set(parameters) & set(tensors)):
         raise RequestError(f"{', '.join(both)} given both as a request parameter and as an input tensor")
     return {**parameters, **tensors}

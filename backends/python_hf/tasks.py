@@ -53,6 +53,7 @@ from .parameters import (
     PER_REQUEST_ONLY,
     GenerationParams,
     Limits,
+    Options,
     as_bool,
     combine,
 )
@@ -253,15 +254,11 @@ class TextGeneration(HFTask):
 
     # --- requests ---
 
-    def parse_options(
-        self, raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
-    ) -> GenerationParams:
+    def parse_options(self, raw: Options) -> GenerationParams:
         """A request's generation parameters over the defaults: (request parameters, optional input tensors)."""
-        return self.defaults.updated(combine(*raw) if isinstance(raw, tuple) else raw, self.max_tokens - 1)
+        return self.defaults.updated(combine(raw), self.max_tokens - 1)
 
-    def read_rows(
-        self, texts: list[str], raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
-    ) -> list[GenerationParams]:
+    def read_rows(self, texts: list[str], raw: Options) -> list[GenerationParams]:
         """A request's parameters, for each of its rows; every row's prompt checked here (chat messages, token ids,
         the context), so that a bad one fails its own request, not the batch. The forward tokenises again:
         microseconds, against a generation's seconds."""
@@ -338,12 +335,10 @@ class FeatureExtraction(HFTask):
         limit = json.loads(Path(path).read_text()).get("max_seq_length") if path else None
         return min(super().max_positions(), limit or UNBOUNDED)
 
-    def read_rows(
-        self, texts: list[str], raw: tuple[Mapping[str, Any], Mapping[str, np.ndarray]] | Mapping[str, Any]
-    ) -> list[list[int] | None]:
+    def read_rows(self, texts: list[str], raw: Options) -> list[list[int] | None]:
         """Each row's token ids where its request says ``token_ids`` (a JSON list a row, as the model's tokenizer
         makes them, special tokens included; refused past the model's length, which text is cut to), else None."""
-        given = combine(*raw) if isinstance(raw, tuple) else raw
+        given = combine(raw)
         if unknown := sorted(set(given) - {"token_ids"}):
             raise RequestError(f"unknown parameter {', '.join(map(repr, unknown))}; {self.task} takes 'token_ids'")
         if not as_bool("token_ids", given.get("token_ids", False)):
