@@ -101,9 +101,10 @@ def served(server: TritonServer, workdir: Path, data: Path) -> list[Cell]:
     for name, label, rate in tqdm(runs, desc="perf_analyzer", unit="cell"):
         model = MODELS.get(name, TUTORIAL[1])
         stem = f"{model}.{label.replace(' ', '').replace('/', '-')}"
+        whole = name in ("static", TUTORIAL[0])  # answers come whole; the rest stream
         options = PerfOptions(
             model, server.grpc_url, plain if name == TUTORIAL[0] else data, CONCURRENCY, workdir / f"{stem}.csv",
-            request_count=REQUESTS, streaming=name.startswith("stream"), profile_path=workdir / f"{stem}.profile.json",
+            request_count=REQUESTS, streaming=not whole, profile_path=workdir / f"{stem}.profile.json",
             control_key=server.control_key, request_rate=rate,
         )  # fmt: skip
         measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)

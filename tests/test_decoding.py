@@ -63,14 +63,14 @@ def scheduling(
     max_sequences: int = 32,
     max_tokens: int | None = None,
     observer: Observer | None = None,
-    step_tokens: int | None = None,
+    prefill_tokens: int | None = None,
 ) -> Iterator[Scheduler]:
     """A scheduler with these settings from its start, always closed."""
     limits = dataclasses.replace(
         model.limits,
         max_running_sequences=max_sequences,
         max_running_tokens=max_tokens or model.limits.max_running_tokens,
-        max_step_tokens=step_tokens or model.limits.max_step_tokens,
+        max_prefill_tokens=prefill_tokens or model.limits.max_prefill_tokens,
     )
     scheduler = Scheduler(model, limits, observer)
     try:
@@ -347,27 +347,29 @@ class Steps:
         self.seen.append((len(ids), len(plan.decoding), plan.chunks))
         return self.model.packed_forward(ids, plan, keep, cache)
 
-    def running_batch(self, step_tokens: int | None = None) -> PackedBatch:
+    def running_batch(self, prefill_tokens: int | None = None) -> PackedBatch:
         assert self.model.packs
-        return PackedBatch(self, step_tokens)
+        return PackedBatch(self, prefill_tokens)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
 
 def test_prompts_go_in_by_chunks_beside_the_decoding_rows(model: TextGeneration) -> None:
-    """Steps of at most 5 tokens for 3 rows: prompts go in by chunks over several steps, in the same forwards as
-    the rows decoding; every answer is transformers' generate on its prompt alone."""
+    """Steps of at most 2 prompt tokens besides 3 rows: prompts go in by chunks over several steps, in the same
+    forwards as the rows decoding, never more than 2 prompt tokens a step however few rows decode; every answer
+    is transformers' generate on its prompt alone."""
     steps = Steps(model)
     requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
     recorders = [Recorder() for _ in requests]
-    with scheduling(steps, max_sequences=3, step_tokens=5) as scheduler:  # type: ignore[arg-type]
+    with scheduling(steps, max_sequences=3, prefill_tokens=2) as scheduler:  # type: ignore[arg-type]
         for (prompt, n), recorder in zip(requests, recorders, strict=True):
             scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
         assert all(r.done.wait(60) for r in recorders)
     for (prompt, n), recorder in zip(requests, recorders, strict=True):
         assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
-    assert max(tokens for tokens, _, _ in steps.seen) <= 5
+    assert max(tokens - decoding for tokens, decoding, _ in steps.seen) <= 2
+    assert any(decoding < 3 and chunks for _, decoding, chunks in steps.seen), "no step of fewer rows took a chunk"
     assert any(decoding and chunks for _, decoding, chunks in steps.seen), "no step mixed decoding and a prompt"
     assert any(start > 0 for _, _, chunks in steps.seen for _, start, _ in chunks), "no prompt was split"
 
@@ -382,7 +384,7 @@ def test_a_prompt_cancelled_half_way_in_frees_its_slot(model: TextGeneration) ->
             return half_way.is_set()
 
     kept, leaving = Recorder(), Leaving()
-    with scheduling(steps, max_sequences=3, step_tokens=5) as scheduler:  # type: ignore[arg-type]
+    with scheduling(steps, max_sequences=3, prefill_tokens=2) as scheduler:  # type: ignore[arg-type]
         scheduler.submit(model.sequence(PROMPTS[3], model.parse_options({"max_new_tokens": 40}), kept))
         until(lambda: kept.tokens >= 1, what="the first request to be decoding")
         before = len(steps.seen)  # the first row decodes: from here on, every chunk is the second one's
@@ -502,8 +504,8 @@ class Faulty:
             raise RuntimeError("out of memory (injected)")
         return self.model.packed_forward(ids, plan, keep, cache)
 
-    def running_batch(self, step_tokens: int | None = None) -> PackedBatch | RunningBatch:
-        return PackedBatch(self, step_tokens) if self.model.packs else RunningBatch(self)
+    def running_batch(self, prefill_tokens: int | None = None) -> PackedBatch | RunningBatch:
+        return PackedBatch(self, prefill_tokens) if self.model.packs else RunningBatch(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)

@@ -192,7 +192,7 @@ def test_a_stream_is_tuned_on_its_tokens_within_its_latency_bounds(generator: Pa
         space.delays_us == (0,) and space.batch_sizes == (4, 8, 16, 32, 64) and space.variants[STREAM][0] == "float32"
     )
     assert space.prefill_tokens == (8, 16, 32, 64, 128) and found["gpt2"].prefill_tokens == (0,)
-    assert space.default == Candidate(STREAM, "auto", space.default.instances, 32, 0, prefill_tokens=64 - 32)
+    assert space.default == Candidate(STREAM, "auto", space.default.instances, 32, 0, prefill_tokens=32)
     output = tmp_path / "tuned"
     options = TuneOptions(generator, output, (STREAM,), budget_minutes=2, ttft_p99_ms=5000.0, itl_p99_ms=2000.0)
     tune.tune(options)
@@ -200,7 +200,7 @@ def test_a_stream_is_tuned_on_its_tokens_within_its_latency_bounds(generator: Pa
     tuned = read_manifest(output)[STREAM]["tuned"]
     config = model_config.read(output / STREAM / "config.pbtxt")
     rows = int(config["parameters"]["max_running_sequences"]["string_value"])
-    prefill = int(config["parameters"]["max_step_tokens"]["string_value"]) - rows
+    prefill = int(config["parameters"]["max_prefill_tokens"]["string_value"])
     assert tuned["candidate"].endswith(
         f"{config['instance_group'][0]['count']}x mbs {rows} delay 0us prefill {prefill}"
     ), (tuned, config)

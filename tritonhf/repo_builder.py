@@ -440,11 +440,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " i.e. KV-cache size in tokens per instance (default: %(default)s)",
     )
     add(
-        "--gen-max-step-tokens",
+        "--gen-max-prefill-tokens",
         type=int,
-        default=limits.max_step_tokens,
-        help="streaming models: tokens one packed step carries, the decoding rows' first, then chunks of prompts"
-        " (must pass --gen-max-running) (default: %(default)s)",
+        default=limits.max_prefill_tokens,
+        help="streaming models: prompt tokens one packed step carries besides a token a decoding row (chunked"
+        " prefill: more let newcomers in sooner, fewer keep steps short) (default: %(default)s)",
     )
     add(
         "--gen-max-waiting-steps",
@@ -485,7 +485,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         max_running_tokens=args.gen_max_running_tokens,
         max_waiting_steps=args.gen_max_waiting_steps,
         max_waiting_sequences=args.gen_max_waiting,
-        max_step_tokens=args.gen_max_step_tokens,
+        max_prefill_tokens=args.gen_max_prefill_tokens,
     )
     try:
         limits.check()

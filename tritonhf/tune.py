@@ -55,7 +55,7 @@ GPU_BATCH_SIZES = (1, 4, 8, 16, 32, 64, 128, 256)  # a GPU's forward costs about
 GPU_INSTANCES = (1, 2, 3)  # instances share the GPU: more than a few only split its memory and its streams
 DELAYS_US = (0, 500, 2000, 8000)
 STREAM_ROWS = (4, 8, 16, 32, 64)  # a stream's running batch (max_running_sequences): its "max_batch_size"
-STREAM_PREFILL = (8, 16, 32, 64, 128)  # a packed step's tokens besides the rows' (max_step_tokens - rows)
+STREAM_PREFILL = (8, 16, 32, 64, 128)  # prompt tokens a packed step carries besides its rows' (max_prefill_tokens)
 GPU_STREAM_PREFILL = (128, 256, 512, 1024, 2048)  # a GPU's step costs about the same up to far more tokens
 MEMORY_SHARE = 0.8  # of the host's (or the cgroup's) memory: what one model's processes may hold while tuned
 WINDOW_MS = 2000  # perf_analyzer's measurement window in a tune
@@ -124,7 +124,7 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
             int(config["instance_group"][0]["count"]),
             rows,
             int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
-            step_tokens(parameters) - rows if streams else 0,
+            prefill_tokens(parameters) if streams else 0,
         )
         instances = GPU_INSTANCES if gpu else range(1, min(cpu_count(), MAX_CPU_INSTANCES) + 1)
         batch_sizes = GPU_BATCH_SIZES if gpu else STREAM_ROWS if streams else BATCH_SIZES  # a GPU: rows as batches
@@ -142,10 +142,10 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
     return found
 
 
-def step_tokens(parameters: dict) -> int:
-    """A stream's packed step budget (config parameter max_step_tokens; a repository built before it: the
-    default)."""
-    return int(parameters.get("max_step_tokens", {}).get("string_value", Limits.max_step_tokens))
+def prefill_tokens(parameters: dict) -> int:
+    """A stream's prompt tokens a packed step (config parameter max_prefill_tokens; a repository built before it:
+    the default)."""
+    return int(parameters.get("max_prefill_tokens", {}).get("string_value", Limits.max_prefill_tokens))
 
 
 def serving(entry: dict) -> Serves:
@@ -180,8 +180,7 @@ def configured(
     config["instance_group"][0]["count"] = candidate.instances
     if "max_running_sequences" in config["parameters"]:  # a stream: its own scheduler batches, Triton doesn't
         config["parameters"]["max_running_sequences"] = {"string_value": str(candidate.max_batch_size)}
-        step = candidate.max_batch_size + candidate.prefill_tokens
-        config["parameters"]["max_step_tokens"] = {"string_value": str(step)}
+        config["parameters"]["max_prefill_tokens"] = {"string_value": str(candidate.prefill_tokens)}
     else:
         config["max_batch_size"] = candidate.max_batch_size
         config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = candidate.queue_delay_us

@@ -156,7 +156,7 @@ class Space:
     batch_sizes: tuple[int, ...]
     delays_us: tuple[int, ...]
     serves: Serves = Serves.REQUESTS
-    prefill_tokens: tuple[int, ...] = (0,)  # a stream's step budget beyond its rows; (0,): not a stream
+    prefill_tokens: tuple[int, ...] = (0,)  # a stream's prompt tokens a step (max_prefill_tokens); (0,): the rest
 
     def neighbours(self, candidate: Candidate) -> list[Candidate]:
         """The candidates one step away on one layout axis (instances, batch size, queue delay, a stream's prefill

@@ -19,11 +19,14 @@ No Triton import. vLLM's scheduling on a Hugging Face model, without its kernels
   rows attend over their slots in one batched call, each prompt chunk over its
   own slot, causally. Without a plan (any other forward) it is transformers'
   SDPA, unchanged.
-- **Chunked prefill.** A step carries at most ``step_tokens`` tokens: the
-  decoding rows' first, then prompt tokens in arrival order; a prompt longer
-  than what is left is cut into chunks over the next steps, and its row starts
-  decoding once its prompt is in. Decoding never waits for a prompt, and no
-  prompt makes a step longer than the budget.
+- **Chunked prefill.** Besides one token a decoding row, a step carries at
+  most ``prefill_tokens`` prompt tokens, in arrival order; a longer prompt is
+  cut into chunks over the next steps, and its row starts decoding once its
+  prompt is in. Decoding never waits for a prompt, and however few rows
+  decode, no prompt makes a step longer than that budget does (a budget on
+  the step's whole count, vLLM's, lets a step of a few rows carry the most
+  prompt tokens: the longest steps, and so the inter-token tail, come at
+  light load).
 
 A model qualifies if a packed forward gives its own logits (``packs``,
 checked once at load); one that does not keeps the padded running batch
@@ -267,7 +270,7 @@ class PackedBatch:
     """The rows decoding together, packed (see the module): the same calls as running_batch.RunningBatch."""
 
     model: PackingModel
-    step_tokens: int | None = None  # None: no budget (static batching prefills every prompt at once)
+    prefill_tokens: int | None = None  # a step's prompt tokens; None: no budget (static batching: all at once)
     rows: list[Sequence] = field(default_factory=list)
     slots: dict[Sequence, Slot] = field(default_factory=dict)
     cache: SlotCache | None = None
@@ -301,9 +304,9 @@ class PackedBatch:
         return self.slots[row].cached < len(row.prompt_ids)
 
     def step(self) -> None:
-        """One forward: every decoding row's next token, and prompt chunks within the step's token budget."""
+        """One forward: every decoding row's next token, and prompt chunks within the step's prefill budget."""
         decoding = [row for row in self.rows if not self.prefilling(row)]
-        budget = math.inf if self.step_tokens is None else self.step_tokens - len(decoding)
+        budget = math.inf if self.prefill_tokens is None else self.prefill_tokens
         chunks: list[tuple[Sequence, int, int]] = []
         for row in sorted((row for row in self.rows if self.prefilling(row)), key=lambda row: row.arrived):
             if budget <= 0:

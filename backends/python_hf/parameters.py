@@ -208,20 +208,23 @@ class Limits:
 
     max_running_sequences: int = 32  # rows in the running batch
     max_running_tokens: int = 16384  # rows x longest (prompt + max_new_tokens): the KV cache's size in tokens
-    max_step_tokens: int = 64  # tokens a packed step carries: the decoding rows' first, then prompt chunks
+    max_prefill_tokens: int = 32  # prompt tokens a packed step carries besides a token a decoding row
     max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
     waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
     max_waiting_sequences: int = 64  # requests waiting for a slot; more are refused at once (UNAVAILABLE)
 
     def check(self) -> Limits:
         """These limits, or ValueError naming what is out of range."""
-        if min(self.max_running_sequences, self.max_running_tokens, self.max_waiting_sequences) < 1:
+        sizes = (
+            self.max_running_sequences,
+            self.max_running_tokens,
+            self.max_prefill_tokens,
+            self.max_waiting_sequences,
+        )
+        if min(sizes) < 1:
             raise ValueError(
-                f"max_running_sequences, max_running_tokens, max_waiting_sequences must be >= 1; got {self}"
-            )
-        if self.max_step_tokens <= self.max_running_sequences:
-            raise ValueError(
-                f"max_step_tokens must be > max_running_sequences, so that every step has room for a prompt; got {self}"
+                "max_running_sequences, max_running_tokens, max_prefill_tokens, max_waiting_sequences must be >= 1;"
+                f" got {self}"
             )
         if min(self.max_waiting_steps, self.waiting_served_ratio) < 0:
             raise ValueError(f"max_waiting_steps and waiting_served_ratio must be >= 0; got {self}")

@@ -53,7 +53,7 @@ class LanguageModel(Protocol):
 
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence: ...
 
-    def running_batch(self, step_tokens: int | None = None) -> Batch:
+    def running_batch(self, prefill_tokens: int | None = None) -> Batch:
         """The packed batch (packed.py) where the model packs, else this module's padded one."""
         ...
 

@@ -77,7 +77,7 @@ class Scheduler:
         log_error: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits or Limits()
-        self.model, self.batch = model, model.running_batch(self.limits.max_step_tokens)
+        self.model, self.batch = model, model.running_batch(self.limits.max_prefill_tokens)
         self.steps_waited = 0  # decoding steps run while someone waited
         self.observer = observer or Quiet()
         self.log_error = log_error or logger.error
@@ -91,7 +91,7 @@ class Scheduler:
         """The batch it runs, for the log."""
         if isinstance(self.batch, RunningBatch):
             return "a padded running batch"
-        return f"packed steps of up to {self.limits.max_step_tokens} tokens, prompts chunked"
+        return f"packed steps, prompts chunked: up to {self.limits.max_prefill_tokens} prompt tokens a step"
 
     def start(self, prompt: np.ndarray | None, raw: Any, stream: Stream) -> None:
         """Check one streaming request and queue it; a bad one gets its error on its own stream."""

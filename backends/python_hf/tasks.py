@@ -225,10 +225,10 @@ class TextGeneration(HFTask):
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
-    def running_batch(self, step_tokens: int | None = None) -> RunningBatch | PackedBatch:
-        """The packed batch (packed.py: one forward a step, chunked prefill within ``step_tokens``) where this model
+    def running_batch(self, prefill_tokens: int | None = None) -> RunningBatch | PackedBatch:
+        """The packed batch (packed.py: one forward a step, chunked prefill within ``prefill_tokens``) where this model
         packs, else the padded one."""
-        return PackedBatch(self, step_tokens) if self.packs else RunningBatch(self)
+        return PackedBatch(self, prefill_tokens) if self.packs else RunningBatch(self)
 
     def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
         config = self.model.config.get_text_config(decoder=True)
