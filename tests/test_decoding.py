@@ -400,6 +400,30 @@ def test_a_prompt_cancelled_half_way_in_frees_its_slot(model: TextGeneration) ->
     assert (kept.text, kept.tokens) == reference(model, PROMPTS[3], max_new_tokens=40, do_sample=False)
 
 
+def test_an_emptied_batch_keeps_its_cache_for_the_next_rows(model: TextGeneration) -> None:
+    """The reserved KV cache outlives a busy spell: the next rows, no more and no wider, are written over the
+    last ones' columns in the same tensors (reserved anew at each spell, the cache cost page faults and copies
+    in the inter-token tail), and each answer is still generate's on its prompt alone."""
+    batch = model.running_batch(prefill_tokens=4)
+
+    def answered(prompts: list[str]) -> list[Sequence]:
+        rows = [model.sequence(prompt, model.parse_options({"max_new_tokens": 5})) for prompt in prompts]
+        with torch.inference_mode():
+            batch.admit(rows)
+            while batch.rows:
+                batch.step()
+                batch.retire()
+        return rows
+
+    answered(sorted(PROMPTS, key=len)[-3:])  # the widest prompts first: the next ones fit their cache
+    cache = batch.cache
+    assert cache is not None
+    later = answered(sorted(PROMPTS, key=len)[:2])
+    assert batch.cache is cache
+    for row in later:
+        assert (row.answer(), len(row.tokens)) == reference(model, row.prompt, max_new_tokens=5, do_sample=False)
+
+
 def test_a_model_that_does_not_pack_decodes_alike_in_a_padded_batch(model: TextGeneration) -> None:
     """The padded running batch (a model whose packed forward would not give its own logits) answers the same."""
     requests = [(prompt, {"max_new_tokens": n}) for prompt, n in zip(PROMPTS, LENGTHS)]
