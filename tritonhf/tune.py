@@ -117,14 +117,15 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
         variants = {n: precisions(repository, n, e, gpu) for n, e in served.items()}
         parameters = config["parameters"]
         streams = serves is Serves.STREAM
-        rows = int(parameters["max_running_sequences"]["string_value"]) if streams else int(config["max_batch_size"])
+        # a stream's running batch, as its scheduler reads it (a repository built before a limit: its default)
+        limits = Limits.from_config({key: value.get("string_value", "") for key, value in parameters.items()})
         default = Candidate(
             name,
             parameters.get("dtype", {}).get("string_value", "float32"),
             int(config["instance_group"][0]["count"]),
-            rows,
+            limits.max_running_sequences if streams else int(config["max_batch_size"]),
             int(config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", 0)),
-            prefill_tokens(parameters) if streams else 0,
+            limits.max_prefill_tokens if streams else 0,
         )
         instances = GPU_INSTANCES if gpu else range(1, min(cpu_count(), MAX_CPU_INSTANCES) + 1)
         batch_sizes = GPU_BATCH_SIZES if gpu else STREAM_ROWS if streams else BATCH_SIZES  # a GPU: rows as batches
@@ -140,12 +141,6 @@ def spaces(repository: Path, names: Sequence[str] = ()) -> dict[str, Space]:
             tuple(sorted({*prefill, default.prefill_tokens})),
         )
     return found
-
-
-def prefill_tokens(parameters: dict) -> int:
-    """A stream's prompt tokens a packed step (config parameter max_prefill_tokens; a repository built before it:
-    the default)."""
-    return int(parameters.get("max_prefill_tokens", {}).get("string_value", Limits.max_prefill_tokens))
 
 
 def serving(entry: dict) -> Serves:
