@@ -53,7 +53,7 @@ from tritonhf.variants import BASELINE, PYTHON, STREAM
 
 GENERATOR = "gpt2"
 MODELS = {"static": "gpt2", "stream, padded": "gpt2_stream_padded", "stream, packed": "gpt2_stream"}
-TUTORIAL = ("tutorial", BASELINE.served_name(GENERATOR))  # at concurrency 32 only: it answers one at a time
+TUTORIAL, TUTORIAL_MODEL = "tutorial", BASELINE.served_name(GENERATOR)  # at concurrency 32 only: one at a time
 TUTORIAL_TOKENS = sum(MIXED_TOKENS) // 2  # each of its answers: the mixed workload's mean
 RATES = (1.0, 2.0, 4.0)  # requests/s, Poisson arrivals; about 36 new tokens a request
 CONCURRENCY = 32
@@ -73,7 +73,7 @@ def repository(workdir: Path) -> Path:
         padded = path / MODELS["stream, padded"]
         shutil.copytree(path / MODELS["stream, packed"], padded, symlinks=True)
         reconfigure(padded, name=padded.name, packed="false")
-        reconfigure(path / TUTORIAL[1], max_length=str(TUTORIAL_TOKENS), min_length=str(TUTORIAL_TOKENS))
+        reconfigure(path / TUTORIAL_MODEL, max_length=str(TUTORIAL_TOKENS), min_length=str(TUTORIAL_TOKENS))
         seal(path)
     return path
 
@@ -96,20 +96,20 @@ class Cell:
 def served(server: TritonServer, workdir: Path, data: Path) -> list[Cell]:
     cells = []
     loads = [(f"{rate:g} req/s", rate) for rate in RATES] + [(f"c{CONCURRENCY}", 0.0)]
-    runs = [(name, label, rate) for label, rate in loads for name in MODELS] + [(TUTORIAL[0], loads[-1][0], 0.0)]
+    runs = [(name, label, rate) for label, rate in loads for name in MODELS] + [(TUTORIAL, loads[-1][0], 0.0)]
     plain = data_file(workdir / "prompts.json")  # the tutorial's interface: a prompt, nothing else
     for name, label, rate in tqdm(runs, desc="perf_analyzer", unit="cell"):
-        model = MODELS.get(name, TUTORIAL[1])
+        model = MODELS.get(name, TUTORIAL_MODEL)
         stem = f"{model}.{label.replace(' ', '').replace('/', '-')}"
-        whole = name in ("static", TUTORIAL[0])  # answers come whole; the rest stream
+        whole = name in ("static", TUTORIAL)  # answers come whole; the rest stream
         options = PerfOptions(
-            model, server.grpc_url, plain if name == TUTORIAL[0] else data, CONCURRENCY, workdir / f"{stem}.csv",
+            model, server.grpc_url, plain if name == TUTORIAL else data, CONCURRENCY, workdir / f"{stem}.csv",
             request_count=REQUESTS, streaming=not whole, profile_path=workdir / f"{stem}.profile.json",
             control_key=server.control_key, request_rate=rate,
         )  # fmt: skip
         measure(options, find_installation().env, relaxed_percent=ANY_WINDOWS)
         figures = profile_stats(options.profile_path)
-        if name == TUTORIAL[0]:  # its answers carry no token count: each is TUTORIAL_TOKENS long
+        if name == TUTORIAL:  # its answers carry no token count: each is TUTORIAL_TOKENS long
             figures["output_tokens_per_s"] = figures["requests_per_s"] * TUTORIAL_TOKENS
         cells.append(Cell(name, label, rate, figures))
     return cells
@@ -193,7 +193,7 @@ def report(cells: list[Cell], alone: float, seconds: float) -> str:
         )
     closed = {cell.model: cell.figures for cell in cells if not cell.offered}
     packed, static = closed["stream, packed"]["output_tokens_per_s"], closed["static"]["output_tokens_per_s"]
-    tutorial = closed[TUTORIAL[0]]["output_tokens_per_s"]
+    tutorial = closed[TUTORIAL]["output_tokens_per_s"]
     lines += [
         "",
         "Goals:",

@@ -250,7 +250,7 @@ def test_the_streaming_bench_judges_packed_steps_by_its_goals() -> None:
         Cell("stream, packed", "4 req/s", 4.0, figures(90.0, (40.0, 61.0))),
         Cell("static", "c32", 0.0, figures(300.0)),
         Cell("stream, packed", "c32", 0.0, figures(449.0, (50.0, 70.0))),
-        Cell(TUTORIAL[0], "c32", 0.0, figures(45.0)),
+        Cell(TUTORIAL, "c32", 0.0, figures(45.0)),
     ]
     goals = report(cells, alone=500.0, seconds=1.0).split("Goals:")[1]
     assert "- packed / static tokens/s at c32: 1.50x (MISSED, >= 1.5)" in goals  # 1.497
