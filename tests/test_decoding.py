@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.heads import Piece
-from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache
+from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache, packs, use_attention
 from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.running_batch import RunningBatch
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
@@ -422,6 +422,32 @@ def test_an_emptied_batch_keeps_its_cache_for_the_next_rows(model: TextGeneratio
     assert batch.cache is cache
     for row in later:
         assert (row.answer(), len(row.tokens)) == reference(model, row.prompt, max_new_tokens=5, do_sample=False)
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float32])
+def test_a_bfloat16_models_packed_attention_answers_as_generate_in_either_precision(
+    tiny: dict[str, Path], precision: torch.dtype
+) -> None:
+    """A model computing in bfloat16 runs its packed attention, and keeps its slot cache, in the precision its
+    load timed faster (packed.attention_precision; float32 ran 3-4x faster on AVX512-BF16 without AMX). Either
+    one passes the packing check, and answers by chunks beside decoding rows as the model's own generate does."""
+    model = load_task(
+        str(tiny["gpt2"]), "text-generation", max_length="8", dtype="bfloat16", verified_dtypes="bfloat16"
+    )
+    assert isinstance(model, TextGeneration) and model.packs
+    assert model.attention.startswith(str(model.cache_dtype).removeprefix("torch.") + " (")
+    model.cache_dtype = precision
+    use_attention(model.model, "sdpa")  # as it was loaded, before its check
+    assert packs(model)
+    requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
+    recorders = [Recorder() for _ in requests]
+    with scheduling(model, max_sequences=3, prefill_tokens=2) as scheduler:
+        for (prompt, n), recorder in zip(requests, recorders, strict=True):
+            scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
+        assert all(r.done.wait(60) for r in recorders)
+        assert scheduler.batch.cache is not None and scheduler.batch.cache.layers[0].keys.dtype == precision
+    for (prompt, n), recorder in zip(requests, recorders, strict=True):
+        assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
 
 
 def test_a_model_that_does_not_pack_decodes_alike_in_a_padded_batch(model: TextGeneration) -> None:

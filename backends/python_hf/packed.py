@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -135,7 +136,7 @@ def packed_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    q = query[0].transpose(0, 1)  # [T, heads, dim]
+    q = query[0].transpose(0, 1).to(key.dtype)  # [T, heads, dim], in the cache's precision (attention_precision)
     out = []
     if decoding := len(plan.decoding):
         # every slot in use gets a query row (a prefilling slot a dummy one, masked to its first column), so the
@@ -159,11 +160,47 @@ def packed_attention(
         )
         out.append(attended[0].transpose(0, 1))
         start_token += length
-    return torch.cat(out)[None], None
+    return torch.cat(out)[None].to(query.dtype), None
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the mask an unplanned forward needs; a planned one ignores it
+
+
+def attention_precision(
+    heads: int, dim: int, dtype: torch.dtype, device: torch.device, slots: int = 32, columns: int = 128
+) -> tuple[torch.dtype, str]:
+    """The precision of a packed step's attention and slot cache, for a model computing in ``dtype``: its own, or
+    float32 where a decoding step's attention (``slots`` rows over ``columns``) runs faster in it on this device,
+    timed once at load (the two interleaved, the best of 8 each); and what was timed, for the log.
+
+    Keys and values from a reduced-precision model are exact in float32, so the choice is one of speed: torch's
+    CPU attention kernel took 3-4x as long in bfloat16 as in float32 on AVX512-BF16 without AMX (2 EPYC cores),
+    and a packed gpt2 step of 32 rows 1.27x as long (README, "Generation at the machine's limit").
+    """
+    if dtype == torch.float32:
+        return dtype, "float32, the model's own"
+    lengths = torch.linspace(1, columns, slots, device=device)
+    mask = (torch.arange(columns, device=device)[None, :] < lengths[:, None])[:, None, None]
+    inputs = {
+        candidate: (
+            torch.randn(slots, heads, 1, dim, dtype=candidate, device=device),
+            torch.randn(slots, heads, columns, dim, dtype=candidate, device=device),
+        )
+        for candidate in (dtype, torch.float32)
+    }
+    seconds = dict.fromkeys(inputs, math.inf)
+    for attempt in range(9):  # the first round warms the kernels up
+        for candidate, (query, keys) in inputs.items():
+            started = time.perf_counter()
+            scaled_dot_product_attention(query, keys, keys, mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if attempt:
+                seconds[candidate] = min(seconds[candidate], time.perf_counter() - started)
+    chosen = min(seconds, key=seconds.__getitem__)
+    ratio = seconds[dtype] / seconds[torch.float32]
+    return chosen, f"{chosen} ({dtype} took {ratio:.2f}x float32's time)".replace("torch.", "")
 
 
 class SlotLayer(CacheLayerMixin):
@@ -183,8 +220,10 @@ class SlotLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = PLAN.get()
         assert plan is not None, "a slot cache is written by packed steps only"
-        self.keys.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = key_states[0].transpose(0, 1)
-        self.values.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = value_states[0].transpose(0, 1)
+        self.keys.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = key_states[0].transpose(0, 1).to(self.keys)
+        self.values.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = (
+            value_states[0].transpose(0, 1).to(self.values)
+        )
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -250,6 +289,7 @@ class PackingModel(LanguageModel, Protocol):
     """What a packed batch needs of a model besides decoding (tasks.TextGeneration)."""
 
     max_tokens: int
+    attention: str  # its precision, and why (attention_precision)
 
     def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
         """Each layer's (key-value heads, head_dim, dtype)."""

@@ -91,7 +91,10 @@ class Scheduler:
         """The batch it runs, for the log."""
         if isinstance(self.batch, RunningBatch):
             return "a padded running batch"
-        return f"packed steps, prompts chunked: up to {self.limits.max_prefill_tokens} prompt tokens a step"
+        return (
+            f"packed steps, prompts chunked: up to {self.limits.max_prefill_tokens} prompt tokens a step;"
+            f" attention in {self.batch.model.attention}"
+        )
 
     def start(self, prompt: np.ndarray | None, raw: Any, stream: Stream) -> None:
         """Check one streaming request and queue it; a bad one gets its error on its own stream."""

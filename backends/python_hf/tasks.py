@@ -45,7 +45,7 @@ from transformers.utils import cached_file
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .hardware import FLOAT32, Choice, choose
 from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
-from .packed import PackedBatch, Plan, SlotCache, packs
+from .packed import PackedBatch, Plan, SlotCache, attention_precision, packs
 from .parameters import (
     CONFIG_NAMES,
     OPTIONAL_INPUTS,
@@ -208,7 +208,15 @@ class TextGeneration(HFTask):
         self.takes_positions, self.keeps_logits = "position_ids" in accepted, "logits_to_keep" in accepted
         if config.get("packed", "auto") not in ("auto", "false"):
             raise ConfigError(f"packed must be auto or false, got {config['packed']!r}")
-        self.packs = config.get("packed", "auto") == "auto" and self.takes_positions and packs(self)
+        packing = config.get("packed", "auto") == "auto" and self.takes_positions
+        self.cache_dtype = next(self.model.parameters()).dtype
+        self.attention = "the model's precision"
+        if packing:  # chosen before the check, which then runs in it
+            heads, dim, dtype = self.cache_shapes()[0]
+            self.cache_dtype, self.attention = attention_precision(
+                heads, dim, dtype, self.device, self.limits.max_running_sequences
+            )
+        self.packs = packing and packs(self)
 
     # --- what running_batch.RunningBatch needs (running_batch.LanguageModel) ---
 
@@ -234,8 +242,7 @@ class TextGeneration(HFTask):
         config = self.model.config.get_text_config(decoder=True)
         heads = config.num_attention_heads
         shape = (getattr(config, "num_key_value_heads", None) or heads, getattr(config, "head_dim", None))
-        dtype = next(self.model.parameters()).dtype
-        return [(shape[0], shape[1] or config.hidden_size // heads, dtype)] * config.num_hidden_layers
+        return [(shape[0], shape[1] or config.hidden_size // heads, self.cache_dtype)] * config.num_hidden_layers
 
     def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
         inputs: dict[str, Any] = {"input_ids": ids[None], "position_ids": plan.positions[None], "use_cache": True}
