@@ -32,6 +32,11 @@ def call(port: int, method: str, path: str, body: bytes | None = None, timeout: 
         connection.close()
 
 
+# Now and then tritonserver 2.51 itself aborts when a Python-backend stub is killed while it holds a mutex of the
+# shared memory both use (Triton issues #4857, #8882; README, "Perf"): then serve exits, as it should.
+UPSTREAM_ABORT = "boost::interprocess::lock_exception"
+
+
 class Serve:
     """One ``tritonhf serve`` process; ``ports`` by the container's port names (http, grpc, metrics, health)."""
 
@@ -107,6 +112,13 @@ class Serve:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+    def aborted_upstream(self, timeout: float = 30) -> bool:
+        """Whether serve exited, within ``timeout``, because tritonserver aborted in that race."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout)
+        said = self.err.read_text(errors="replace") + self.out.read_text(errors="replace")
+        return self.process.poll() is not None and UPSTREAM_ABORT in said
 
     def output(self) -> str:
         return f"--- stderr ---\n{self.err.read_text()[-4000:]}\n--- stdout ---\n{self.out.read_text()[-4000:]}"
