@@ -176,7 +176,7 @@ def attention_precision(
 
     Keys and values from a reduced-precision model are exact in float32, so the choice is one of speed: torch's
     CPU attention kernel took 3-4x as long in bfloat16 as in float32 on AVX512-BF16 without AMX (2 EPYC cores),
-    and a packed gpt2 step of 32 rows 1.27x as long (README, "Generation at the machine's limit").
+    and a packed gpt2 step of 32 rows 1.27x as long (README, "Generation: parameters, streaming, continuous batching").
     """
     if dtype == torch.float32:
         return dtype, "float32, the model's own"
