@@ -57,6 +57,7 @@ class API:
 
     def __init__(self, repository: Path, workdir: Path) -> None:
         self.repository, self.workdir, self.starts = repository, workdir, 0
+        self.served: Serve | None = None
 
     def start(self) -> None:
         self.starts += 1
@@ -69,8 +70,9 @@ class API:
         self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120)
 
     def stop(self) -> None:
-        self.served.stop()
-        print(self.served.output())
+        if self.served is not None:
+            self.served.stop()
+            print(self.served.output())
 
     def aclient(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=120)

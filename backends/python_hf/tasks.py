@@ -209,13 +209,16 @@ class TextGeneration(HFTask):
         if config.get("packed", "auto") not in ("auto", "false"):
             raise ConfigError(f"packed must be auto or false, got {config['packed']!r}")
         packing = config.get("packed", "auto") == "auto" and self.takes_positions
-        self.cache_dtype = next(self.model.parameters()).dtype
-        self.attention = "the model's precision"
+        own = self.cache_dtype = next(self.model.parameters()).dtype
+        self.attention = f"{own}, the model's own".removeprefix("torch.")
         if packing:  # chosen before the check, which then runs in it
-            heads, dim, dtype = self.cache_shapes()[0]
-            self.cache_dtype, self.attention = attention_precision(
-                heads, dim, dtype, self.device, self.limits.max_running_sequences
-            )
+            heads, dim, _ = self.cache_shapes()[0]
+            try:
+                self.cache_dtype, self.attention = attention_precision(
+                    heads, dim, own, self.device, self.limits.max_running_sequences
+                )
+            except Exception as err:  # noqa: BLE001 - a device that can't time it keeps the model's precision
+                self.attention += f" (not timed: {type(err).__name__}: {err})".splitlines()[0]
         self.packs = packing and packs(self)
 
     # --- what running_batch.RunningBatch needs (running_batch.LanguageModel) ---
