@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.heads import Piece
@@ -439,15 +439,41 @@ def test_a_bfloat16_models_packed_attention_answers_as_generate_in_either_precis
     model.cache_dtype = precision
     use_attention(model.model, "sdpa")  # as it was loaded, before its check
     assert packs(model)
+    batch = chunked_streams_answer_as_generate(model)
+    assert batch.cache is not None and batch.cache.layers[0].keys.dtype == precision
+
+
+def test_a_grouped_query_attention_model_packs_and_answers_as_generate(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A model with fewer key-value heads than query heads (grouped-query attention: Llama 3, Qwen2, Mistral) packs:
+    each key-value head's query heads attend as one longer query over the cache as it is; its streams, prompts
+    going in by chunks, answer as its own generate."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["gpt2"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = load_task(str(tmp_path), "text-generation", max_length="8")
+    assert isinstance(model, TextGeneration) and model.packs
+    chunked_streams_answer_as_generate(model)
+
+
+def chunked_streams_answer_as_generate(model: TextGeneration) -> PackedBatch:
+    """Six streams, 3 rows at a time and 2 prompt tokens a step: each answers as generate on its prompt alone.
+    Returns the batch they ran in."""
     requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
     recorders = [Recorder() for _ in requests]
     with scheduling(model, max_sequences=3, prefill_tokens=2) as scheduler:
         for (prompt, n), recorder in zip(requests, recorders, strict=True):
             scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
         assert all(r.done.wait(60) for r in recorders)
-        assert scheduler.batch.cache is not None and scheduler.batch.cache.layers[0].keys.dtype == precision
     for (prompt, n), recorder in zip(requests, recorders, strict=True):
         assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+    assert isinstance(scheduler.batch, PackedBatch)
+    return scheduler.batch
 
 
 def test_a_model_that_does_not_pack_decodes_alike_in_a_padded_batch(model: TextGeneration) -> None:

@@ -146,8 +146,8 @@ def packed_attention(
         queries[plan.decoding, :, 0] = q[:decoding]
         columns = torch.arange(width, device=q.device)
         mask = columns[None, :] < plan.lengths.clamp(min=1)[:, None]
-        attended = scaled_dot_product_attention(
-            queries, key[: plan.slots, :, :width], value[: plan.slots, :, :width], mask[:, None, None], scale=scaling
+        attended = grouped_attention(
+            queries, key[: plan.slots, :, :width], value[: plan.slots, :, :width], mask[:, None], scaling
         )
         out.append(attended[plan.decoding, :, 0])
     start_token = decoding
@@ -155,24 +155,47 @@ def packed_attention(
         end = start + length
         causal = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         chunk = q[start_token : start_token + length].transpose(0, 1)[None]  # [1, heads, length, dim]
-        attended = scaled_dot_product_attention(
-            chunk, key[slot : slot + 1, :, :end], value[slot : slot + 1, :, :end], causal[None, None], scale=scaling
+        attended = grouped_attention(
+            chunk, key[slot : slot + 1, :, :end], value[slot : slot + 1, :, :end], causal[None], scaling
         )
         out.append(attended[0].transpose(0, 1))
         start_token += length
     return torch.cat(out)[None].to(query.dtype), None
 
 
+def grouped_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Scaled dot-product attention of ``query`` ``[n, heads, length, dim]`` over ``key`` and ``value`` ``[n,
+    kv_heads, columns, dim]`` with ``mask`` ``[n, length, columns]``. Where key-value heads are fewer (grouped-query
+    attention: query head h reads key-value head h // groups), each one's query heads attend as one longer query,
+    so that the cache is read as it is, never repeated."""
+    n, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    attended = scaled_dot_product_attention(
+        query.reshape(n, key.shape[1], groups * length, dim),
+        key,
+        value,
+        mask.repeat(1, groups, 1)[:, None],
+        scale=scaling,
+    )
+    return attended.reshape(n, heads, length, dim)
+
+
 AttentionInterface.register(ATTENTION, packed_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the mask an unplanned forward needs; a planned one ignores it
+
+
+CLEARLY_FASTER = 1.2  # float32 attention is taken if the model's precision takes this many times its time
 
 
 def attention_precision(
     heads: int, dim: int, dtype: torch.dtype, device: torch.device, slots: int = 32, columns: int = 128
 ) -> tuple[torch.dtype, str]:
     """The precision of a packed step's attention and slot cache, for a model computing in ``dtype``: its own, or
-    float32 where a decoding step's attention (``slots`` rows over ``columns``) runs faster in it on this device,
-    timed once at load (the two interleaved, the best of 8 each); and what was timed, for the log.
+    float32 where a decoding step's attention (``slots`` rows over ``columns``) runs clearly faster in it on this
+    device (``CLEARLY_FASTER``), timed once at load (the two interleaved, the best of 8 each); and what was timed,
+    for the log.
 
     Keys and values from a reduced-precision model are exact in float32, so the choice is one of speed: torch's
     CPU attention kernel took 3-4x as long in bfloat16 as in float32 on AVX512-BF16 without AMX (2 EPYC cores),
@@ -198,8 +221,8 @@ def attention_precision(
                 torch.cuda.synchronize(device)
             if attempt:
                 seconds[candidate] = min(seconds[candidate], time.perf_counter() - started)
-    chosen = min(seconds, key=seconds.__getitem__)
     ratio = seconds[dtype] / seconds[torch.float32]
+    chosen = torch.float32 if ratio >= CLEARLY_FASTER else dtype  # a float32 cache takes twice the memory
     return chosen, f"{chosen} ({dtype} took {ratio:.2f}x float32's time)".replace("torch.", "")
 
 
@@ -220,10 +243,8 @@ class SlotLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         plan = PLAN.get()
         assert plan is not None, "a slot cache is written by packed steps only"
-        self.keys.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = key_states[0].transpose(0, 1).to(self.keys)
-        self.values.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = (
-            value_states[0].transpose(0, 1).to(self.values)
-        )
+        for cache, states in ((self.keys, key_states), (self.values, value_states)):  # in the cache's precision
+            cache.permute(0, 2, 1, 3)[plan.token_slots, plan.positions] = states[0].transpose(0, 1).to(cache.dtype)
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
