@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from tritonhf import TritonHFError, cli, model_config
 from tritonhf.repo_builder import BuildOptions, build, plan
 from tritonhf.repository import read_manifest
-from tritonhf.server import TritonServer
+from tritonhf.server import EPHEMERAL_PORTS, TritonServer, free_port
 from tritonhf.variants import VARIANTS
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN, GEN_MAX_LEN
@@ -245,3 +245,11 @@ def test_a_model_that_fails_to_load_shows_its_error(tiny: dict[str, Path], tmp_p
         failing.start(timeout=120)
     assert f"(log: {failing.log_path})" in str(caught.value) and failing.log_path.is_file()
     failing.log_path.unlink()
+
+
+def test_a_free_port_is_chosen_below_the_ephemeral_range() -> None:
+    """Outgoing connections take their source ports from the kernel's ephemeral range: a port chosen there could be
+    taken before the server binds it. Nor is a port handed out twice."""
+    ephemeral = int(EPHEMERAL_PORTS.read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports) and all(1024 <= port < ephemeral for port in ports), (ports, ephemeral)

@@ -14,6 +14,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -119,10 +120,29 @@ def check_free(host: str, ports: dict[str, int]) -> None:
                 ) from None
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+GIVEN: set[int] = set()  # the ports free_port has handed out: never twice in one process
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range: a port from inside it (what binding port 0 gives) can be
+    taken, before the server binds it, as the source port of any outgoing connection (seen in a test: serve refused
+    its gRPC port as in use)."""
+    try:
+        ephemeral = int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # no procfs: Linux's default range starts here
+        ephemeral = 32768
+    for _ in range(100):
+        port = random.randrange(min(10000, ephemeral // 2), ephemeral)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # a server listens there
+                continue
+        if port not in GIVEN:
+            GIVEN.add(port)
+            return port
+    raise OSError(f"no free port below {ephemeral} in 100 tries")
 
 
 def model_errors(log: str) -> list[str]:
