@@ -355,19 +355,27 @@ class Steps:
         return getattr(self.model, name)
 
 
-def test_prompts_go_in_by_chunks_beside_the_decoding_rows(model: TextGeneration) -> None:
-    """Steps of at most 2 prompt tokens besides 3 rows: prompts go in by chunks over several steps, in the same
-    forwards as the rows decoding, never more than 2 prompt tokens a step however few rows decode; every answer
-    is transformers' generate on its prompt alone."""
-    steps = Steps(model)
+def chunked_streams_answer_as_generate(model: TextGeneration, through: Steps | None = None) -> PackedBatch:
+    """Six streams, 3 rows at a time and 2 prompt tokens a step (scheduled ``through`` a recording wrapper of
+    ``model``, if given): each answers as generate on its prompt alone. Returns the batch they ran in."""
     requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
     recorders = [Recorder() for _ in requests]
-    with scheduling(steps, max_sequences=3, prefill_tokens=2) as scheduler:  # type: ignore[arg-type]
+    with scheduling(through or model, max_sequences=3, prefill_tokens=2) as scheduler:  # type: ignore[arg-type]
         for (prompt, n), recorder in zip(requests, recorders, strict=True):
             scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
         assert all(r.done.wait(60) for r in recorders)
     for (prompt, n), recorder in zip(requests, recorders, strict=True):
         assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+    assert isinstance(scheduler.batch, PackedBatch)
+    return scheduler.batch
+
+
+def test_prompts_go_in_by_chunks_beside_the_decoding_rows(model: TextGeneration) -> None:
+    """Steps of at most 2 prompt tokens besides 3 rows: prompts go in by chunks over several steps, in the same
+    forwards as the rows decoding, never more than 2 prompt tokens a step however few rows decode; every answer
+    is transformers' generate on its prompt alone."""
+    steps = Steps(model)
+    chunked_streams_answer_as_generate(model, through=steps)
     assert max(tokens - decoding for tokens, decoding, _ in steps.seen) <= 2
     assert any(decoding < 3 and chunks for _, decoding, chunks in steps.seen), "no step of fewer rows took a chunk"
     assert any(decoding and chunks for _, decoding, chunks in steps.seen), "no step mixed decoding and a prompt"
@@ -459,21 +467,6 @@ def test_a_grouped_query_attention_model_packs_and_answers_as_generate(tiny: dic
     model = load_task(str(tmp_path), "text-generation", max_length="8")
     assert isinstance(model, TextGeneration) and model.packs
     chunked_streams_answer_as_generate(model)
-
-
-def chunked_streams_answer_as_generate(model: TextGeneration) -> PackedBatch:
-    """Six streams, 3 rows at a time and 2 prompt tokens a step: each answers as generate on its prompt alone.
-    Returns the batch they ran in."""
-    requests = list(zip(PROMPTS[:6], LENGTHS[:6], strict=True))
-    recorders = [Recorder() for _ in requests]
-    with scheduling(model, max_sequences=3, prefill_tokens=2) as scheduler:
-        for (prompt, n), recorder in zip(requests, recorders, strict=True):
-            scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
-        assert all(r.done.wait(60) for r in recorders)
-    for (prompt, n), recorder in zip(requests, recorders, strict=True):
-        assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
-    assert isinstance(scheduler.batch, PackedBatch)
-    return scheduler.batch
 
 
 def test_a_model_that_does_not_pack_decodes_alike_in_a_padded_batch(model: TextGeneration) -> None:
