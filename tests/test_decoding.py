@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
+from tritonhf.backends.python_hf.budget import PrefillBudget, StepCost
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache, packs, use_attention
 from tritonhf.backends.python_hf.parameters import GenerationParams
@@ -71,6 +72,7 @@ def scheduling(
         max_running_sequences=max_sequences,
         max_running_tokens=max_tokens or model.limits.max_running_tokens,
         max_prefill_tokens=prefill_tokens or model.limits.max_prefill_tokens,
+        prefill_step_slack=0 if prefill_tokens else model.limits.prefill_step_slack,  # a count given: just that
     )
     scheduler = Scheduler(model, limits, observer)
     try:
@@ -347,9 +349,9 @@ class Steps:
         self.seen.append((len(ids), len(plan.decoding), plan.chunks))
         return self.model.packed_forward(ids, plan, keep, cache)
 
-    def running_batch(self, prefill_tokens: int | None = None) -> PackedBatch:
+    def running_batch(self, prefill: PrefillBudget | None = None) -> PackedBatch:
         assert self.model.packs
-        return PackedBatch(self, prefill_tokens)
+        return PackedBatch(self, prefill)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -382,6 +384,91 @@ def test_prompts_go_in_by_chunks_beside_the_decoding_rows(model: TextGeneration)
     assert any(start > 0 for _, _, chunks in steps.seen for _, start, _ in chunks), "no prompt was split"
 
 
+@dataclasses.dataclass(frozen=True)
+class Recorded(PrefillBudget):
+    """A budget recording the allowances it gives."""
+
+    given: list[int] = dataclasses.field(default_factory=list)
+
+    def allowance(self, decoding: int) -> int:
+        self.given.append(super().allowance(decoding))
+        return self.given[-1]
+
+
+def test_a_steps_prompt_tokens_are_its_budgets_allowance_beside_its_decoding_rows(model: TextGeneration) -> None:
+    """A packed step carries as many prompt tokens as its budget allows beside its decoding rows (fewer only where
+    the prompts run out), with a cost of 10 ms + 2 ms a row + 1 ms a token and 1.25x slack: 3 beside 1-2 rows, 4
+    beside 3-4, the cap of 6 beside none; every answer is generate's on its prompt alone."""
+    budget = Recorded(most=6, slack=1.25, cost=StepCost(base=0.010, per_row=0.002, per_prompt=0.0, per_token=0.001))
+    steps = Steps(model)
+    batch = steps.running_batch(budget)
+    first = model.sequence(PROMPTS[2], model.parse_options({"max_new_tokens": 60}))
+    later = [model.sequence(PROMPTS[i], model.parse_options({"max_new_tokens": 30})) for i in (10, 1, 9)]
+    with torch.inference_mode():
+        batch.admit([first])
+        while batch.prefilling(first):
+            batch.step()
+        joined = len(steps.seen)
+        batch.admit(later)
+        while batch.rows:
+            batch.step()
+            batch.retire()
+    allowed = {0: 6, 1: 3, 2: 3, 3: 4, 4: 4}
+    assert budget.given == [allowed[decoding] for _, decoding, _ in steps.seen]
+    for admitted, seen in ([first], steps.seen[:joined]), (later, steps.seen[joined:]):
+        waiting = sum(len(row.prompt_ids) for row in admitted)  # prompt tokens not yet in
+        for tokens, decoding, _ in seen:
+            assert tokens - decoding == min(allowed[decoding], waiting)
+            waiting -= tokens - decoding
+        assert waiting == 0
+    assert {decoding for _, decoding, chunks in steps.seen if chunks} >= {0, 1, 2, 3}
+    for row in [first, *later]:
+        assert (row.answer(), len(row.tokens)) == reference(model, row.prompt, max_new_tokens=len(row.tokens))
+
+
+SLOW = StepCost(base=0.025, per_row=0.001, per_prompt=0.002, per_token=0.0005)
+
+
+class Slow(Steps):
+    """A packing model whose every step takes SLOW's time (its forward, then a sleep to the end): a device of known
+    cost. The tiny model's own forward takes 1-15 ms on a 2-core VM (more when its cores were idle)."""
+
+    def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+        end = time.perf_counter() + SLOW.seconds(len(plan.decoding), sum(length for _, _, length in plan.chunks))
+        logits = super().packed_forward(ids, plan, keep, cache)
+        time.sleep(max(0.0, end - time.perf_counter()))
+        return logits
+
+
+def test_a_scheduler_bounds_its_chunks_by_its_steps_cost_timed_at_load(model: TextGeneration) -> None:
+    """A stream's scheduler times packed steps as it starts and fits their cost (SLOW's, within 10%); its steps
+    then carry, beside d decoding rows, at most the prompt tokens that keep the step within 1.5x the rows' own (the
+    first request's whole prompt at once: nobody decodes), and long prompts, chunked so, answer as generate."""
+    slow = Slow(model)
+    limits = dataclasses.replace(model.limits, max_running_sequences=4, prefill_step_slack=1.5)
+    requests = [(PROMPTS[i], 40 if i == 11 else 10) for i in range(11, 15)]  # 47-100 prompt tokens
+    recorders = [Recorder() for _ in requests]
+    scheduler = Scheduler(slow, limits)  # type: ignore[arg-type]
+    try:
+        budget = scheduler.batch.prefill
+        assert isinstance(budget, PrefillBudget) and budget.cost is not None
+        for term in ("base", "per_row", "per_token"):
+            assert getattr(budget.cost, term) == pytest.approx(getattr(SLOW, term), rel=0.1), term
+        assert "timed at load" in scheduler.describe()
+        slow.seen.clear()
+        for (prompt, n), recorder in zip(requests, recorders, strict=True):
+            scheduler.submit(model.sequence(prompt, model.parse_options({"max_new_tokens": n}), recorder))
+            until(lambda: recorders[0].tokens >= 1, what="the first request to be decoding")
+        assert all(r.done.wait(60) for r in recorders)
+    finally:
+        scheduler.close()
+    assert all(tokens - decoding <= budget.allowance(decoding) for tokens, decoding, _ in slow.seen)
+    assert any(decoding and chunks for _, decoding, chunks in slow.seen), "no step mixed decoding and a prompt"
+    assert budget.allowance(1) < max(tokens - decoding for tokens, decoding, _ in slow.seen) <= budget.most
+    for (prompt, n), recorder in zip(requests, recorders, strict=True):
+        assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+
+
 def test_a_prompt_cancelled_half_way_in_frees_its_slot(model: TextGeneration) -> None:
     """A client that leaves while its prompt is still going in by chunks: cancelled at the next step, its slot
     free, the row beside it unharmed."""
@@ -412,7 +499,7 @@ def test_an_emptied_batch_keeps_its_cache_for_the_next_rows(model: TextGeneratio
     """The reserved KV cache outlives a busy spell: the next rows, no more and no wider, are written over the
     last ones' columns in the same tensors (reserved anew at each spell, the cache cost page faults and copies
     in the inter-token tail), and each answer is still generate's on its prompt alone."""
-    batch = model.running_batch(prefill_tokens=4)
+    batch = model.running_batch(PrefillBudget(4))
 
     def answered(prompts: list[str]) -> list[Sequence]:
         rows = [model.sequence(prompt, model.parse_options({"max_new_tokens": 5})) for prompt in prompts]
@@ -573,8 +660,8 @@ class Faulty:
             raise RuntimeError("out of memory (injected)")
         return self.model.packed_forward(ids, plan, keep, cache)
 
-    def running_batch(self, prefill_tokens: int | None = None) -> PackedBatch | RunningBatch:
-        return PackedBatch(self, prefill_tokens) if self.model.packs else RunningBatch(self)
+    def running_batch(self, prefill: PrefillBudget | None = None) -> PackedBatch | RunningBatch:
+        return PackedBatch(self, prefill) if self.model.packs else RunningBatch(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)

@@ -191,8 +191,8 @@ def test_a_stream_is_tuned_on_its_tokens_within_its_latency_bounds(generator: Pa
     assert (
         space.delays_us == (0,) and space.batch_sizes == (4, 8, 16, 32, 64) and space.variants[STREAM][0] == "float32"
     )
-    assert space.prefill_tokens == (8, 16, 32, 64, 128) and found["gpt2"].prefill_tokens == (0,)
-    assert space.default == Candidate(STREAM, "auto", space.default.instances, 32, 0, prefill_tokens=32)
+    assert space.prefill_tokens == (8, 16, 32, 64, 128, 512) and found["gpt2"].prefill_tokens == (0,)
+    assert space.default == Candidate(STREAM, "auto", space.default.instances, 32, 0, prefill_tokens=512)
     output = tmp_path / "tuned"
     options = TuneOptions(generator, output, (STREAM,), budget_minutes=2, ttft_p99_ms=5000.0, itl_p99_ms=2000.0)
     tune.tune(options)

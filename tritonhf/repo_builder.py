@@ -443,8 +443,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gen-max-prefill-tokens",
         type=int,
         default=limits.max_prefill_tokens,
-        help="streaming models: prompt tokens one packed step carries besides a token a decoding row (chunked"
-        " prefill: more let newcomers in sooner, fewer keep steps short) (default: %(default)s)",
+        help="streaming models: prompt tokens one packed step carries at most (chunked prefill: more let newcomers"
+        " in sooner, fewer keep steps short) (default: %(default)s)",
+    )
+    add(
+        "--gen-prefill-step-slack",
+        type=float,
+        default=limits.prefill_step_slack,
+        help="streaming models: a packed step that carries prompt tokens beside decoding rows takes at most this x"
+        " the rows' own step, timed as it serves; 0: --gen-max-prefill-tokens a step (default: %(default)s)",
     )
     add(
         "--gen-max-waiting-steps",
@@ -486,11 +493,12 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         max_waiting_steps=args.gen_max_waiting_steps,
         max_waiting_sequences=args.gen_max_waiting,
         max_prefill_tokens=args.gen_max_prefill_tokens,
+        prefill_step_slack=args.gen_prefill_step_slack,
     )
     try:
         limits.check()
     except ValueError as err:
-        raise TritonHFError(f"--gen-max-running, --gen-max-running-tokens, --gen-max-waiting(-steps): {err}") from None
+        raise TritonHFError(f"the --gen- streaming limits: {err}") from None
     return BuildOptions(
         output=staging_for(args.output),
         max_batch_size=args.max_batch_size,

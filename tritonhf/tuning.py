@@ -33,8 +33,9 @@ each point once and takes any gain, noise included. Here:
 
 Generation is searched the same way (``Serves``): its throughput is output tokens/s, and a point also carries its
 p99 time to first token, bounded separately; a stream's "batch size" is its running batch's rows, and its own
-axis is the prompt tokens a packed step carries besides the decoding rows' (chunked prefill's budget: more lets
-newcomers in sooner, fewer keeps the steps, and so the inter-token latency, even).
+axis is the cap on the prompt tokens a packed step carries besides the decoding rows' (chunked prefill's budget,
+within its time bound, prefill_step_slack: more lets newcomers in sooner, fewer keeps the steps, and so the
+inter-token latency, even).
 """
 
 from __future__ import annotations

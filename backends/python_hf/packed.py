@@ -22,14 +22,16 @@ No Triton import. vLLM's scheduling on a Hugging Face model, without its kernels
   rows attend over their slots in one batched call, each prompt chunk over its
   own slot, causally. Without a plan (any other forward) it is transformers'
   SDPA, unchanged.
-- **Chunked prefill.** Besides one token a decoding row, a step carries at
-  most ``prefill_tokens`` prompt tokens, in arrival order; a longer prompt is
-  cut into chunks over the next steps, and its row starts decoding once its
-  prompt is in. Decoding never waits for a prompt, and however few rows
-  decode, no prompt makes a step longer than that budget does (a budget on
-  the step's whole count, vLLM's, lets a step of a few rows carry the most
-  prompt tokens: the longest steps, and so the inter-token tail, come at
-  light load).
+- **Chunked prefill.** Besides one token a decoding row, a step carries
+  prompt tokens within its ``prefill`` budget (budget.py), in arrival order; a
+  longer prompt is cut into chunks over the next steps, and its row starts
+  decoding once its prompt is in. Decoding never waits for a prompt. The
+  budget is one of time (Sarathi-Serve's): beside decoding rows, a step may
+  take at most a set multiple of the rows' own step, by a cost timed at start
+  (``time_steps``), so a join never stalls them; with no row decoding, the
+  cap goes to prompts. A count fixed on one machine would not do: on two CPU
+  cores 32 tokens made a step of a few rows 1.5x longer, and a GPU's step
+  costs about the same up to hundreds.
 
 A model qualifies if a packed forward gives its own logits (``packs``,
 checked once at load); one that does not keeps the padded running batch
@@ -44,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -51,6 +54,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from .budget import PrefillBudget, StepCost
 from .running_batch import LanguageModel, record
 from .sequence import Sequence
 
@@ -226,6 +230,37 @@ def attention_precision(
     return chosen, f"{chosen} ({dtype} took {ratio:.2f}x float32's time)".replace("torch.", "")
 
 
+def time_steps(model: PackingModel, rows: int, repeats: int = 3) -> StepCost | None:
+    """This device's cost of a packed step (budget.StepCost), timed at load: decoding steps of 1 and ``rows`` rows
+    alone, and beside a prompt chunk of 16 or 64 tokens (64 beside ``rows``), over 64 cached tokens a row; the
+    best of ``repeats`` each, after a round that warms the kernels up. A few hundred milliseconds for gpt2 on two
+    CPU cores."""
+    shapes = [(1, 0), (rows, 0), (1, 16), (1, 64), (rows, 64)]
+    cache = SlotCache.reserve(model.cache_shapes(), rows + 1, 128, model.device)
+    best = dict.fromkeys(shapes, math.inf)
+    for attempt in range(repeats + 1):
+        for decoding, tokens in shapes:
+            seconds = timed_step(model, cache, decoding, tokens)
+            if attempt:
+                best[decoding, tokens] = min(best[decoding, tokens], seconds)
+    return StepCost.fit(np.array([(decoding, tokens, seconds) for (decoding, tokens), seconds in best.items()]))
+
+
+def timed_step(model: PackingModel, cache: SlotCache, rows: int, tokens: int = 0) -> float:
+    """Seconds of one packed step: ``rows`` decoding rows over 64 cached tokens each, beside a prompt chunk of
+    ``tokens`` in the next slot, its logits read back (a device's step is then over)."""
+    ids, plan, keep = plan_step(
+        rows + 1,
+        [(slot, 64, 0) for slot in range(rows)],
+        [(rows, 0, [0] * tokens, True)] if tokens else [],
+        model.device,
+    )
+    with torch.inference_mode():
+        started = time.perf_counter()
+        planned_forward(model, ids, plan, keep, cache).argmax(-1).tolist()
+        return time.perf_counter() - started
+
+
 class SlotLayer(CacheLayerMixin):
     """One layer's keys and values, ``[slots, heads, columns, head_dim]``; a packed step writes its tokens in place."""
 
@@ -334,7 +369,7 @@ class PackedBatch:
     """The rows decoding together, packed (see the module): the same calls as running_batch.RunningBatch."""
 
     model: PackingModel
-    prefill_tokens: int | None = None  # a step's prompt tokens; None: no budget (static batching: all at once)
+    prefill: PrefillBudget | None = None  # a step's prompt tokens (budget.py); None: all at once (static batching)
     rows: list[Sequence] = field(default_factory=list)
     slots: dict[Sequence, Slot] = field(default_factory=dict)
     cache: SlotCache | None = None
@@ -370,7 +405,7 @@ class PackedBatch:
     def step(self) -> None:
         """One forward: every decoding row's next token, and prompt chunks within the step's prefill budget."""
         decoding = [row for row in self.rows if not self.prefilling(row)]
-        budget = math.inf if self.prefill_tokens is None else self.prefill_tokens
+        budget = math.inf if self.prefill is None else self.prefill.allowance(len(decoding))
         chunks: list[tuple[Sequence, int, int]] = []
         for row in sorted((row for row in self.rows if self.prefilling(row)), key=lambda row: row.arrived):
             if budget <= 0:

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import torch
 from tokenizers.decoders import DecodeStream
 
+from .budget import PrefillBudget
 from .parameters import GenerationParams
 from .sequence import Sequence, Stream, choose
 
@@ -53,7 +54,7 @@ class LanguageModel(Protocol):
 
     def sequence(self, prompt: str, params: GenerationParams, stream: Stream | None = None) -> Sequence: ...
 
-    def running_batch(self, prefill_tokens: int | None = None) -> Batch:
+    def running_batch(self, prefill: PrefillBudget | None = None) -> Batch:
         """The packed batch (packed.py) where the model packs, else this module's padded one."""
         ...
 

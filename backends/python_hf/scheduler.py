@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .batching import RequestError, decode_rows
-from .packed import PrefillError
+from .budget import PrefillBudget
+from .packed import PackedBatch, PackingModel, PrefillError, time_steps
 from .parameters import Limits
 from .running_batch import LanguageModel, RunningBatch
 from .sequence import Sequence, Stream
@@ -77,7 +78,9 @@ class Scheduler:
         log_error: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits or Limits()
-        self.model, self.batch = model, model.running_batch(self.limits.max_prefill_tokens)
+        self.model, self.batch = model, model.running_batch(PrefillBudget(self.limits.max_prefill_tokens))
+        if isinstance(self.batch, PackedBatch) and self.limits.prefill_step_slack:
+            self.batch.prefill = self.timed_budget(self.batch.model)
         self.steps_waited = 0  # decoding steps run while someone waited
         self.observer = observer or Quiet()
         self.log_error = log_error or logger.error
@@ -87,14 +90,22 @@ class Scheduler:
         self.thread = threading.Thread(target=self.run, name="tritonhf-decode", daemon=True)
         self.thread.start()
 
+    def timed_budget(self, model: PackingModel) -> PrefillBudget:
+        """The packed steps' prompt tokens (budget.py) within the slack, by their cost timed now."""
+        limits = self.limits
+        try:
+            cost = time_steps(model, limits.max_running_sequences)
+        except Exception:  # noqa: BLE001 - serving goes on, with the cap
+            self.log_error(f"could not time packed steps; prompts go in by up to the cap:\n{traceback.format_exc()}")
+            cost = None
+        return PrefillBudget(limits.max_prefill_tokens, limits.prefill_step_slack, cost)
+
     def describe(self) -> str:
         """The batch it runs, for the log."""
         if isinstance(self.batch, RunningBatch):
             return "a padded running batch"
-        return (
-            f"packed steps, prompts chunked: up to {self.limits.max_prefill_tokens} prompt tokens a step;"
-            f" attention in {self.batch.model.attention}"
-        )
+        prefill = self.batch.prefill.describe(self.limits.max_running_sequences) if self.batch.prefill else "whole"
+        return f"packed steps, prompts chunked: {prefill}; attention in {self.batch.model.attention}"
 
     def start(self, prompt: np.ndarray | None, raw: Any, stream: Stream) -> None:
         """Check one streaming request and queue it; a bad one gets its error on its own stream."""

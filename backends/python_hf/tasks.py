@@ -43,6 +43,7 @@ from transformers import DynamicCache
 from transformers.utils import cached_file
 
 from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
+from .budget import PrefillBudget
 from .hardware import FLOAT32, Choice, choose
 from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
 from .packed import PackedBatch, Plan, SlotCache, attention_precision, packs
@@ -236,10 +237,10 @@ class TextGeneration(HFTask):
     def new_cache(self) -> DynamicCache:
         return DynamicCache()
 
-    def running_batch(self, prefill_tokens: int | None = None) -> RunningBatch | PackedBatch:
-        """The packed batch (packed.py: one forward a step, chunked prefill within ``prefill_tokens``) where this model
+    def running_batch(self, prefill: PrefillBudget | None = None) -> RunningBatch | PackedBatch:
+        """The packed batch (packed.py: one forward a step, chunked prefill within ``prefill``) where this model
         packs, else the padded one."""
-        return PackedBatch(self, prefill_tokens) if self.packs else RunningBatch(self)
+        return PackedBatch(self, prefill) if self.packs else RunningBatch(self)
 
     def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
         config = self.model.config.get_text_config(decoder=True)
