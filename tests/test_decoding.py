@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 from tritonhf.backends.python_hf.batching import RequestError
-from tritonhf.backends.python_hf.budget import PrefillBudget, StepCost
+from tritonhf.backends.python_hf.budget import UNTIMED, PrefillBudget, StepCost
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache, packs, use_attention
 from tritonhf.backends.python_hf.parameters import GenerationParams
@@ -66,13 +66,14 @@ def scheduling(
     observer: Observer | None = None,
     prefill_tokens: int | None = None,
 ) -> Iterator[Scheduler]:
-    """A scheduler with these settings from its start, always closed."""
+    """A scheduler with these settings from its start, always closed; its packed steps' prompt tokens a fixed
+    count (no slack: chunks do not hang on how fast this machine is today)."""
     limits = dataclasses.replace(
         model.limits,
         max_running_sequences=max_sequences,
         max_running_tokens=max_tokens or model.limits.max_running_tokens,
         max_prefill_tokens=prefill_tokens or model.limits.max_prefill_tokens,
-        prefill_step_slack=0 if prefill_tokens else model.limits.prefill_step_slack,  # a count given: just that
+        prefill_step_slack=0,
     )
     scheduler = Scheduler(model, limits, observer)
     try:
@@ -426,7 +427,7 @@ def test_a_steps_prompt_tokens_are_its_budgets_allowance_beside_its_decoding_row
         assert (row.answer(), len(row.tokens)) == reference(model, row.prompt, max_new_tokens=len(row.tokens))
 
 
-SLOW = StepCost(base=0.025, per_row=0.001, per_prompt=0.002, per_token=0.0005)
+SLOW = StepCost(base=0.025, per_row=0.004, per_prompt=0.002, per_token=0.0005)
 
 
 class Slow(Steps):
@@ -467,6 +468,35 @@ def test_a_scheduler_bounds_its_chunks_by_its_steps_cost_timed_at_load(model: Te
     assert budget.allowance(1) < max(tokens - decoding for tokens, decoding, _ in slow.seen) <= budget.most
     for (prompt, n), recorder in zip(requests, recorders, strict=True):
         assert (recorder.text, recorder.tokens) == reference(model, prompt, max_new_tokens=n, do_sample=False)
+
+
+def test_a_scheduler_whose_steps_cannot_be_timed_serves_by_a_fixed_count(model: TextGeneration) -> None:
+    """Timing packed steps at start fails (here: every step of more than one decoding row raises while timed):
+    the error is logged, the scheduler serves, its steps carrying budget.UNTIMED prompt tokens beside decoding
+    rows, and a stream answers as generate."""
+
+    class Untimeable(Steps):
+        timing = True
+
+        def packed_forward(self, ids: torch.Tensor, plan: Plan, keep: torch.Tensor, cache: SlotCache) -> torch.Tensor:
+            if self.timing and len(plan.decoding) > 1:
+                raise RuntimeError("out of memory (a test's)")
+            return super().packed_forward(ids, plan, keep, cache)
+
+    untimeable, errors, recorder = Untimeable(model), [], Recorder()
+    limits = dataclasses.replace(model.limits, max_running_sequences=4, prefill_step_slack=1.5)
+    scheduler = Scheduler(untimeable, limits, log_error=errors.append)  # type: ignore[arg-type]
+    untimeable.timing = False
+    try:
+        assert len(errors) == 1 and "could not time packed steps" in errors[0] and "a test's" in errors[0]
+        budget = scheduler.batch.prefill
+        assert isinstance(budget, PrefillBudget) and budget.cost is None and budget.allowance(1) == UNTIMED
+        assert "untimed" in scheduler.describe()
+        scheduler.submit(model.sequence(PROMPTS[4], model.parse_options({"max_new_tokens": 12}), recorder))
+        assert recorder.done.wait(60)
+    finally:
+        scheduler.close()
+    assert (recorder.text, recorder.tokens) == reference(model, PROMPTS[4], max_new_tokens=12, do_sample=False)
 
 
 def test_a_prompt_cancelled_half_way_in_frees_its_slot(model: TextGeneration) -> None:

@@ -145,7 +145,7 @@ def test_stream_configs(repository: Path) -> None:
     assert stream["parameters"]["max_running_sequences"] == {"string_value": "32"}
     assert stream["parameters"]["max_running_tokens"] == {"string_value": "16384"}
     assert stream["parameters"]["max_prefill_tokens"] == {"string_value": "512"}
-    assert stream["parameters"]["prefill_step_slack"] == {"string_value": "1.5"}
+    assert stream["parameters"]["prefill_step_slack"] == {"string_value": "1.25"}
     assert "max_running_tokens" not in static["parameters"]
     # one running batch over every CPU on a CPU host; the other models one instance per core (hardware.py)
     assert stream["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]

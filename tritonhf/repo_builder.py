@@ -451,7 +451,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=limits.prefill_step_slack,
         help="streaming models: a packed step that carries prompt tokens beside decoding rows takes at most this x"
-        " the rows' own step, timed as it serves; 0: --gen-max-prefill-tokens a step (default: %(default)s)",
+        " the rows' own step, timed as the model starts; 0: --gen-max-prefill-tokens a step (default: %(default)s)",
     )
     add(
         "--gen-max-waiting-steps",

@@ -90,7 +90,7 @@ class Candidate:
     instances: int
     max_batch_size: int
     queue_delay_us: int
-    prefill_tokens: int = 0  # a stream's: prompt tokens a packed step carries besides a token a decoding row
+    prefill_tokens: int = 0  # a stream's cap on the prompt tokens a packed step carries (max_prefill_tokens)
 
     @property
     def label(self) -> str:
@@ -157,7 +157,7 @@ class Space:
     batch_sizes: tuple[int, ...]
     delays_us: tuple[int, ...]
     serves: Serves = Serves.REQUESTS
-    prefill_tokens: tuple[int, ...] = (0,)  # a stream's prompt tokens a step (max_prefill_tokens); (0,): the rest
+    prefill_tokens: tuple[int, ...] = (0,)  # a stream's caps on its steps' prompt tokens; (0,): the rest
 
     def neighbours(self, candidate: Candidate) -> list[Candidate]:
         """The candidates one step away on one layout axis (instances, batch size, queue delay, a stream's prefill

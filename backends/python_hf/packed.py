@@ -231,30 +231,29 @@ def attention_precision(
 
 
 def time_steps(model: PackingModel, rows: int, repeats: int = 3) -> StepCost | None:
-    """This device's cost of a packed step (budget.StepCost), timed at load: decoding steps of 1 and ``rows`` rows
-    alone, and beside a prompt chunk of 16 or 64 tokens (64 beside ``rows``), over 64 cached tokens a row; the
-    best of ``repeats`` each, after a round that warms the kernels up. A few hundred milliseconds for gpt2 on two
-    CPU cores."""
-    shapes = [(1, 0), (rows, 0), (1, 16), (1, 64), (rows, 64)]
-    cache = SlotCache.reserve(model.cache_shapes(), rows + 1, 128, model.device)
+    """This device's cost of a packed step (budget.StepCost), timed as a stream's scheduler starts: decoding
+    steps of 1 and ``rows`` rows alone, and beside a prompt chunk of a quarter and all of ``context`` tokens (all
+    of them beside ``rows``), each row over ``context`` cached tokens (64, within the model's length); the best
+    of ``repeats`` each, after a round that warms the kernels up. A few hundred milliseconds for gpt2 on two CPU
+    cores. Run it on a thread that ends (hardware.on_a_thread_that_ends): a second OpenMP team slows every step.
+    """
+    context = min(64, model.max_tokens // 2)
+    shapes = [(1, 0), (rows, 0), (1, context // 4), (1, context), (rows, context)]
+    cache = SlotCache.reserve(model.cache_shapes(), rows + 1, context + 1, model.device)
     best = dict.fromkeys(shapes, math.inf)
     for attempt in range(repeats + 1):
         for decoding, tokens in shapes:
-            seconds = timed_step(model, cache, decoding, tokens)
+            seconds = timed_step(model, cache, decoding, tokens, context)
             if attempt:
                 best[decoding, tokens] = min(best[decoding, tokens], seconds)
     return StepCost.fit(np.array([(decoding, tokens, seconds) for (decoding, tokens), seconds in best.items()]))
 
 
-def timed_step(model: PackingModel, cache: SlotCache, rows: int, tokens: int = 0) -> float:
-    """Seconds of one packed step: ``rows`` decoding rows over 64 cached tokens each, beside a prompt chunk of
-    ``tokens`` in the next slot, its logits read back (a device's step is then over)."""
-    ids, plan, keep = plan_step(
-        rows + 1,
-        [(slot, 64, 0) for slot in range(rows)],
-        [(rows, 0, [0] * tokens, True)] if tokens else [],
-        model.device,
-    )
+def timed_step(model: PackingModel, cache: SlotCache, rows: int, tokens: int = 0, context: int = 64) -> float:
+    """Seconds of one packed step: ``rows`` decoding rows over ``context`` cached tokens each, beside a prompt
+    chunk of ``tokens`` in the next slot, its logits read back (a device's step is then over)."""
+    chunks = [(rows, 0, [0] * tokens, True)] if tokens else []
+    ids, plan, keep = plan_step(rows + 1, [(slot, context, 0) for slot in range(rows)], chunks, model.device)
     with torch.inference_mode():
         started = time.perf_counter()
         planned_forward(model, ids, plan, keep, cache).argmax(-1).tolist()

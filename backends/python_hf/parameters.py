@@ -209,7 +209,7 @@ class Limits:
     max_running_sequences: int = 32  # rows in the running batch
     max_running_tokens: int = 16384  # rows x longest (prompt + max_new_tokens): the KV cache's size in tokens
     max_prefill_tokens: int = 512  # prompt tokens a packed step carries at most (vLLM's chunked-prefill budget)
-    prefill_step_slack: float = 1.5  # beside decoding rows, at most this x their own step's time (0: no time bound)
+    prefill_step_slack: float = 1.25  # beside decoding rows, at most this x their own step's time (0: no time bound)
     max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
     waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
     max_waiting_sequences: int = 64  # requests waiting for a slot; more are refused at once (UNAVAILABLE)
@@ -229,7 +229,7 @@ class Limits:
             )
         if min(self.max_waiting_steps, self.waiting_served_ratio) < 0:
             raise ValueError(f"max_waiting_steps and waiting_served_ratio must be >= 0; got {self}")
-        if self.prefill_step_slack and self.prefill_step_slack <= 1:
+        if not (self.prefill_step_slack == 0 or 1 < self.prefill_step_slack < math.inf):
             raise ValueError(f"prefill_step_slack must be 0 (no time bound) or > 1; got {self.prefill_step_slack}")
         return self
 

@@ -22,6 +22,7 @@ import torch
 
 from .batching import RequestError, decode_rows
 from .budget import PrefillBudget
+from .hardware import on_a_thread_that_ends
 from .packed import PackedBatch, PackingModel, PrefillError, time_steps
 from .parameters import Limits
 from .running_batch import LanguageModel, RunningBatch
@@ -78,12 +79,12 @@ class Scheduler:
         log_error: Callable[[str], None] | None = None,
     ) -> None:
         self.limits = limits or Limits()
+        self.observer = observer or Quiet()
+        self.log_error = log_error or logger.error
         self.model, self.batch = model, model.running_batch(PrefillBudget(self.limits.max_prefill_tokens))
         if isinstance(self.batch, PackedBatch) and self.limits.prefill_step_slack:
             self.batch.prefill = self.timed_budget(self.batch.model)
         self.steps_waited = 0  # decoding steps run while someone waited
-        self.observer = observer or Quiet()
-        self.log_error = log_error or logger.error
         self.waiting: deque[Sequence] = deque()
         self.wake = threading.Condition()
         self.closing = False
@@ -91,12 +92,15 @@ class Scheduler:
         self.thread.start()
 
     def timed_budget(self, model: PackingModel) -> PrefillBudget:
-        """The packed steps' prompt tokens (budget.py) within the slack, by their cost timed now."""
+        """The packed steps' prompt tokens (budget.py) within the slack, by their cost timed now (on a thread of
+        its own: the caller's would keep an OpenMP team, hardware.on_a_thread_that_ends), at most as many rows as
+        ``max_running_tokens`` holds of its columns."""
         limits = self.limits
+        rows = max(2, min(limits.max_running_sequences, limits.max_running_tokens // 65))
         try:
-            cost = time_steps(model, limits.max_running_sequences)
-        except Exception:  # noqa: BLE001 - serving goes on, with the cap
-            self.log_error(f"could not time packed steps; prompts go in by up to the cap:\n{traceback.format_exc()}")
+            cost = on_a_thread_that_ends(lambda: time_steps(model, rows))
+        except Exception:  # noqa: BLE001 - serving goes on, with budget.UNTIMED
+            self.log_error(f"could not time packed steps; prompts go in by a fixed count:\n{traceback.format_exc()}")
             cost = None
         return PrefillBudget(limits.max_prefill_tokens, limits.prefill_step_slack, cost)
 
