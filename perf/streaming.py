@@ -42,7 +42,7 @@ from tqdm import tqdm
 from tritonhf import model_config
 from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
 from tritonhf.backends.python_hf.heads import Piece
-from tritonhf.backends.python_hf.packed import PackingModel, SlotCache, timed_step
+from tritonhf.backends.python_hf.packed import PackingModel, SlotCache, packed_step, seconds_of
 from tritonhf.backends.python_hf.steps import load_step
 from tritonhf.backends.python_hf.tasks import TextGeneration
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, data_file, measure, prompts
@@ -164,8 +164,8 @@ def decoded(repo: Path, requests: int) -> Alone:
 
 def step_spread(model: PackingModel, steps: int = 400) -> float:
     """p99 / p50 of ``steps`` identical packed decoding steps of ``FLOOR_ROWS`` rows (the first 20 warm up)."""
-    cache = SlotCache.reserve(model.cache_shapes(), FLOOR_ROWS + 1, 128, model.device)
-    seconds = [timed_step(model, cache, FLOOR_ROWS) for _ in range(steps)][20:]
+    step = packed_step(model, SlotCache.reserve(model.cache_shapes(), FLOOR_ROWS + 1, 65, model.device), FLOOR_ROWS)
+    seconds = [seconds_of(step, model.device) for _ in range(steps)][20:]
     return percentile(seconds, 0.99) / percentile(seconds, 0.5)
 
 

@@ -43,8 +43,10 @@ from __future__ import annotations
 import contextvars
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +61,7 @@ from .running_batch import LanguageModel, record
 from .sequence import Sequence
 
 ATTENTION = "tritonhf_packed"
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True)
@@ -216,48 +219,67 @@ def attention_precision(
         )
         for candidate in (dtype, torch.float32)
     }
-    seconds = dict.fromkeys(inputs, math.inf)
-    for attempt in range(9):  # the first round warms the kernels up
-        for candidate, (query, keys) in inputs.items():
-            started = time.perf_counter()
-            scaled_dot_product_attention(query, keys, keys, mask)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if attempt:
-                seconds[candidate] = min(seconds[candidate], time.perf_counter() - started)
+    attention = {
+        candidate: partial(scaled_dot_product_attention, query, keys, keys, mask)
+        for candidate, (query, keys) in inputs.items()
+    }
+    seconds = best_seconds(attention, device, repeats=8)
     ratio = seconds[dtype] / seconds[torch.float32]
     chosen = torch.float32 if ratio >= CLEARLY_FASTER else dtype  # a float32 cache takes twice the memory
     return chosen, f"{chosen} ({dtype} took {ratio:.2f}x float32's time)".replace("torch.", "")
 
 
-def time_steps(model: PackingModel, rows: int, repeats: int = 3) -> StepCost | None:
+def time_steps(model: PackingModel, rows: int, tokens: int, repeats: int = 3) -> StepCost | None:
     """This device's cost of a packed step (budget.StepCost), timed as a stream's scheduler starts: decoding
-    steps of 1 and ``rows`` rows alone, and beside a prompt chunk of a quarter and all of ``context`` tokens (all
-    of them beside ``rows``), each row over ``context`` cached tokens (64, within the model's length); the best
-    of ``repeats`` each, after a round that warms the kernels up. A few hundred milliseconds for gpt2 on two CPU
-    cores. Run it on a thread that ends (hardware.on_a_thread_that_ends): a second OpenMP team slows every step.
+    steps of 1 and ``rows`` rows alone (fewer where ``tokens`` of cache would not hold them), and beside a prompt
+    chunk of a quarter and all of ``context`` tokens (all of them beside ``rows``), each row over ``context``
+    cached tokens (64, within the model's length); the best of ``repeats`` each, after a round that warms the
+    kernels up. A few hundred milliseconds for gpt2 on two CPU cores. Run it on a thread that ends
+    (hardware.on_a_thread_that_ends): a second OpenMP team slows every step.
     """
     context = min(64, model.max_tokens // 2)
-    shapes = [(1, 0), (rows, 0), (1, context // 4), (1, context), (rows, context)]
+    rows = max(2, min(rows, tokens // (context + 1)))
     cache = SlotCache.reserve(model.cache_shapes(), rows + 1, context + 1, model.device)
-    best = dict.fromkeys(shapes, math.inf)
-    for attempt in range(repeats + 1):
-        for decoding, tokens in shapes:
-            seconds = timed_step(model, cache, decoding, tokens, context)
-            if attempt:
-                best[decoding, tokens] = min(best[decoding, tokens], seconds)
+    shapes = [(1, 0), (rows, 0), (1, context // 4), (1, context), (rows, context)]
+    steps = {shape: packed_step(model, cache, *shape, context) for shape in shapes}
+    best = best_seconds(steps, model.device, repeats)
     return StepCost.fit(np.array([(decoding, tokens, seconds) for (decoding, tokens), seconds in best.items()]))
 
 
-def timed_step(model: PackingModel, cache: SlotCache, rows: int, tokens: int = 0, context: int = 64) -> float:
-    """Seconds of one packed step: ``rows`` decoding rows over ``context`` cached tokens each, beside a prompt
-    chunk of ``tokens`` in the next slot, its logits read back (a device's step is then over)."""
+def packed_step(
+    model: PackingModel, cache: SlotCache, rows: int, tokens: int = 0, context: int = 64
+) -> Callable[[], object]:
+    """One packed step, to run again and again: ``rows`` decoding rows over ``context`` cached tokens each, beside
+    a prompt chunk of ``tokens`` in the next slot, its next tokens read back."""
     chunks = [(rows, 0, [0] * tokens, True)] if tokens else []
     ids, plan, keep = plan_step(rows + 1, [(slot, context, 0) for slot in range(rows)], chunks, model.device)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        planned_forward(model, ids, plan, keep, cache).argmax(-1).tolist()
-        return time.perf_counter() - started
+
+    def step() -> object:
+        with torch.inference_mode():
+            return planned_forward(model, ids, plan, keep, cache).argmax(-1).tolist()
+
+    return step
+
+
+def seconds_of(work: Callable[[], object], device: torch.device) -> float:
+    """How long ``work()`` takes on ``device`` (a GPU's queue waited for)."""
+    started = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def best_seconds(work: Mapping[Key, Callable[[], object]], device: torch.device, repeats: int) -> dict[Key, float]:
+    """Each piece of ``work``'s best time of ``repeats``, the pieces interleaved (so a slow spell of a shared
+    machine falls on all of them), after a round that warms their kernels up."""
+    best = dict.fromkeys(work, math.inf)
+    for attempt in range(repeats + 1):
+        for key, run in work.items():
+            took = seconds_of(run, device)
+            if attempt:
+                best[key] = min(best[key], took)
+    return best
 
 
 class SlotLayer(CacheLayerMixin):

@@ -92,13 +92,13 @@ class Scheduler:
         self.thread.start()
 
     def timed_budget(self, model: PackingModel) -> PrefillBudget:
-        """The packed steps' prompt tokens (budget.py) within the slack, by their cost timed now (on a thread of
-        its own: the caller's would keep an OpenMP team, hardware.on_a_thread_that_ends), at most as many rows as
-        ``max_running_tokens`` holds of its columns."""
+        """The packed steps' prompt tokens (budget.py) within the slack, by their cost timed now, on a thread of
+        its own (the caller's would keep an OpenMP team: hardware.on_a_thread_that_ends)."""
         limits = self.limits
-        rows = max(2, min(limits.max_running_sequences, limits.max_running_tokens // 65))
         try:
-            cost = on_a_thread_that_ends(lambda: time_steps(model, rows))
+            cost = on_a_thread_that_ends(
+                lambda: time_steps(model, limits.max_running_sequences, limits.max_running_tokens)
+            )
         except Exception:  # noqa: BLE001 - serving goes on, with budget.UNTIMED
             self.log_error(f"could not time packed steps; prompts go in by a fixed count:\n{traceback.format_exc()}")
             cost = None
