@@ -403,17 +403,31 @@ def test_a_model_being_healed_is_a_503_then_serves_again(api: API) -> None:
 
 
 def killed_mid_answer_then_healed(api: API) -> None:
+    """Up to three tries: a kill that lands after the answer's last token (the stream already complete, every token
+    sent) tests nothing, so the model is let heal and it is tried again."""
+    for _ in range(3):
+        if kill_mid_answer(api):
+            return
+    pytest.fail("three kills in a row landed after the answer was complete")
+
+
+def kill_mid_answer(api: API) -> bool:
+    """A stream's model process killed after its first chunk: the stream ends with an error event; requests
+    meanwhile get 503, never 500, until the model answers again. False where the answer was complete before the
+    kill landed (on a fast or busy machine the tiny model's 200 tokens can be: CI, stop 32)."""
+    [stub] = [s for s in stubs(api.served.process.pid) if s.model == "gpt2_stream"]  # found first: a scan takes time
     connection = http.client.HTTPConnection("127.0.0.1", api.port, timeout=120)
     body = {"model": "gpt2", "prompt": PROMPTS[2], "max_tokens": 200, "min_tokens": 200, "stream": True}
+    body["stream_options"] = {"include_usage": True}
     connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = connection.getresponse()
     assert response.status == 200
     response.readline()
-    [stub] = [s for s in stubs(api.served.process.pid) if s.model == "gpt2_stream"]
     os.kill(stub.pid, signal.SIGKILL)
     rest = response.read().decode()
     connection.close()
-    assert "event: error" in rest and "data: [DONE]" not in rest, rest[-2000:]
+    complete = '"completion_tokens": 200,' in rest and "data: [DONE]" in rest
+    assert complete or ("event: error" in rest and "data: [DONE]" not in rest), rest[-2000:]
     statuses: list[int] = []
     deadline = time.monotonic() + 120
     while not statuses or statuses[-1] != 200:
@@ -422,6 +436,7 @@ def killed_mid_answer_then_healed(api: API) -> None:
         statuses.append(status)
         time.sleep(0.1)
     assert set(statuses) <= {503, 200} and 500 not in statuses, statuses
+    return not complete
 
 
 def test_a_frontend_that_dies_is_started_again(api: API) -> None:
@@ -433,3 +448,4 @@ def test_a_frontend_that_dies_is_started_again(api: API) -> None:
         api.served.follow()
     assert api.client.completions.create(model="gpt2", prompt="hi", max_tokens=2, temperature=0).choices[0].text
     assert api.served.said("the OpenAI API exited")
+
