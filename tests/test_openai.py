@@ -448,4 +448,3 @@ def test_a_frontend_that_dies_is_started_again(api: API) -> None:
         api.served.follow()
     assert api.client.completions.create(model="gpt2", prompt="hi", max_tokens=2, temperature=0).choices[0].text
     assert api.served.said("the OpenAI API exited")
-
