@@ -18,10 +18,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
+from tritonhf.backends.python_hf import packed
 from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.budget import UNTIMED, PrefillBudget, StepCost
 from tritonhf.backends.python_hf.heads import Piece
-from tritonhf.backends.python_hf.packed import PackedBatch, Plan, SlotCache, packs, use_attention
+from tritonhf.backends.python_hf.packed import KERNELS, PackedBatch, Plan, SlotCache, packs, use_attention
 from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.running_batch import RunningBatch
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
@@ -549,29 +550,61 @@ def test_an_emptied_batch_keeps_its_cache_for_the_next_rows(model: TextGeneratio
         assert (row.answer(), len(row.tokens)) == reference(model, row.prompt, max_new_tokens=5, do_sample=False)
 
 
-@pytest.mark.parametrize("precision", [torch.bfloat16, torch.float32])
-def test_a_bfloat16_models_packed_attention_answers_as_generate_in_either_precision(
-    tiny: dict[str, Path], precision: torch.dtype
+@pytest.mark.parametrize(
+    ("precision", "kernel"), [(torch.bfloat16, "sdpa"), (torch.float32, "sdpa"), (torch.float32, "matmul")]
+)
+def test_a_bfloat16_models_packed_attention_answers_as_generate_in_each_precision_and_kernel(
+    tiny: dict[str, Path], precision: torch.dtype, kernel: str
 ) -> None:
-    """A model computing in bfloat16 runs its packed attention, and keeps its slot cache, in the precision its
-    load timed faster (packed.attention_precision; float32 ran 3-4x faster on AVX512-BF16 without AMX). Either
-    one passes the packing check, and answers by chunks beside decoding rows as the model's own generate does."""
+    """A model computing in bfloat16 runs its packed attention, and keeps its slot cache, in the precision and by
+    the kernel its load timed fastest (packed.attention_choice; float32 ran 3-4x faster on AVX512-BF16 without AMX,
+    and its two matmuls faster than torch's fused kernel). Each one passes the packing check, and answers by chunks
+    beside decoding rows as the model's own generate does."""
     model = load_task(
         str(tiny["gpt2"]), "text-generation", max_length="8", dtype="bfloat16", verified_dtypes="bfloat16"
     )
     assert isinstance(model, TextGeneration) and model.packs
-    assert model.attention.startswith(str(model.cache_dtype).removeprefix("torch.") + " (")
-    model.cache_dtype = precision
+    chosen = f"{model.cache_dtype} by {model.attention_kernel} (".removeprefix("torch.")
+    assert model.attention.startswith(chosen) and model.attention_kernel in KERNELS
+    model.cache_dtype, model.attention_kernel = precision, kernel
     use_attention(model.model, "sdpa")  # as it was loaded, before its check
     assert packs(model)
     batch = chunked_streams_answer_as_generate(model)
     assert batch.cache is not None and batch.cache.layers[0].keys.dtype == precision
 
 
-def test_a_grouped_query_attention_model_packs_and_answers_as_generate(tiny: dict[str, Path], tmp_path: Path) -> None:
-    """A model with fewer key-value heads than query heads (grouped-query attention: Llama 3, Qwen2, Mistral) packs:
-    each key-value head's query heads attend as one longer query over the cache as it is; its streams, prompts
-    going in by chunks, answer as its own generate."""
+@pytest.mark.parametrize(
+    ("own", "timed", "chosen"),
+    [
+        (torch.bfloat16, {"bfloat16 sdpa": 1.0, "float32 sdpa": 0.9, "float32 matmul": 0.85}, "bfloat16 by sdpa"),
+        (torch.bfloat16, {"bfloat16 sdpa": 4.0, "float32 sdpa": 1.2, "float32 matmul": 1.0}, "float32 by matmul"),
+        (torch.bfloat16, {"bfloat16 sdpa": 4.0, "float32 sdpa": 1.0, "float32 matmul": 1.1}, "float32 by sdpa"),
+        (torch.float32, {"float32 sdpa": 1.0, "float32 matmul": 0.98}, "float32 by matmul"),
+        (torch.float32, {"float32 sdpa": 1.0, "float32 matmul": 1.5}, "float32 by sdpa"),
+    ],
+)
+def test_the_packed_attention_is_the_fastest_timed_and_float32_only_where_clearly_so(
+    monkeypatch: pytest.MonkeyPatch, own: torch.dtype, timed: dict[str, float], chosen: str
+) -> None:
+    """The choice's rule over given timings (the timing itself is the device's): the fastest kernel, in float32
+    only where it beats the model's own precision by CLEARLY_FASTER (its cache takes twice the memory)."""
+
+    def given(work: dict, device: torch.device, repeats: int) -> dict:
+        assert sorted(f"{p} {k}".removeprefix("torch.") for p, k in work) == sorted(timed)
+        return {(p, k): timed[f"{p} {k}".removeprefix("torch.")] for p, k in work}
+
+    monkeypatch.setattr(packed, "best_seconds", given)
+    dtype, kernel, described = packed.attention_choice(2, 8, own, torch.device("cpu"))
+    assert f"{dtype} by {kernel}".removeprefix("torch.") == chosen and described.startswith(chosen + " (")
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_a_grouped_query_attention_model_packs_and_answers_as_generate(
+    tiny: dict[str, Path], tmp_path: Path, kernel: str
+) -> None:
+    """A model with fewer key-value heads than query heads (grouped-query attention: Llama 3, Qwen2, Mistral) packs,
+    by either kernel: each key-value head's query heads attend as one longer query over the cache as it is; its
+    streams, prompts going in by chunks, answer as its own generate."""
     tokenizer = AutoTokenizer.from_pretrained(tiny["gpt2"])
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -583,6 +616,7 @@ def test_a_grouped_query_attention_model_packs_and_answers_as_generate(tiny: dic
     tokenizer.save_pretrained(tmp_path)
     model = load_task(str(tmp_path), "text-generation", max_length="8")
     assert isinstance(model, TextGeneration) and model.packs
+    model.attention_kernel = kernel
     chunked_streams_answer_as_generate(model)
 
 

@@ -75,18 +75,19 @@ class Plan:
     chunks: tuple[tuple[int, int, int], ...]
     token_slots: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
+    kernel: str = "sdpa"  # the decoding rows' attention's (attention_choice); prompt chunks take sdpa
 
 
 PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("tritonhf_packed_plan", default=None)
 
 
 def plan_step(
+    model: PackingModel,
     slots: int,
     decoding: list[tuple[int, int, int]],
     chunks: list[tuple[int, int, list[int], bool]],
-    device: torch.device,
 ) -> tuple[torch.Tensor, Plan, torch.Tensor]:
-    """One packed step's token ids, plan, and the indices of the tokens whose logits are wanted.
+    """One packed step of ``model``'s: its token ids, plan, and the indices of the tokens whose logits are wanted.
 
     ``decoding``: (slot, position, token) a decoding row; ``chunks``: (slot, start, prompt tokens, whether they end
     the prompt). Logits are kept for every decoding row and for the last token of a prompt now complete.
@@ -103,6 +104,7 @@ def plan_step(
         offset += len(tokens)
         if ends:
             keep.append(offset - 1)
+    device = model.device
     plan = Plan(
         slots=slots,
         decoding=torch.tensor(token_slots[: len(decoding)], dtype=torch.long, device=device),
@@ -110,6 +112,7 @@ def plan_step(
         chunks=tuple((slot, start, len(tokens)) for slot, start, tokens, _ in chunks),
         token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
+        kernel=model.attention_kernel,
     )
     long = {"dtype": torch.long, "device": device}
     return torch.tensor(ids, **long), plan, torch.tensor(keep, **long)
@@ -143,7 +146,7 @@ def packed_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    q = query[0].transpose(0, 1).to(key.dtype)  # [T, heads, dim], in the cache's precision (attention_precision)
+    q = query[0].transpose(0, 1).to(key.dtype)  # [T, heads, dim], in the cache's precision (attention_choice)
     out = []
     if decoding := len(plan.decoding):
         # every slot in use gets a query row (a prefilling slot a dummy one, masked to its first column), so the
@@ -154,7 +157,7 @@ def packed_attention(
         columns = torch.arange(width, device=q.device)
         mask = columns[None, :] < plan.lengths.clamp(min=1)[:, None]
         attended = grouped_attention(
-            queries, key[: plan.slots, :, :width], value[: plan.slots, :, :width], mask[:, None], scaling
+            plan.kernel, queries, key[: plan.slots, :, :width], value[: plan.slots, :, :width], mask[:, None], scaling
         )
         out.append(attended[plan.decoding, :, 0])
     start_token = decoding
@@ -163,7 +166,7 @@ def packed_attention(
         causal = torch.arange(end, device=q.device)[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         chunk = q[start_token : start_token + length].transpose(0, 1)[None]  # [1, heads, length, dim]
         attended = grouped_attention(
-            chunk, key[slot : slot + 1, :, :end], value[slot : slot + 1, :, :end], causal[None], scaling
+            "sdpa", chunk, key[slot : slot + 1, :, :end], value[slot : slot + 1, :, :end], causal[None], scaling
         )
         out.append(attended[0].transpose(0, 1))
         start_token += length
@@ -171,22 +174,42 @@ def packed_attention(
 
 
 def grouped_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+    kernel: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float | None,
 ) -> torch.Tensor:
     """Scaled dot-product attention of ``query`` ``[n, heads, length, dim]`` over ``key`` and ``value`` ``[n,
-    kv_heads, columns, dim]`` with ``mask`` ``[n, length, columns]``. Where key-value heads are fewer (grouped-query
-    attention: query head h reads key-value head h // groups), each one's query heads attend as one longer query,
-    so that the cache is read as it is, never repeated."""
+    kv_heads, columns, dim]`` with ``mask`` ``[n, length, columns]``, by ``kernel`` (``KERNELS``). Where key-value
+    heads are fewer (grouped-query attention: query head h reads key-value head h // groups), each one's query heads
+    attend as one longer query, so that the cache is read as it is, never repeated."""
     n, heads, length, dim = query.shape
     groups = heads // key.shape[1]
-    attended = scaled_dot_product_attention(
-        query.reshape(n, key.shape[1], groups * length, dim),
-        key,
-        value,
-        mask.repeat(1, groups, 1)[:, None],
-        scale=scaling,
-    )
+    grouped = query.reshape(n, key.shape[1], groups * length, dim)
+    attended = KERNELS[kernel](grouped, key, value, mask.repeat(1, groups, 1)[:, None], scaling)
     return attended.reshape(n, heads, length, dim)
+
+
+def matmul_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Attention as the textbook writes it, two matmuls and a softmax (every row has a column unmasked). For the
+    decoding rows of a step in float32 on a CPU it beat torch's fused kernel, which reads the same cache: a packed
+    gpt2 step of 32 rows 5-14% shorter over 32-112 columns (2 EPYC cores, AVX512-BF16). A long prompt chunk is
+    the fused kernel's (7% the shorter at 256 tokens)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    return torch.matmul(scores.masked_fill_(~mask, -math.inf).softmax(-1), value)
+
+
+def fused_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    return scaled_dot_product_attention(query, key, value, mask, scale=scaling)
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"sdpa": fused_attention, "matmul": matmul_attention}
 
 
 AttentionInterface.register(ATTENTION, packed_attention)
@@ -196,37 +219,37 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the mask an unplanned f
 CLEARLY_FASTER = 1.2  # float32 attention is taken if the model's precision takes this many times its time
 
 
-def attention_precision(
+def attention_choice(
     heads: int, dim: int, dtype: torch.dtype, device: torch.device, slots: int = 32, columns: int = 128
-) -> tuple[torch.dtype, str]:
-    """The precision of a packed step's attention and slot cache, for a model computing in ``dtype``: its own, or
-    float32 where a decoding step's attention (``slots`` rows over ``columns``) runs clearly faster in it on this
-    device (``CLEARLY_FASTER``), timed once at load (the two interleaved, the best of 8 each); and what was timed,
-    for the log.
+) -> tuple[torch.dtype, str, str]:
+    """The precision of a packed step's attention and slot cache, and its decoding rows' kernel (``KERNELS``), for
+    a model computing in ``dtype``; and what was timed, for the log. The fastest on this device of a decoding
+    step's attention (``slots`` rows over ``columns``), timed once at load (interleaved, the best of 8 each):
+    torch's fused kernel in the model's precision or in float32, or two matmuls and a softmax in float32 (in a
+    reduced precision its softmax would round). Float32 must be clearly faster (``CLEARLY_FASTER``): its cache
+    takes twice the memory.
 
     Keys and values from a reduced-precision model are exact in float32, so the choice is one of speed: torch's
     CPU attention kernel took 3-4x as long in bfloat16 as in float32 on AVX512-BF16 without AMX (2 EPYC cores),
     and a packed gpt2 step of 32 rows 1.27x as long (README, "Generation: parameters, streaming, continuous batching").
     """
-    if dtype == torch.float32:
-        return dtype, "float32, the model's own"
     lengths = torch.linspace(1, columns, slots, device=device)
     mask = (torch.arange(columns, device=device)[None, :] < lengths[:, None])[:, None, None]
+    candidates = dict.fromkeys([(dtype, "sdpa"), (torch.float32, "sdpa"), (torch.float32, "matmul")])
     inputs = {
-        candidate: (
-            torch.randn(slots, heads, 1, dim, dtype=candidate, device=device),
-            torch.randn(slots, heads, columns, dim, dtype=candidate, device=device),
+        precision: (
+            torch.randn(slots, heads, 1, dim, dtype=precision, device=device),
+            torch.randn(slots, heads, columns, dim, dtype=precision, device=device),
         )
-        for candidate in (dtype, torch.float32)
+        for precision, _ in candidates
     }
-    attention = {
-        candidate: partial(scaled_dot_product_attention, query, keys, keys, mask)
-        for candidate, (query, keys) in inputs.items()
-    }
+    attention = {(p, k): partial(KERNELS[k], *inputs[p], inputs[p][1], mask, None) for p, k in candidates}
     seconds = best_seconds(attention, device, repeats=8)
-    ratio = seconds[dtype] / seconds[torch.float32]
-    chosen = torch.float32 if ratio >= CLEARLY_FASTER else dtype  # a float32 cache takes twice the memory
-    return chosen, f"{chosen} ({dtype} took {ratio:.2f}x float32's time)".replace("torch.", "")
+    own = min((c for c in candidates if c[0] == dtype), key=seconds.__getitem__)
+    best = min(candidates, key=seconds.__getitem__)
+    chosen = best if seconds[own] >= CLEARLY_FASTER * seconds[best] else own
+    timed = ", ".join(f"{p} {k} {seconds[(p, k)] / seconds[chosen]:.2f}x" for p, k in candidates if (p, k) != chosen)
+    return *chosen, f"{chosen[0]} by {chosen[1]} (the others took: {timed})".replace("torch.", "")
 
 
 def time_steps(model: PackingModel, rows: int, tokens: int, repeats: int = 3) -> StepCost | None:
@@ -252,7 +275,7 @@ def packed_step(
     """One packed step, to run again and again: ``rows`` decoding rows over ``context`` cached tokens each, beside
     a prompt chunk of ``tokens`` in the next slot, its next tokens read back."""
     chunks = [(rows, 0, [0] * tokens, True)] if tokens else []
-    ids, plan, keep = plan_step(rows + 1, [(slot, context, 0) for slot in range(rows)], chunks, model.device)
+    ids, plan, keep = plan_step(model, rows + 1, [(slot, context, 0) for slot in range(rows)], chunks)
 
     def step() -> object:
         with torch.inference_mode():
@@ -366,7 +389,8 @@ class PackingModel(LanguageModel, Protocol):
     """What a packed batch needs of a model besides decoding (tasks.TextGeneration)."""
 
     max_tokens: int
-    attention: str  # its precision, and why (attention_precision)
+    attention: str  # its precision and kernel, and why (attention_choice)
+    attention_kernel: str  # KERNELS
 
     def cache_shapes(self) -> list[tuple[int, int, torch.dtype]]:
         """Each layer's (key-value heads, head_dim, dtype)."""
@@ -439,10 +463,10 @@ class PackedBatch:
             return
         finishing = [row for row, start, length in chunks if start + length == len(row.prompt_ids)]
         ids, plan, keep = plan_step(
+            self.model,
             len(self.rows),
             [(self.slots[row].index, self.slots[row].cached, row.tokens[-1]) for row in decoding],
             [(self.slots[row].index, s, row.prompt_ids[s : s + n], row in finishing) for row, s, n in chunks],
-            self.model.device,
         )
         try:
             logits = planned_forward(self.model, ids, plan, keep, self.cache)
@@ -507,9 +531,9 @@ def packed_check(model: PackingModel, prompts: list[list[int]], new: int) -> lis
     """Each prompt's last two logits (its end, then ``new`` after it) from two packed steps in slots 0 and 1."""
     device = model.device
     cache = SlotCache.reserve(model.cache_shapes(), len(prompts), max(map(len, prompts)) + 1, device)
-    prefill = plan_step(len(prompts), [], [(slot, 0, p, True) for slot, p in enumerate(prompts)], device)
+    prefill = plan_step(model, len(prompts), [], [(slot, 0, p, True) for slot, p in enumerate(prompts)])
     ends = planned_forward(model, *prefill, cache)
-    decode = plan_step(len(prompts), [(slot, len(p), new) for slot, p in enumerate(prompts)], [], device)
+    decode = plan_step(model, len(prompts), [(slot, len(p), new) for slot, p in enumerate(prompts)], [])
     after = planned_forward(model, *decode, cache)
     return [torch.stack([ends[i], after[i]]) for i in range(len(prompts))]
 

@@ -46,7 +46,7 @@ from .batching import FORWARD_OVERHEAD_TOKENS, BatchFn, RequestError, merge
 from .budget import PrefillBudget
 from .hardware import FLOAT32, Choice, choose
 from .heads import GENERATION_OUTPUTS, ClassificationHead, generation_outputs, mean_pool
-from .packed import PackedBatch, Plan, SlotCache, attention_precision, packs
+from .packed import PackedBatch, Plan, SlotCache, attention_choice, packs
 from .parameters import (
     CONFIG_NAMES,
     OPTIONAL_INPUTS,
@@ -211,11 +211,11 @@ class TextGeneration(HFTask):
             raise ConfigError(f"packed must be auto or false, got {config['packed']!r}")
         packing = config.get("packed", "auto") == "auto" and self.takes_positions
         own = self.cache_dtype = next(self.model.parameters()).dtype
-        self.attention = f"{own}, the model's own".removeprefix("torch.")
+        self.attention_kernel, self.attention = "sdpa", f"{own} by sdpa, the model's own".removeprefix("torch.")
         if packing:  # chosen before the check, which then runs in it
             heads, dim, _ = self.cache_shapes()[0]
             try:
-                self.cache_dtype, self.attention = attention_precision(
+                self.cache_dtype, self.attention_kernel, self.attention = attention_choice(
                     heads, dim, own, self.device, self.limits.max_running_sequences
                 )
             except Exception as err:  # noqa: BLE001 - a device that can't time it keeps the model's precision
