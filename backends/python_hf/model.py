@@ -101,11 +101,12 @@ class GenerationMetrics:
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
-        self.tokens.increment(1)
 
     def inter_token(self, seconds: float, tokens: int) -> None:
         for _ in range(tokens):
             self.itl.observe(seconds / tokens)
+
+    def generated(self, tokens: int) -> None:
         self.tokens.increment(tokens)
 
     def occupancy(self, running: int, queued: int) -> None:

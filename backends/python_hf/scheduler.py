@@ -38,6 +38,10 @@ class Observer(Protocol):
 
     def inter_token(self, seconds: float, tokens: int) -> None: ...
 
+    def generated(self, tokens: int) -> None:
+        """Tokens streamed, once a flush (every metric is a message to the server: one a step, not one a row)."""
+        ...
+
     def occupancy(self, running: int, queued: int) -> None: ...
 
 
@@ -46,6 +50,9 @@ class Quiet:
         pass
 
     def inter_token(self, seconds: float, tokens: int) -> None:
+        pass
+
+    def generated(self, tokens: int) -> None:
         pass
 
     def occupancy(self, running: int, queued: int) -> None:
@@ -246,7 +253,7 @@ class Scheduler:
 
     def flush(self) -> None:
         """Send every row what it has new, then retire the finished ones."""
-        now = time.monotonic()
+        now, streamed = time.monotonic(), 0
         for row in self.batch.rows:
             if (piece := row.take()) is None:
                 continue
@@ -264,6 +271,9 @@ class Scheduler:
             else:
                 self.report("inter_token", now - row.last_sent, piece.new_tokens)
             row.last_sent = now
+            streamed += piece.new_tokens
+        if streamed:
+            self.report("generated", streamed)
         self.batch.retire()
 
     def cancelled(self, row: Sequence) -> bool:
