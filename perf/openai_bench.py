@@ -47,6 +47,7 @@ from tritonhf.openai_api.protocol import ChatRequest, CompletionRequest, Embeddi
 from tritonhf.openai_api.triton import Triton
 from tritonhf.perf.analyzer import prompts
 from tritonhf.repo_builder import BuildOptions, build, plan
+from tritonhf.repository import runs_this_backend
 from tritonhf.server import TritonServer, free_port
 from tritonhf.standins import write_standins
 
@@ -71,9 +72,9 @@ class Figures:
 
 
 def repository(workdir: Path, size: str) -> Path:
-    """gpt2 (its stream) and all-MiniLM-L6-v2, built once into the workdir."""
+    """gpt2 (its stream) and all-MiniLM-L6-v2, built into the workdir, again once the generic model has changed."""
     path = workdir / f"repo-{size}"
-    if not (path / ".tritonhf.json").exists():
+    if not runs_this_backend(path):
         standins = write_standins(workdir / f"standins-{size}", size)
         entries = plan([str(standins[GENERATOR])], [], [str(minilm(workdir / f"standins-{size}"))], NEW_TOKENS)
         build(entries, BuildOptions(output=path, variants=("python", "stream"), gate_for="this-host"))

@@ -52,7 +52,7 @@ from tritonhf.backends.python_hf.tasks import TextGeneration
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, data_file, measure, prompts
 from tritonhf.perf.generation import MIXED_TOKENS, mixed_data, percentile, profile_stats
 from tritonhf.repo_builder import BuildOptions, build, plan
-from tritonhf.repository import seal
+from tritonhf.repository import runs_this_backend, seal
 from tritonhf.server import TritonServer, find_installation
 from tritonhf.standins import write_standins
 from tritonhf.variants import BASELINE, PYTHON, STREAM
@@ -71,9 +71,9 @@ PAIRS = 3  # static and packed at concurrency 32, interleaved: the first in the 
 
 def repository(workdir: Path) -> Path:
     """gpt2, its stream, the stream again with packed steps off, and the tutorial's model making the workload's
-    mean of new tokens; built once into the workdir."""
+    mean of new tokens; built into the workdir, again once the generic model has changed."""
     path = workdir / "repo"
-    if not (path / ".tritonhf.json").exists():
+    if not runs_this_backend(path):
         standins = write_standins(workdir / "standins", "full")
         entries = plan([str(standins[GENERATOR])], [], [], MIXED_TOKENS[1])
         variants = (PYTHON.name, STREAM.name, BASELINE.name)

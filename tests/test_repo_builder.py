@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from tritonhf.backends.python_hf.hardware import default_instances
 from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.demo import disk_use
 from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
-from tritonhf.repository import MARKER, read_manifest
+from tritonhf.repository import MARKER, read_manifest, runs_this_backend
 from tritonhf.server import free_port
 
 from .conftest import CLASSIFIER, EMBEDDER, GEN_MAX_LEN
@@ -150,6 +151,20 @@ def test_stream_configs(repository: Path) -> None:
     # one running batch over every CPU on a CPU host; the other models one instance per core (hardware.py)
     assert stream["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
     assert static["instance_group"][0]["count"] == default_instances("cpu")
+
+
+def test_a_build_knows_whether_its_models_carry_this_generic_model(repository: Path, tmp_path: Path) -> None:
+    """A bench rebuilds its cached repository once backends/python_hf has changed (perf/streaming.py): each
+    Python model holds its own copy of that code, which a server would run as it was."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repository, copy, ignore=shutil.ignore_patterns("hf_model"))
+    assert runs_this_backend(copy)
+    older = copy / "gpt2_stream" / "1" / "packed.py"
+    older.write_text(older.read_text().replace("def ", "def  ", 1))
+    assert not runs_this_backend(copy)
+    older.unlink()  # a module added since
+    assert not runs_this_backend(copy)
+    assert not runs_this_backend(tmp_path / "nothing built")
 
 
 def test_gpu_instances_and_batching_options(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -42,11 +42,30 @@ def link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def backend_modules() -> dict[str, str]:
+    """The generic model as this tritonhf has it: every module of backends/python_hf, name -> text."""
+    return {
+        source.name: source.read_text()
+        for source in resources.files("tritonhf.backends.python_hf").iterdir()
+        if source.name.endswith(".py") and source.name != "__init__.py"
+    }
+
+
 def copy_backend(version: Path) -> None:
-    """The generic model: every module of backends/python_hf, into a version directory."""
-    for source in resources.files("tritonhf.backends.python_hf").iterdir():
-        if source.name.endswith(".py") and source.name != "__init__.py":
-            (version / source.name).write_text(source.read_text())
+    """The generic model, into a version directory."""
+    for name, text in backend_modules().items():
+        (version / name).write_text(text)
+
+
+def runs_this_backend(root: Path) -> bool:
+    """Whether ``root`` is a tritonhf build whose Python models all carry this tritonhf's generic model. A
+    repository holds its own copy of that code, so a cached build (a bench's) outlives changes to it."""
+    modules, versions = backend_modules(), {path.parent for path in root.glob("*/*/model.py")}
+    return (root / MARKER).is_file() and all(
+        (version / name).is_file() and (version / name).read_text() == text
+        for version in versions
+        for name, text in modules.items()
+    )
 
 
 def write_model(root: Path, config: model_config.Config, weights: str | None = None) -> Path:
