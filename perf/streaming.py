@@ -15,10 +15,12 @@ inter-token latency p50 / p99. At concurrency 32 also the tutorial's model
 mean length. The concurrency-32 pair the first goal compares, static and
 packed, runs ``PAIRS`` times, interleaved (one such cell swung by a fifth
 from run to run): the goal is the median of the pairs' ratios. Then, with
-the server gone, the same workload through the
-model's own scheduler in a process of its own (as a model instance is), at
-the same threads and batch bound: what the server's decoding is measured
-against.
+the server gone, the same pair in processes of their own, as the models'
+instances are, at their threads and bounds, in interleaved rounds: the
+static model's instances each taking closed-loop batches of their share of
+the 32, the stream's scheduler keeping 32 streams. The stream's figure is
+what the server's decoding is measured against; the pair's ratio says how
+far continuous batching itself goes on this machine, the server aside.
 
 Goals (issue #22): packed >= 1.5x static tokens/s at concurrency 32;
 inter-token p99 <= 1.5x p50 under open-loop arrivals; packed >= 10x the
@@ -29,12 +31,14 @@ tokens/s.
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import random
 import shutil
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -47,6 +51,7 @@ from tritonhf import model_config
 from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.packed import PackingModel, SlotCache, packed_step, seconds_of
+from tritonhf.backends.python_hf.parameters import GenerationParams
 from tritonhf.backends.python_hf.steps import load_step
 from tritonhf.backends.python_hf.tasks import TextGeneration
 from tritonhf.perf.analyzer import ANY_WINDOWS, PerfOptions, data_file, measure, prompts
@@ -126,47 +131,124 @@ def served(server: TritonServer, workdir: Path, data: Path) -> list[Cell]:
 
 
 class Counter:
-    """An in-process stream: counts what it is sent."""
+    """An in-process stream: when its tokens came; a slot of the closed loop, given back with its last piece."""
 
-    def __init__(self) -> None:
-        self.tokens, self.done = 0, threading.Event()
+    def __init__(self, slots: threading.Semaphore) -> None:
+        self.slots, self.sent, self.failed = slots, list[tuple[float, int]](), list[tuple[float, str]]()
 
     def send(self, piece: Piece) -> None:
-        self.tokens += piece.new_tokens
+        self.sent.append((time.monotonic(), piece.new_tokens))
         if piece.final:
-            self.done.set()
+            self.slots.release()
 
     def fail(self, message: str, kind: str) -> None:
-        raise RuntimeError(message)
+        self.failed.append((time.monotonic(), message))
+        self.slots.release()
 
     def cancelled(self) -> bool:
         return False
 
 
 @dataclass(frozen=True)
-class Alone:
-    """The stream model in a process of its own: its tokens/s at ``CONCURRENCY``, and the spread of identical
-    decoding steps (``FLOOR_ROWS`` rows, back to back, forwards alone): the machine's own p99 / p50 in this run,
-    a reference for the inter-token ratios (not a bound: they are measured at other moments)."""
+class Window:
+    """When an in-process closed loop is measured: for ``span`` seconds after ``warm``."""
 
-    tokens_per_s: float
+    warm: float = 5.0
+    span: float = 20.0
+
+    def around(self, started: float) -> tuple[float, float]:
+        return started + self.warm, started + self.warm + self.span
+
+
+@dataclass(frozen=True)
+class Alone:
+    """The concurrency-32 pair without the server, each side in processes of its own as its model instances are,
+    with the threads and bounds of its config: tokens/s over a Window of a closed loop (the medians of interleaved
+    rounds); and the spread of identical decoding steps (``FLOOR_ROWS`` rows, back to back, forwards alone): the
+    machine's own p99 / p50 in this run, a reference for the inter-token ratios (not a bound: they are measured at
+    other moments)."""
+
+    static: float
+    packed: float
     floor: float
 
 
-def in_process(repo: Path, requests: int = 3 * REQUESTS) -> Alone:
-    """The mixed workload through the stream model's own scheduler, ``CONCURRENCY`` at a time, with the threads and
-    limits of its config, in a process of its own as a model instance is; then the floor. (This one has built the
-    repository: its threads have computed already, and their OpenMP teams would slow the scheduler's;
-    hardware.on_a_thread_that_ends.)"""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as alone:
-        return alone.submit(decoded, repo, requests).result()
+def in_process(repo: Path, rounds: int = PAIRS, window: Window = Window()) -> Alone:
+    """The pair in processes of its own, interleaved rounds. (This one has built the repository: its threads have
+    computed already, and their OpenMP teams would slow a scheduler's; hardware.on_a_thread_that_ends.)"""
+    spawn = multiprocessing.get_context("spawn")
+    measured = []
+    for _ in tqdm(range(rounds), desc="in-process pairs", unit="pair"):
+        static = static_alone(repo, spawn, window)
+        with ProcessPoolExecutor(1, mp_context=spawn) as alone:
+            measured.append((static, *alone.submit(packed_alone, repo, window).result()))
+    static, packed, floor = (statistics.median(side) for side in zip(*measured, strict=True))
+    return Alone(static, packed, floor)
 
 
-def decoded(repo: Path, requests: int) -> Alone:
-    model_dir = repo / MODELS["stream, packed"]
-    model, context = load_step(model_config.read(model_dir / "config.pbtxt"), model_dir / "1")  # as the server does
-    torch.set_num_threads(int(context.parameters["cpu_threads"]))  # this process's pools are already up
-    return Alone(mixed_tokens_per_s(model, requests), step_spread(model))
+def loaded(repo: Path, name: str) -> TextGeneration:
+    """One of the repository's models, as its instance loads it; on a CPU at its config's threads (this process's
+    pools are up already: the environment that load_step sets comes too late for them)."""
+    config = model_config.read(repo / MODELS[name] / "config.pbtxt")
+    on_gpu = config["instance_group"][0].get("kind") == "KIND_GPU"
+    model, context = load_step(config, repo / MODELS[name] / "1", "cuda:0" if on_gpu else "cpu")
+    if not on_gpu:
+        torch.set_num_threads(int(context.parameters["cpu_threads"]))
+    return model
+
+
+def workload(model: TextGeneration, seed: int) -> Iterator[tuple[str, GenerationParams]]:
+    """The mixed workload, endless: the prompts in turn, each its own 8..64 new tokens."""
+    rng = random.Random(seed)
+    for text in itertools.cycle(prompts()):
+        n = rng.randint(*MIXED_TOKENS)
+        yield text, model.parse_options({"max_new_tokens": n, "min_new_tokens": n})
+
+
+def static_alone(repo: Path, spawn: multiprocessing.context.SpawnContext, window: Window) -> float:
+    """The static model's instances, a process each, started together, each taking closed-loop batches of its
+    share of ``CONCURRENCY`` (as the dynamic batcher hands them out at concurrency 32): their tokens/s summed."""
+    config = model_config.read(repo / MODELS["static"] / "config.pbtxt")
+    instances = sum(int(group.get("count", 1)) for group in config["instance_group"])
+    with spawn.Manager() as manager, ProcessPoolExecutor(instances, mp_context=spawn) as pool:
+        ready = manager.Barrier(instances)
+        rows = CONCURRENCY // instances
+        work = [pool.submit(static_instance, repo, ready, seed, rows, window) for seed in range(instances)]
+        return sum(job.result() for job in work)
+
+
+def static_instance(repo: Path, ready: threading.Barrier, seed: int, rows: int, window: Window) -> float:
+    """One instance's tokens/s: the batches begun within the window, from the first's start to the last's end."""
+    model = loaded(repo, "static")
+    jobs = workload(model, seed)
+    ready.wait()
+    (start, end), batches = window.around(time.monotonic()), []
+    while (begun := time.monotonic()) < end:
+        texts, options = zip(*itertools.islice(jobs, rows), strict=True)
+        tokens = int(model(list(texts), list(options))["new_tokens"].sum())
+        if begun >= start:
+            batches.append((begun, time.monotonic(), tokens))
+    return sum(tokens for *_, tokens in batches) / (batches[-1][1] - batches[0][0])
+
+
+def packed_alone(repo: Path, window: Window) -> tuple[float, float]:
+    """The stream model's scheduler keeping ``CONCURRENCY`` streams: the tokens sent within the window, a second;
+    then the floor (step_spread)."""
+    model = loaded(repo, "stream, packed")
+    jobs, slots, streams = workload(model, 0), threading.Semaphore(CONCURRENCY), []
+    scheduler = model.scheduler()
+    start, end = window.around(time.monotonic())
+    try:
+        while slots.acquire(timeout=max(0.0, end - time.monotonic())):
+            text, options = next(jobs)
+            streams.append(Counter(slots))
+            scheduler.submit(model.sequence(text, options, streams[-1]))
+    finally:
+        scheduler.close()
+    if failed := [message for stream in streams for at, message in stream.failed if at < end]:
+        raise RuntimeError(f"{len(failed)} in-process streams failed: {failed[0]}")  # not the close's
+    tokens = sum(n for stream in streams for at, n in stream.sent if start <= at < end)
+    return tokens / window.span, step_spread(model)
 
 
 def step_spread(model: PackingModel, steps: int = 400) -> float:
@@ -174,26 +256,6 @@ def step_spread(model: PackingModel, steps: int = 400) -> float:
     step = packed_step(model, SlotCache.reserve(model.cache_shapes(), FLOOR_ROWS + 1, 65, model.device), FLOOR_ROWS)
     seconds = [seconds_of(step, model.device) for _ in range(steps)][20:]
     return percentile(seconds, 0.99) / percentile(seconds, 0.5)
-
-
-def mixed_tokens_per_s(model: TextGeneration, requests: int) -> float:
-    rng, texts = random.Random(0), prompts()
-    scheduler = model.scheduler()
-    started, counters, sent = time.monotonic(), [], 0
-    try:
-        while sent < requests or not all(c.done.is_set() for c in counters):
-            running = sum(not c.done.is_set() for c in counters)
-            if sent < requests and running < CONCURRENCY:
-                n = rng.randint(*MIXED_TOKENS)
-                options = model.parse_options({"max_new_tokens": n, "min_new_tokens": n})
-                counters.append(Counter())
-                scheduler.submit(model.sequence(texts[sent % len(texts)], options, counters[-1]))
-                sent += 1
-            else:
-                time.sleep(0.002)
-    finally:
-        scheduler.close()
-    return sum(c.tokens for c in counters) / (time.monotonic() - started)
 
 
 def report(cells: list[Cell], alone: Alone, seconds: float) -> str:
@@ -244,6 +306,11 @@ def report(cells: list[Cell], alone: Alone, seconds: float) -> str:
         ),
     ]
     lines.append(
+        f"- for reference, the same pair without the server (in-process, each side in processes as its instances"
+        f" run, a closed loop's steady {Window().span:g} s; the medians of {PAIRS} interleaved rounds): packed / static"
+        f" = {alone.packed / alone.static:.2f}x ({alone.packed:.1f} / {alone.static:.1f} tokens/s)"
+    )
+    lines.append(
         f"- packed / tutorial tokens/s at c{CONCURRENCY}: {packed / tutorial:.1f}x{median}"
         f" ({verdict(packed / tutorial >= OVER_TUTORIAL)}, >= {OVER_TUTORIAL:g})"
     )
@@ -255,9 +322,9 @@ def report(cells: list[Cell], alone: Alone, seconds: float) -> str:
         f"- for reference, this machine's own spread: identical {FLOOR_ROWS}-row decoding steps, back to back"
         f" in-process, p99 / p50 = {alone.floor:.2f}"
     )
-    kept = packed / alone.tokens_per_s
+    kept = packed / alone.packed
     lines.append(
-        f"- in-server / in-process tokens/s at c{CONCURRENCY}: {packed:.1f} / {alone.tokens_per_s:.1f} = {kept:.0%}"
+        f"- in-server / in-process tokens/s at c{CONCURRENCY}: {packed:.1f} / {alone.packed:.1f} = {kept:.0%}"
         f"{median} ({verdict(kept >= KEPT)}, >= {KEPT:.0%})"
     )
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from tritonhf.backends.python_hf.batching import RequestError
 from tritonhf.backends.python_hf.budget import UNTIMED, PrefillBudget, StepCost
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.packed import KERNELS, PackedBatch, Plan, SlotCache, packs, use_attention
-from tritonhf.backends.python_hf.parameters import GenerationParams
+from tritonhf.backends.python_hf.parameters import GenerationParams, Limits
 from tritonhf.backends.python_hf.running_batch import RunningBatch
 from tritonhf.backends.python_hf.scheduler import Observer, Quiet, Scheduler
 from tritonhf.backends.python_hf.sequence import AdditivePenalties, Sequence
@@ -66,6 +66,7 @@ def scheduling(
     max_tokens: int | None = None,
     observer: Observer | None = None,
     prefill_tokens: int | None = None,
+    stream_interval: int = 1,
 ) -> Iterator[Scheduler]:
     """A scheduler with these settings from its start, always closed; its packed steps' prompt tokens a fixed
     count (no slack: chunks do not hang on how fast this machine is today)."""
@@ -75,6 +76,7 @@ def scheduling(
         max_running_tokens=max_tokens or model.limits.max_running_tokens,
         max_prefill_tokens=prefill_tokens or model.limits.max_prefill_tokens,
         prefill_step_slack=0,
+        stream_interval=stream_interval,
     )
     scheduler = Scheduler(model, limits, observer)
     try:
@@ -84,10 +86,14 @@ def scheduling(
 
 
 def stream_all(
-    model: TextGeneration, requests: list[tuple[str, dict]], max_sequences: int = 32, gap: float = 0.0
+    model: TextGeneration,
+    requests: list[tuple[str, dict]],
+    max_sequences: int = 32,
+    gap: float = 0.0,
+    stream_interval: int = 1,
 ) -> list[Recorder]:
     recorders = []
-    with scheduling(model, max_sequences) as scheduler:
+    with scheduling(model, max_sequences, stream_interval=stream_interval) as scheduler:
         for prompt, options in requests:
             recorders.append(Recorder())
             scheduler.submit(model.sequence(prompt, model.parse_options(options), recorders[-1]))
@@ -339,6 +345,20 @@ def test_streams_concatenate_to_the_static_answers(model: TextGeneration) -> Non
     for i, recorder in enumerate(stream_all(model, requests, gap=0.004)):
         assert recorder.error is None
         assert (recorder.text, recorder.tokens) == (static["text"][i, 0].decode(), static["new_tokens"][i, 0])
+
+
+def test_a_stream_interval_sends_that_many_tokens_a_piece_after_the_first(model: TextGeneration) -> None:
+    """stream_interval 4: each stream's first piece goes at once, then pieces of 4 tokens (more where text was held
+    back, fewer in the last); the streams still concatenate to the static answers. A bad interval is named."""
+    requests = [(prompt, {"max_new_tokens": n}) for prompt, n in zip(PROMPTS, LENGTHS)]
+    static = model(PROMPTS, [model.parse_options(options) for _, options in requests])
+    for i, recorder in enumerate(stream_all(model, requests, gap=0.004, stream_interval=4)):
+        assert (recorder.text, recorder.tokens) == (static["text"][i, 0].decode(), static["new_tokens"][i, 0])
+        counts = [n for _, _, n in recorder.pieces]
+        assert counts[0] < 4 and all(n >= 4 for n in counts[1:-1]), counts
+        assert len(counts) <= 2 + (LENGTHS[i] - 1) // 4, counts
+    with pytest.raises(ValueError, match="stream_interval must be >= 1"):
+        Limits(stream_interval=0).check()
 
 
 class Steps:

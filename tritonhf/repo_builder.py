@@ -468,6 +468,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " UNAVAILABLE (default: %(default)s)",
     )
     add(
+        "--gen-stream-interval",
+        type=int,
+        default=limits.stream_interval,
+        help="streaming models: new tokens a response carries, after the first token, which goes at once; more"
+        " cost the server fewer responses under load, and make the stream coarser (default: %(default)s)",
+    )
+    add(
         "--onnx-accelerator",
         choices=("none", "tensorrt"),
         default=defaults.onnx_accelerator,
@@ -494,6 +501,7 @@ def options_from(args: argparse.Namespace) -> BuildOptions:
         max_waiting_sequences=args.gen_max_waiting,
         max_prefill_tokens=args.gen_max_prefill_tokens,
         prefill_step_slack=args.gen_prefill_step_slack,
+        stream_interval=args.gen_stream_interval,
     )
     try:
         limits.check()

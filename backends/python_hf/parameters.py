@@ -213,6 +213,7 @@ class Limits:
     max_waiting_steps: int = 10  # decoding steps a request may wait before it is admitted
     waiting_served_ratio: float = 1.2  # admit once waiting >= this x running
     max_waiting_sequences: int = 64  # requests waiting for a slot; more are refused at once (UNAVAILABLE)
+    stream_interval: int = 1  # a stream's tokens a response (SGLang's and vLLM's stream interval); the first at once
 
     def check(self) -> Limits:
         """These limits, or ValueError naming what is out of range."""
@@ -221,11 +222,12 @@ class Limits:
             self.max_running_tokens,
             self.max_prefill_tokens,
             self.max_waiting_sequences,
+            self.stream_interval,
         )
         if min(sizes) < 1:
             raise ValueError(
-                "max_running_sequences, max_running_tokens, max_prefill_tokens, max_waiting_sequences must be >= 1;"
-                f" got {self}"
+                "max_running_sequences, max_running_tokens, max_prefill_tokens, max_waiting_sequences,"
+                f" stream_interval must be >= 1; got {self}"
             )
         if min(self.max_waiting_steps, self.waiting_served_ratio) < 0:
             raise ValueError(f"max_waiting_steps and waiting_served_ratio must be >= 0; got {self}")

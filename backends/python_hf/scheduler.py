@@ -255,7 +255,7 @@ class Scheduler:
         """Send every row what it has new, then retire the finished ones."""
         now, streamed = time.monotonic(), 0
         for row in self.batch.rows:
-            if (piece := row.take()) is None:
+            if (piece := row.take(self.limits.stream_interval)) is None:
                 continue
             try:
                 row.stream.send(piece)

@@ -104,8 +104,11 @@ class Sequence:
                     break
         return max(end, self.sent_chars)
 
-    def take(self) -> Piece | None:
-        """The next piece to stream, or None if there is nothing to send yet."""
+    def take(self, every: int = 1) -> Piece | None:
+        """The next piece to stream, or None if there is nothing to send yet: the first token at once, then
+        ``every`` tokens a piece (fewer in the last)."""
+        if self.responses and not self.finish and len(self.tokens) - self.sent_tokens < every:
+            return None
         end = self.settled()
         if end == self.sent_chars and not self.finish:
             return None
