@@ -78,7 +78,7 @@ def repository(workdir: Path) -> Path:
     """gpt2, its stream, the stream again with packed steps off, and the tutorial's model making the workload's
     mean of new tokens; built into the workdir, again once the generic model has changed."""
     path = workdir / "repo"
-    if not runs_this_backend(path):
+    if not (runs_this_backend(path) and all((path / name).is_dir() for name in MODELS.values())):
         standins = write_standins(workdir / "standins", "full")
         entries = plan([str(standins[GENERATOR])], [], [], MIXED_TOKENS[1])
         variants = (PYTHON.name, STREAM.name, BASELINE.name)
@@ -211,19 +211,24 @@ def static_alone(repo: Path, spawn: multiprocessing.context.SpawnContext, window
     config = model_config.read(repo / MODELS["static"] / "config.pbtxt")
     instances = sum(int(group.get("count", 1)) for group in config["instance_group"])
     with spawn.Manager() as manager, ProcessPoolExecutor(instances, mp_context=spawn) as pool:
-        ready = manager.Barrier(instances)
-        rows = CONCURRENCY // instances
-        work = [pool.submit(static_instance, repo, ready, seed, rows, window) for seed in range(instances)]
+        ready = manager.Barrier(instances, timeout=600)
+        rows = [CONCURRENCY // instances + (seed < CONCURRENCY % instances) for seed in range(instances)]
+        work = [pool.submit(static_instance, repo, ready, seed, rows[seed], window) for seed in range(instances)]
         return sum(job.result() for job in work)
 
 
 def static_instance(repo: Path, ready: threading.Barrier, seed: int, rows: int, window: Window) -> float:
-    """One instance's tokens/s: the batches begun within the window, from the first's start to the last's end."""
-    model = loaded(repo, "static")
+    """One instance's tokens/s: the batches begun within the window (one at least), from the first's start to the
+    last's end. An instance that fails to load breaks the others' wait."""
+    try:
+        model = loaded(repo, "static")
+    except BaseException:
+        ready.abort()
+        raise
     jobs = workload(model, seed)
     ready.wait()
     (start, end), batches = window.around(time.monotonic()), []
-    while (begun := time.monotonic()) < end:
+    while (begun := time.monotonic()) < end or not batches:
         texts, options = zip(*itertools.islice(jobs, rows), strict=True)
         tokens = int(model(list(texts), list(options))["new_tokens"].sum())
         if begun >= start:
@@ -247,7 +252,8 @@ def packed_alone(repo: Path, window: Window) -> tuple[float, float]:
         scheduler.close()
     if failed := [message for stream in streams for at, message in stream.failed if at < end]:
         raise RuntimeError(f"{len(failed)} in-process streams failed: {failed[0]}")  # not the close's
-    tokens = sum(n for stream in streams for at, n in stream.sent if start <= at < end)
+    if not (tokens := sum(n for stream in streams for at, n in stream.sent if start <= at < end)):
+        raise RuntimeError(f"the stream model sent no token in {window.span:g} s")
     return tokens / window.span, step_spread(model)
 
 

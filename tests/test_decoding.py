@@ -352,11 +352,13 @@ def test_a_stream_interval_sends_that_many_tokens_a_piece_after_the_first(model:
     back, fewer in the last); the streams still concatenate to the static answers. A bad interval is named."""
     requests = [(prompt, {"max_new_tokens": n}) for prompt, n in zip(PROMPTS, LENGTHS)]
     static = model(PROMPTS, [model.parse_options(options) for _, options in requests])
-    for i, recorder in enumerate(stream_all(model, requests, gap=0.004, stream_interval=4)):
+    streams = stream_all(model, requests, gap=0.004, stream_interval=4)
+    for i, recorder in enumerate(streams):
         assert (recorder.text, recorder.tokens) == (static["text"][i, 0].decode(), static["new_tokens"][i, 0])
         counts = [n for _, _, n in recorder.pieces]
         assert counts[0] < 4 and all(n >= 4 for n in counts[1:-1]), counts
         assert len(counts) <= 2 + (LENGTHS[i] - 1) // 4, counts
+    assert sum(n == 4 for recorder in streams for _, _, n in recorder.pieces[1:-1]) > len(streams), "few pieces of 4"
     with pytest.raises(ValueError, match="stream_interval must be >= 1"):
         Limits(stream_interval=0).check()
 

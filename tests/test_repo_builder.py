@@ -17,7 +17,7 @@ from tritonhf import TritonHFError, cli, model_config
 from tritonhf.backends.python_hf.hardware import default_instances
 from tritonhf.backends.python_hf.parameters import PARAMETERS
 from tritonhf.demo import disk_use
-from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, plan
+from tritonhf.repo_builder import BuildOptions, ModelEntry, add_arguments, build, options_from, plan
 from tritonhf.repository import MARKER, read_manifest, runs_this_backend
 from tritonhf.server import free_port
 
@@ -147,6 +147,8 @@ def test_stream_configs(repository: Path) -> None:
     assert stream["parameters"]["max_running_tokens"] == {"string_value": "16384"}
     assert stream["parameters"]["max_prefill_tokens"] == {"string_value": "512"}
     assert stream["parameters"]["prefill_step_slack"] == {"string_value": "1.25"}
+    assert stream["parameters"]["stream_interval"] == {"string_value": "1"}
+    assert options_from(cli.parser().parse_args(["build", "--gen-stream-interval", "4"])).limits.stream_interval == 4
     assert "max_running_tokens" not in static["parameters"]
     # one running batch over every CPU on a CPU host; the other models one instance per core (hardware.py)
     assert stream["instance_group"] == [{"count": 1, "kind": "KIND_CPU"}]
