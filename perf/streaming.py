@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 from tritonhf import model_config
-from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model
+from tritonhf.backends.python_hf.hardware import cpu_count, cpu_model, instance_count
 from tritonhf.backends.python_hf.heads import Piece
 from tritonhf.backends.python_hf.packed import PackingModel, SlotCache, packed_step, seconds_of
 from tritonhf.backends.python_hf.parameters import GenerationParams
@@ -208,8 +208,7 @@ def workload(model: TextGeneration, seed: int) -> Iterator[tuple[str, Generation
 def static_alone(repo: Path, spawn: multiprocessing.context.SpawnContext, window: Window) -> float:
     """The static model's instances, a process each, started together, each taking closed-loop batches of its
     share of ``CONCURRENCY`` (as the dynamic batcher hands them out at concurrency 32): their tokens/s summed."""
-    config = model_config.read(repo / MODELS["static"] / "config.pbtxt")
-    instances = sum(int(group.get("count", 1)) for group in config["instance_group"])
+    instances = instance_count(model_config.read(repo / MODELS["static"] / "config.pbtxt"))
     with spawn.Manager() as manager, ProcessPoolExecutor(instances, mp_context=spawn) as pool:
         ready = manager.Barrier(instances, timeout=600)
         rows = [CONCURRENCY // instances + (seed < CONCURRENCY % instances) for seed in range(instances)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from tritonhf import TritonHFError, model_config, placement, storage
+from tritonhf.backends.python_hf.hardware import instance_count
 from tritonhf.repository import LOCAL_WEIGHTS, MARKER
 
 MiB = 2**20
@@ -113,7 +114,7 @@ def read_facts(files: storage.Files) -> Facts:
                 name=name,
                 backend="ensemble" if config.get("platform") == "ensemble" else config.get("backend", "native"),
                 kind=groups[0].get("kind", "KIND_CPU"),
-                instances=sum(int(g.get("count", 1)) for g in groups),
+                instances=instance_count(config),
                 weight_bytes=None if from_hub else weights,
             )
         )

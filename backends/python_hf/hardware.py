@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -164,6 +164,11 @@ def on_a_thread_that_ends(work: Callable[[], T]) -> T:
     """
     with ThreadPoolExecutor(1, thread_name_prefix="tritonhf-load") as loader:
         return loader.submit(work).result()
+
+
+def instance_count(model_config: Mapping) -> int:
+    """A model config's instances, over its instance groups (none: one group of one, as Triton gives)."""
+    return sum(int(group.get("count", 1)) for group in model_config.get("instance_group") or [{}])
 
 
 def cpu_threads(requested: str, instances: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batching import BatchFn, TensorFn
-from .hardware import cpu_threads, on_a_thread_that_ends
+from .hardware import cpu_threads, instance_count, on_a_thread_that_ends
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def load_step(model_config: Mapping, model_dir: Path, device: str = "cpu") -> tu
         if not key.isupper()
     }
     if device == "cpu":  # before torch or ONNX Runtime start their thread pools
-        instances = sum(int(group.get("count", 1)) for group in model_config.get("instance_group", [])) or 1
+        instances = instance_count(model_config)
         parameters["cpu_threads"] = str(cpu_threads(parameters.get("cpu_threads", "auto"), instances))
         os.environ["OMP_NUM_THREADS"] = parameters["cpu_threads"]
     context = StepContext(
